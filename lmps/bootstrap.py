@@ -1,0 +1,225 @@
+"""One server bootstrap for every lmps service.
+
+Gives each service the same surroundings: gRPC health checking (grpc.health.v1) and server
+reflection (so `grpcurl -plaintext HOST:PORT list` works), a Prometheus `/metrics`
+endpoint, RPC metrics and error mapping by interceptor, raised message limits, and a
+graceful SIGTERM: health flips to NOT_SERVING, in-flight RPCs get `grace_s`, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lmps.channel import CHANNEL_OPTIONS
+from lmps.errors import LmpsError
+
+log = logging.getLogger("lmps.server")
+
+RPC_TOTAL = prometheus_client.Counter(
+    "lmps_rpc_total", "RPCs handled, by method and final status code", ["method", "code"]
+)
+RPC_SECONDS = prometheus_client.Histogram(
+    "lmps_rpc_seconds",
+    "Wall time of handled RPCs (streams: until the last message)",
+    ["method"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How a service listens. Every field also comes from a flag and an LMPS_* variable."""
+
+    host: str = "0.0.0.0"
+    """Interface to bind."""
+    port: int = 0
+    """gRPC port; 0 picks a free one (tests)."""
+    metrics_port: int = -1
+    """Prometheus port; -1 disables the endpoint, 0 picks a free one."""
+    grace_s: float = 5.0
+    """Seconds in-flight RPCs get after SIGTERM before they are cancelled."""
+    max_workers: int = 64
+    """Handler threads. Streams hold one each for their whole life, so keep it generous."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics port must be -1 (off) or in [0, 65535], got {self.metrics_port}")
+        if self.grace_s < 0:
+            raise ValueError("grace must be >= 0 seconds")
+        if self.max_workers < 4:
+            raise ValueError("max_workers must be >= 4")
+
+
+def advertised_address(host: str, port: int, advertise: str = "") -> str:
+    """The address other members should dial: `advertise` if given, else this host's IP."""
+    if advertise:
+        return advertise
+    if host not in ("0.0.0.0", "::", "[::]", ""):
+        return f"{host}:{port}"
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        ip = "127.0.0.1"
+    return f"{ip}:{port}"
+
+
+@dataclass
+class Service:
+    """A servicer plus what the bootstrap needs to mount it."""
+
+    name: str  # full proto name, e.g. "lmps.v1.ParameterService"
+    add: Callable[[Any, grpc.Server], None]  # the generated add_XServicer_to_server
+    servicer: Any
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    metrics_port: int
+    health: health.HealthServicer
+    options: ServeOptions
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Flip health to NOT_SERVING, give in-flight RPCs `grace_s`, run on_stop hooks."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        for hook in self.on_stop:
+            try:
+                hook()
+            except Exception:  # a failing hook must not block shutdown
+                log.exception("shutdown hook failed")
+        grace = self.options.grace_s if grace_s is None else grace_s
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def _code_of(context: grpc.ServicerContext) -> str:
+    code = context.code()  # type: ignore[attr-defined]
+    return "OK" if code is None else code.name
+
+
+def _abort(context: grpc.ServicerContext, err: LmpsError) -> None:
+    context.abort(getattr(grpc.StatusCode, err.code), str(err))
+
+
+class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps LmpsError to status codes and records RPC metrics for every handler kind."""
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                try:
+                    return behavior(request, context)
+                except LmpsError as err:
+                    _abort(context, err)
+                finally:
+                    RPC_SECONDS.labels(method).observe(time.perf_counter() - start)
+                    RPC_TOTAL.labels(method, _code_of(context)).inc()
+
+            return run
+
+        def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                try:
+                    yield from behavior(request, context)
+                except LmpsError as err:
+                    _abort(context, err)
+                finally:
+                    RPC_SECONDS.labels(method).observe(time.perf_counter() - start)
+                    RPC_TOTAL.labels(method, _code_of(context)).inc()
+
+            return run
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                streaming(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            streaming(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+
+
+def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningServer:
+    """Build, mount and start a server with health, reflection and metrics."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
+        interceptors=[_Interceptor()],
+        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+    )
+    for svc in services:
+        svc.add(svc.servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [svc.name for svc in services]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {options.host}:{options.port} (in use?)")
+    metrics_port = -1
+    if options.metrics_port >= 0:
+        httpd, _ = prometheus_client.start_http_server(options.metrics_port, addr=options.host)
+        metrics_port = int(httpd.server_port)
+    server.start()
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("listening on %s:%d (metrics %s): %s", options.host, port, metrics_port, ", ".join(names))
+    return RunningServer(server, port, metrics_port, health_servicer, options)
+
+
+def run_until_signal(running: RunningServer) -> int:
+    """Block until SIGTERM/SIGINT, then stop gracefully. Returns the exit code (0)."""
+    done = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down (grace %.1fs)", signum, running.options.grace_s)
+        done.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    while not done.wait(0.5):
+        pass
+    running.stop()
+    log.info("stopped")
+    return 0

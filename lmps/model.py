@@ -1,0 +1,279 @@
+"""A GPT-style decoder-only Transformer language model, nanoGPT-style, in one file.
+
+Pure torch: no knowledge of gRPC, parameter servers or devices. Workers build a replica with
+`init_model` (the same seed gives the same weights on every machine), move it wherever they
+like, and exchange its `named_parameters()` with the parameter servers by name.
+
+Shape legend used in the comments:
+    B batch, T sequence length (<= block_size), C n_embd, nh n_head, hs head size (C // nh),
+    V vocab_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of a GPT model; mirrors `lmps.v1.ModelConfig` field for field."""
+
+    n_layer: int
+    """Number of Transformer blocks."""
+    n_head: int
+    """Attention heads per block; must divide `n_embd`."""
+    n_embd: int
+    """Width of the residual stream (embedding size)."""
+    block_size: int
+    """Longest context in tokens; sizes the position embedding."""
+    vocab_size: int
+    """Number of token ids the model accepts and predicts."""
+    dropout: float = 0.0
+    """Dropout probability while training (0 gives exact, reproducible gradients)."""
+    bias: bool = True
+    """Biases in the Linear and LayerNorm layers (GPT-2 has them)."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head (GPT-2 does)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            value = getattr(self, name)
+            # bool is an int subclass; True as a layer count is surely a mistake.
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head (n_embd // n_head)."""
+        return self.n_embd // self.n_head
+
+
+# vocab_size here is a placeholder default: the real one comes from the tokenizer, see `preset`.
+PRESETS: dict[str, GPTConfig] = {
+    # The CPU demo: 675k parameters at vocab 2048 (129k tokens of builtin:pydoc); an epoch
+    # takes seconds on 2 cores.
+    "tiny": GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=2048),
+    "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096),
+    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192),
+    # GPT-2 small (124M); 50304 = 50257 padded up to a multiple of 64 for faster matmuls.
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+}
+
+
+def preset(name: str, vocab_size: int | None = None) -> GPTConfig:
+    """The preset called `name`, with `vocab_size` filled in (None keeps the preset's default)."""
+    try:
+        config = PRESETS[name]
+    except KeyError:
+        choices = ", ".join(sorted(PRESETS))
+        raise ValueError(f"unknown model preset {name!r}; choose one of: {choices}") from None
+    if vocab_size is None:
+        return config
+    return dataclasses.replace(config, vocab_size=vocab_size)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t only sees positions <= t."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        # q, k and v for all heads in one matmul.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        # Heads become a batch dimension: (B, nh, T, hs).
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # Fused attention (flash / memory-efficient kernels where available); is_causal
+        # applies the lower-triangular mask without materialising a (T, T) buffer.
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network with a 4x hidden expansion."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        return self.dropout(self.c_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """One Transformer block; pre-LayerNorm keeps the residual stream an identity path."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+class GPT(nn.Module):
+    """Token ids in, next-token logits (and optionally the loss) out.
+
+    Parameter names follow nanoGPT / GPT-2 (`transformer.wte.weight`,
+    `transformer.h.0.attn.c_attn.weight`, ...). With tied embeddings `lm_head.weight` *is*
+    `transformer.wte.weight`, so `named_parameters()` lists it once, under the wte name.
+    The constructor draws initial weights from torch's global RNG; use `init_model` for
+    reproducible weights.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # The same Parameter object: one tensor, one gradient (the sum of both uses).
+            self.lm_head.weight = self.transformer.wte.weight
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, and residual projections
+        scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with
+        depth (each block adds two projections to it)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # With tied embeddings lm_head (visited after wte) redraws the shared matrix from the
+        # same N(0, 0.02): harmless, and the result is still a pure function of the RNG state.
+
+    def num_params(self) -> int:
+        """Number of parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) for token ids `idx` (B, T); with `targets` (B, T) also the mean
+        token cross-entropy (a scalar), else None."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits: Tensor = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        # cross_entropy wants int64 class indices; data arrives as int32 to halve its size.
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T).long())
+        return logits, loss
+
+
+def init_model(config: GPTConfig, seed: int) -> GPT:
+    """A new CPU model whose weights depend only on `config` and `seed`.
+
+    Runs on a forked CPU RNG, so the caller's global RNG state is left exactly as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        # default_generator rather than torch.manual_seed: the latter also reseeds CUDA,
+        # whose state fork_rng(devices=[]) would not restore.
+        torch.default_generator.manual_seed(seed)
+        return GPT(config)
+
+
+def decay_mask(name: str, param: Tensor) -> bool:
+    """Whether weight decay applies: matrices and embeddings (ndim >= 2) yes; biases and
+    LayerNorm gains no (nanoGPT's convention). `name` is accepted for future rules."""
+    del name
+    return param.ndim >= 2
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Extend `idx` (B, T) by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens).
+
+    The context fed to the model is cropped to its last `block_size` tokens. `temperature`
+    0 means greedy decoding; `top_k` keeps only the k most likely tokens before sampling.
+    `generator` (on the model's device) makes sampling reproducible. The model runs in eval
+    mode (no dropout) and is put back in its previous mode afterwards.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -model.config.block_size :]  # (B, <= block_size)
+            logits, _ = model(idx_cond)
+            logits = logits[:, -1, :]  # only the last position predicts the next token: (B, V)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)  # (B, V)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next.to(idx.dtype)), dim=1)  # (B, T + 1)
+    finally:
+        model.train(was_training)
+    return idx

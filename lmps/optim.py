@@ -1,0 +1,251 @@
+"""The update rule a parameter server runs on the shards it owns (MXNet's `set_optimizer`).
+
+The math is torch's own: `ShardOptimizer` wraps `torch.optim.SGD` / `torch.optim.AdamW`
+over the server's flat fp32 shards. Both rules are elementwise, so running them slice by slice
+on several servers gives the same result as running them on the full tensors in one process.
+The learning rate is a pure function of the global step (`lr_at`), so every server computes
+the same value without talking to the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KINDS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The update rule run on the parameter servers. Mirrors `lmps.v1.OptimizerConfig`."""
+
+    kind: str
+    """"sgd" (torch.optim.SGD: momentum with dampening 0, optional Nesterov, coupled weight
+    decay) or "adamw" (torch.optim.AdamW: decoupled weight decay)."""
+    lr: float
+    """Peak learning rate (after warmup)."""
+    momentum: float = 0.0
+    """SGD momentum in [0, 1); must stay 0 for AdamW."""
+    nesterov: bool = False
+    """SGD Nesterov momentum; needs momentum > 0."""
+    weight_decay: float = 0.0
+    """Weight decay, applied only to shards marked for it (weights and embeddings)."""
+    beta1: float = 0.9
+    """AdamW decay rate of the first moment, in [0, 1)."""
+    beta2: float = 0.95
+    """AdamW decay rate of the second moment, in [0, 1)."""
+    eps: float = 1e-8
+    """AdamW term added to the denominator; > 0."""
+    schedule: str = "constant"
+    """"constant" (lr after warmup) or "cosine" (decay from lr to min_lr at total_steps)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup: lr * (step + 1) / warmup_steps for step < warmup_steps."""
+    total_steps: int = 0
+    """Steps of the whole job; where the cosine schedule reaches min_lr. Required by cosine."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule, in [0, lr]."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown optimizer kind {self.kind!r}; expected one of {KINDS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        for name in ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "min_lr"):
+            _finite(name, getattr(self, name))
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.kind == "adamw" and (self.momentum != 0 or self.nesterov):
+            # AdamW has no such knobs; a value set here would be silently ignored.
+            raise ValueError("momentum and nesterov are SGD settings; use beta1 for AdamW")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.warmup_steps < 0 or self.total_steps < 0:
+            raise ValueError("warmup_steps and total_steps must be >= 0")
+        if self.schedule == "cosine" and self.total_steps == 0:
+            raise ValueError("the cosine schedule needs total_steps > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+
+
+def lr_at(settings: OptimizerSettings, step: int) -> float:
+    """Learning rate for global step `step` (0-based).
+
+    Linear warmup `lr * (step + 1) / warmup_steps` while step < warmup_steps; then `lr`
+    (constant), or for cosine `min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2` with
+    t = (step - warmup_steps) / (total_steps - warmup_steps), and `min_lr` from total_steps on.
+    Warmup wins when it is longer than the job.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    s = settings
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    if s.schedule == "constant":
+        return s.lr
+    if step >= s.total_steps:
+        return s.min_lr
+    t = (step - s.warmup_steps) / (s.total_steps - s.warmup_steps)
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+class ShardOptimizer:
+    """torch.optim.SGD / AdamW over one server's flat fp32 shards, keyed by shard id.
+
+    Two param groups: shards with weight decay, and the rest with weight_decay 0.
+    `foreach=False` selects torch's single-tensor kernels, the reference the tests compare to.
+    """
+
+    def __init__(
+        self,
+        shards: Mapping[str, Tensor],
+        *,
+        decay: Mapping[str, bool],
+        settings: OptimizerSettings,
+    ) -> None:
+        if set(decay) != set(shards):
+            missing, extra = sorted(set(shards) - set(decay)), sorted(set(decay) - set(shards))
+            raise ValueError(f"decay flags: missing {missing}, unexpected {extra}")
+        for sid, t in shards.items():
+            if t.dim() != 1 or t.dtype != torch.float32:
+                raise ValueError(
+                    f"shard {sid!r} must be a 1-D float32 tensor, got {t.dtype} {tuple(t.shape)}"
+                )
+        self.settings = settings
+        # Own copies: the optimizer needs leaf tensors and updates them in place, which must
+        # not reach into the caller's (e.g. a decoded wire buffer's) memory.
+        self._params: dict[str, Tensor] = {
+            sid: t.detach().clone(memory_format=torch.contiguous_format)
+            for sid, t in shards.items()
+        }
+        # torch numbers params by position across groups in its state_dict; `_order` maps
+        # those positions back to shard ids.
+        decayed = [sid for sid in self._params if decay[sid]]
+        plain = [sid for sid in self._params if not decay[sid]]
+        self._order: list[str] = decayed + plain
+        groups: list[dict[str, Any]] = [
+            {"params": [self._params[s] for s in decayed], "weight_decay": settings.weight_decay},
+            {"params": [self._params[s] for s in plain], "weight_decay": 0.0},
+        ]
+        lr = lr_at(settings, 0)
+        self._optimizer: torch.optim.Optimizer
+        if settings.kind == "sgd":
+            self._optimizer = torch.optim.SGD(
+                groups,
+                lr=lr,
+                momentum=settings.momentum,
+                dampening=0.0,
+                nesterov=settings.nesterov,
+                foreach=False,
+            )
+        else:
+            self._optimizer = torch.optim.AdamW(
+                groups,
+                lr=lr,
+                betas=(settings.beta1, settings.beta2),
+                eps=settings.eps,
+                foreach=False,
+            )
+
+    @property
+    def values(self) -> dict[str, Tensor]:
+        """The live master values by shard id (updated in place by `step`; do not write)."""
+        return dict(self._params)
+
+    def step(self, grads: Mapping[str, Tensor], step: int) -> None:
+        """Apply one update with `grads` (one per shard) at the lr of global step `step`.
+
+        Raises ValueError, changing nothing, unless `grads` has exactly the shard ids, each
+        with the shard's number of elements and a floating dtype (cast to float32).
+        """
+        if set(grads) != set(self._params):
+            missing = sorted(set(self._params) - set(grads))
+            extra = sorted(set(grads) - set(self._params))
+            raise ValueError(f"gradients: missing {missing}, unexpected {extra}")
+        for sid, g in grads.items():
+            p = self._params[sid]
+            if g.numel() != p.numel() or not g.is_floating_point():
+                raise ValueError(
+                    f"gradient of {sid!r}: expected {p.numel()} float elements, got "
+                    f"{g.dtype} {tuple(g.shape)}"
+                )
+        lr = lr_at(self.settings, step)
+        for sid, p in self._params.items():
+            p.grad = grads[sid].detach().reshape(p.shape).to(dtype=p.dtype, device=p.device)
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+        with torch.no_grad():
+            self._optimizer.step()
+        # Drop the gradients: keeping them would hold a shard-sized buffer per shard for nothing.
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held (momentum buffers, Adam moments, step counters)."""
+        return sum(
+            v.numel() * v.element_size()
+            for st in self._optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, Tensor)
+        )
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Optimizer state by shard id (copies, safe to keep while training goes on).
+
+        Empty before the first step, and always for SGD without momentum.
+        """
+        return {
+            sid: {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+            for sid in self._order
+            if (st := self._optimizer.state.get(self._params[sid]))
+        }
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Restore state saved by `state_dict` for the same shards and settings.
+
+        `state` must be empty (fresh state) or hold every shard id; tensors shaped like a
+        shard must match its size. Raises ValueError, changing nothing, otherwise.
+        """
+        if state and set(state) != set(self._params):
+            missing = sorted(set(self._params) - set(state))
+            extra = sorted(set(state) - set(self._params))
+            raise ValueError(f"optimizer state: missing {missing}, unexpected {extra}")
+        for sid, st in state.items():
+            n = self._params[sid].numel()
+            for k, v in st.items():
+                if isinstance(v, Tensor) and v.dim() > 0 and tuple(v.shape) != (n,):
+                    raise ValueError(
+                        f"state {k!r} of {sid!r} has shape {tuple(v.shape)}, not ({n},)"
+                    )
+        # torch's own loader casts and places the tensors like the params; it wants its
+        # positional ids and the current param groups (the lr is reset by every step anyway).
+        current = self._optimizer.state_dict()
+        self._optimizer.load_state_dict(
+            {
+                "state": {
+                    # Cloned so that later steps do not write into the caller's checkpoint.
+                    i: {k: v.clone() if isinstance(v, Tensor) else v for k, v in state[sid].items()}
+                    for i, sid in enumerate(self._order)
+                    if sid in state
+                },
+                "param_groups": current["param_groups"],
+            }
+        )

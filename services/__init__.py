@@ -1,0 +1,1 @@
+"""The three lmps services, one package each, each runnable in its own process/container."""

@@ -1,0 +1,51 @@
+"""`lmps serve ps`: run one parameter server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from lmps.bootstrap import Service, advertised_address, run_until_signal, start_server
+from lmps.flags import add_serve_flags, serve_options, setup_logging
+from lmps.membership import Membership
+from lmps.v1 import coordinator_pb2, parameter_pb2_grpc
+from services.parameter_server.servicer import ParameterServicer
+from services.parameter_server.store import ParameterStore
+
+log = logging.getLogger("lmps.ps")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="lmps serve ps")
+    parser.description = (
+        "Run a parameter server: holds fp32 parameter shards and optimizer state, applies "
+        "updates when every worker has pushed. Registers with the coordinator."
+    )
+    add_serve_flags(parser, port=50061, metrics_port=9101, member=True)
+    return parser
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    args = args or build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    store = ParameterStore(server_id=args.id or "ps")
+    running = start_server(
+        serve_options(args),
+        [
+            Service(
+                "lmps.v1.ParameterService",
+                parameter_pb2_grpc.add_ParameterServiceServicer_to_server,
+                ParameterServicer(store),
+            )
+        ],
+    )
+    address = advertised_address(args.host, running.port, args.advertise)
+    member = Membership(args.coordinator, coordinator_pb2.PARAMETER_SERVER, address, args.id)
+    store.server_id = member.register()
+    member.start()
+    running.on_stop.append(member.stop)
+    return run_until_signal(running)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

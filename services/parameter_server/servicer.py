@@ -1,0 +1,155 @@
+"""gRPC face of a parameter server: unpack, call `ParameterStore`, pack."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import prometheus_client
+import torch
+
+from lmps import codec, wire
+from lmps.codec import CodecError
+from lmps.errors import InvalidArgument
+from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
+from services.parameter_server.store import ParameterStore, stats_of
+
+VERSION = prometheus_client.Gauge("lmps_ps_version", "Parameter version (optimizer steps applied)")
+PUSHES = prometheus_client.Counter("lmps_ps_pushes_total", "Accepted gradient pushes")
+APPLIES = prometheus_client.Counter("lmps_ps_updates_total", "Optimizer steps applied")
+PULLED_BYTES = prometheus_client.Counter("lmps_ps_pulled_bytes_total", "Parameter bytes sent")
+PUSHED_BYTES = prometheus_client.Counter("lmps_ps_pushed_bytes_total", "Gradient bytes received")
+HELD_BYTES = prometheus_client.Gauge("lmps_ps_parameter_bytes", "fp32 parameter bytes held")
+
+
+def _decode(msg: tensor_pb2.Tensor, what: str) -> torch.Tensor:
+    try:
+        return codec.decode(msg)
+    except CodecError as err:
+        raise InvalidArgument(f"{what}: {err}") from None
+
+
+class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
+    def __init__(self, store: ParameterStore) -> None:
+        self.store = store
+
+    def Load(
+        self, request_iterator: Iterator[parameter_pb2.LoadRequest], context: grpc.ServicerContext
+    ) -> parameter_pb2.LoadResponse:
+        header = next(request_iterator, None)
+        if header is None or not header.HasField("header"):
+            raise InvalidArgument("load: the first message must be a LoadHeader")
+        h = header.header
+        try:
+            settings = wire.optimizer_from_proto(h.optimizer)
+        except ValueError as err:
+            raise InvalidArgument(f"load: {err}") from None
+        shards = [wire.shard_from_proto(s) for s in h.shards]
+        values = []
+        for msg in request_iterator:
+            if not msg.HasField("shard"):
+                raise InvalidArgument("load: only one LoadHeader is allowed")
+            values.append((msg.shard.shard_id, _decode(msg.shard.tensor, msg.shard.shard_id)))
+        held = self.store.load(h.job_id, settings, shards, values, h.members, h.version)
+        VERSION.set(h.version)
+        HELD_BYTES.set(held)
+        return parameter_pb2.LoadResponse(shards=len(shards), bytes=held)
+
+    def Pull(
+        self, request: parameter_pb2.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[tensor_pb2.ShardTensor]:
+        try:
+            dtype = codec.wire_dtype(request.wire_dtype)
+        except CodecError as err:
+            raise InvalidArgument(f"pull: {err}") from None
+        if not dtype.is_floating_point:
+            raise InvalidArgument(f"pull: wire dtype must be a float type, got {dtype}")
+        version, values = self.store.pull(
+            request.job_id, request.min_version, list(request.shard_ids), context.time_remaining()
+        )
+        for sid, t in values:
+            msg = tensor_pb2.ShardTensor(shard_id=sid, version=version, tensor=codec.encode(t, dtype))
+            PULLED_BYTES.inc(len(msg.tensor.data))
+            yield msg
+
+    def Push(
+        self, request_iterator: Iterator[parameter_pb2.PushRequest], context: grpc.ServicerContext
+    ) -> parameter_pb2.PushResponse:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("push: the first message must be a PushHeader")
+        h = first.header
+        grads = []
+        nbytes = 0
+        for msg in request_iterator:
+            if not msg.HasField("grad"):
+                raise InvalidArgument("push: only one PushHeader is allowed")
+            nbytes += len(msg.grad.tensor.data)
+            grads.append((msg.grad.shard_id, _decode(msg.grad.tensor, msg.grad.shard_id)))
+        result = self.store.push(h.job_id, h.worker_id, h.step, h.weight, grads)
+        PUSHES.inc()
+        PUSHED_BYTES.inc(nbytes)
+        if result.applied:
+            APPLIES.inc()
+            VERSION.set(result.version)
+        return parameter_pb2.PushResponse(
+            version=result.version, applied=result.applied, pending=result.pending
+        )
+
+    def SetMembers(
+        self, request: parameter_pb2.SetMembersRequest, context: grpc.ServicerContext
+    ) -> parameter_pb2.SetMembersResponse:
+        version, applied = self.store.set_members(request.job_id, request.members)
+        if applied:
+            APPLIES.inc()
+            VERSION.set(version)
+        return parameter_pb2.SetMembersResponse(version=version, applied=applied)
+
+    def ListShards(
+        self, request: parameter_pb2.ListShardsRequest, context: grpc.ServicerContext
+    ) -> parameter_pb2.ListShardsResponse:
+        job_id, version, specs, members, pushed = self.store.describe(request.job_id)
+        infos = []
+        for spec in specs:
+            info = parameter_pb2.ShardInfo(
+                spec=wire.shard_to_proto(spec),
+                dtype="float32",
+                shape=[spec.numel],
+                version=version,
+                byte_size=spec.numel * 4,
+            )
+            if request.with_stats:
+                _, _, value, _ = self.store.shard(job_id, spec.shard_id)
+                info.stats.CopyFrom(_stats(value))
+            infos.append(info)
+        return parameter_pb2.ListShardsResponse(
+            server_id=self.store.server_id,
+            job_id=job_id,
+            version=version,
+            shards=infos,
+            members=members,
+            pushed=pushed,
+            total_bytes=sum(s.numel * 4 for s in specs),
+        )
+
+    def GetShard(
+        self, request: parameter_pb2.GetShardRequest, context: grpc.ServicerContext
+    ) -> parameter_pb2.ShardInfo:
+        if not request.shard_id:
+            raise InvalidArgument("get shard: shard_id is required")
+        spec, version, value, _ = self.store.shard(request.job_id, request.shard_id)
+        return parameter_pb2.ShardInfo(
+            spec=wire.shard_to_proto(spec),
+            dtype="float32",
+            shape=[spec.numel],
+            version=version,
+            byte_size=spec.numel * 4,
+            stats=_stats(value),
+        )
+
+
+def _stats(value: torch.Tensor) -> parameter_pb2.ShardStats:
+    s = stats_of(value)
+    return parameter_pb2.ShardStats(
+        norm=s.norm, mean=s.mean, std=s.std, max_abs=s.max_abs, nonfinite=s.nonfinite
+    )

@@ -1,0 +1,1 @@
+"""Worker: a model replica that leases data, pulls parameters and pushes gradients."""

@@ -1,0 +1,46 @@
+"""`lmps serve worker`: run one worker."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmps.bootstrap import Service, advertised_address, run_until_signal, start_server
+from lmps.flags import add_serve_flags, env, serve_options, setup_logging
+from lmps.membership import Membership
+from lmps.v1 import coordinator_pb2, worker_pb2_grpc
+from services.worker.servicer import WorkerServicer
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="lmps serve worker")
+    parser.description = (
+        "Run a worker: a model replica (CPU or CUDA) that leases data shards from the "
+        "coordinator, pulls parameters from every server and pushes gradients back."
+    )
+    add_serve_flags(parser, port=50071, metrics_port=9102, member=True)
+    parser.add_argument(
+        "--device",
+        default=env("LMPS_DEVICE", "auto"),
+        help="auto (CUDA when present), cpu, cuda, cuda:N (LMPS_DEVICE)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    args = args or build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    servicer = WorkerServicer(worker_id=args.id, coordinator=args.coordinator, device=args.device)
+    running = start_server(
+        serve_options(args),
+        [Service("lmps.v1.WorkerService", worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer)],
+    )
+    address = advertised_address(args.host, running.port, args.advertise)
+    member = Membership(args.coordinator, coordinator_pb2.WORKER, address, args.id)
+    servicer.worker_id = member.register()
+    member.start()
+    running.on_stop.append(member.stop)
+    return run_until_signal(running)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

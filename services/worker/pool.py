@@ -1,0 +1,117 @@
+"""Talk to every parameter server in parallel: pull all shards, push all gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from lmps import codec
+from lmps.channel import open_channel
+from lmps.partition import Shard
+from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
+
+
+class ServerPool:
+    """One channel per server; pulls and pushes fan out over a thread pool."""
+
+    def __init__(
+        self,
+        job_id: str,
+        worker_id: str,
+        shards: Sequence[Shard],
+        addresses: Mapping[str, str],
+        wire_dtype: torch.dtype = torch.float32,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self.by_server: dict[str, list[str]] = {}
+        for s in shards:
+            self.by_server.setdefault(s.server_id, []).append(s.shard_id)
+        missing = self.by_server.keys() - addresses.keys()
+        if missing:
+            raise ValueError(f"no address for servers {sorted(missing)}")
+        self.channels = {sid: open_channel(addresses[sid]) for sid in self.by_server}
+        self.stubs = {
+            sid: parameter_pb2_grpc.ParameterServiceStub(ch) for sid, ch in self.channels.items()
+        }
+        self.executor = ThreadPoolExecutor(max_workers=max(1, len(self.stubs)), thread_name_prefix="ps")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False)
+        for ch in self.channels.values():
+            ch.close()
+
+    def _pull_one(self, server_id: str, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
+        stream = self.stubs[server_id].Pull(
+            parameter_pb2.PullRequest(
+                job_id=self.job_id,
+                min_version=min_version,
+                wire_dtype=codec.to_proto_dtype(self.wire_dtype),
+            ),
+            timeout=self.timeout_s,
+            wait_for_ready=True,
+        )
+        values: dict[str, torch.Tensor] = {}
+        versions = set()
+        for msg in stream:
+            values[msg.shard_id] = codec.decode(msg.tensor)
+            versions.add(msg.version)
+        if len(versions) != 1:
+            raise RuntimeError(f"server {server_id} sent mixed versions {sorted(versions)}")
+        return versions.pop(), values
+
+    def pull(self, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """All shards from all servers at a version >= min_version; one version everywhere."""
+        futures = [self.executor.submit(self._pull_one, s, min_version) for s in self.stubs]
+        values: dict[str, torch.Tensor] = {}
+        versions = set()
+        for f in futures:
+            v, part = f.result()
+            versions.add(v)
+            values.update(part)
+        if len(versions) != 1:
+            raise RuntimeError(f"servers are at different versions {sorted(versions)}")
+        return versions.pop(), values
+
+    def _push_messages(
+        self, server_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
+    ) -> Iterator[parameter_pb2.PushRequest]:
+        yield parameter_pb2.PushRequest(
+            header=parameter_pb2.PushHeader(
+                job_id=self.job_id, worker_id=self.worker_id, step=step, weight=weight
+            )
+        )
+        for sid in self.by_server[server_id]:
+            yield parameter_pb2.PushRequest(
+                grad=tensor_pb2.ShardTensor(
+                    shard_id=sid, version=step, tensor=codec.encode(grads[sid], self.wire_dtype)
+                )
+            )
+
+    def _push_one(
+        self, server_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
+    ) -> parameter_pb2.PushResponse:
+        resp: parameter_pb2.PushResponse = self.stubs[server_id].Push(
+            self._push_messages(server_id, step, weight, grads),
+            timeout=self.timeout_s,
+            wait_for_ready=True,
+        )
+        return resp
+
+    def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
+        """Push to every server in parallel; raises the first server error."""
+        futures = [self.executor.submit(self._push_one, s, step, weight, grads) for s in self.stubs]
+        errors = []
+        for f in futures:
+            try:
+                f.result()
+            except grpc.RpcError as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]

@@ -1,0 +1,78 @@
+"""A model replica whose parameters are filled from, and whose gradients are cut into, shards.
+
+Pure torch: no gRPC here. Runs on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lmps.model import GPT, GPTConfig
+from lmps.partition import ParamInfo, Shard, shard_view, validate_cover
+
+
+def pick_device(requested: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else is taken literally."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch sees no CUDA device")
+    return device
+
+
+class Replica:
+    def __init__(self, config: GPTConfig, shards: Sequence[Shard], device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        # Values are overwritten by the first pull, so init cost is all we care about here.
+        self.model = GPT(config).to(device)
+        self.params = dict(self.model.named_parameters())
+        infos = [ParamInfo(n, tuple(p.shape), False) for n, p in self.params.items()]
+        validate_cover(shards, infos)  # ValueError if the map doesn't cover the model exactly
+        self.shards = {s.shard_id: s for s in shards}
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def load(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Write every shard's value into the parameters (H2D copies on CUDA)."""
+        if values.keys() != self.shards.keys():
+            raise ValueError("pulled shards do not match the shard map")
+        with torch.no_grad():
+            for sid, value in values.items():
+                s = self.shards[sid]
+                shard_view(self.params[s.param].data, s).copy_(value, non_blocking=True)
+
+    def train_step(self, batch: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        """One forward/backward on `batch` (B, T+1) int tokens -> (mean loss, shard grads on CPU)."""
+        self.model.train()
+        tokens = batch.to(self.device, dtype=torch.long, non_blocking=True)
+        x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
+        self.model.zero_grad(set_to_none=False)
+        _, loss = self.model(x, y)
+        assert loss is not None
+        loss.backward()
+        grads: dict[str, torch.Tensor] = {}
+        for sid, s in self.shards.items():
+            g = self.params[s.param].grad
+            assert g is not None
+            grads[sid] = shard_view(g, s).detach().to("cpu", copy=True)
+        return float(loss.detach()), grads
+
+    @torch.no_grad()
+    def evaluate(self, sequences: torch.Tensor, batch_size: int = 32) -> tuple[float, int]:
+        """Sum of token cross-entropies and token count over `sequences` (N, T+1)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, sequences.shape[0], batch_size):
+            tokens = sequences[i : i + batch_size].to(self.device, dtype=torch.long)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            _, loss = self.model(x, y)
+            assert loss is not None
+            total += float(loss) * y.numel()
+            count += y.numel()
+        return total, count
