@@ -130,7 +130,7 @@ class ShardOptimizer:
                 raise ValueError(
                     f"shard {sid!r} must be a 1-D float32 tensor, got {t.dtype} {tuple(t.shape)}"
                 )
-        self.settings = settings
+        self._settings = settings
         # Own copies: the optimizer needs leaf tensors and updates them in place, which must
         # not reach into the caller's (e.g. a decoded wire buffer's) memory.
         self._params: dict[str, Tensor] = {
@@ -167,6 +167,11 @@ class ShardOptimizer:
             )
 
     @property
+    def settings(self) -> OptimizerSettings:
+        """The update rule this optimizer was built with."""
+        return self._settings
+
+    @property
     def values(self) -> dict[str, Tensor]:
         """The live master values by shard id (updated in place by `step`; do not write)."""
         return dict(self._params)
@@ -188,7 +193,7 @@ class ShardOptimizer:
                     f"gradient of {sid!r}: expected {p.numel()} float elements, got "
                     f"{g.dtype} {tuple(g.shape)}"
                 )
-        lr = lr_at(self.settings, step)
+        lr = lr_at(self._settings, step)
         for sid, p in self._params.items():
             p.grad = grads[sid].detach().reshape(p.shape).to(dtype=p.dtype, device=p.device)
         for group in self._optimizer.param_groups:
