@@ -120,8 +120,13 @@ def _code_of(context: grpc.ServicerContext) -> str:
     return "OK" if code is None else code.name
 
 
-def _abort(context: grpc.ServicerContext, err: LmpsError) -> None:
-    context.abort(getattr(grpc.StatusCode, err.code), str(err))
+def _abort(context: grpc.ServicerContext, err: Exception) -> None:
+    if isinstance(err, LmpsError):
+        context.abort(getattr(grpc.StatusCode, err.code), str(err))
+    # A call this handler made to another member failed: pass its status on, not UNKNOWN.
+    assert isinstance(err, grpc.RpcError)
+    code, details = err.code(), err.details()  # type: ignore[attr-defined]
+    context.abort(code, f"downstream call failed: {details}")
 
 
 class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -138,7 +143,7 @@ class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 start = time.perf_counter()
                 try:
                     return behavior(request, context)
-                except LmpsError as err:
+                except (LmpsError, grpc.RpcError) as err:
                     _abort(context, err)
                 finally:
                     RPC_SECONDS.labels(method).observe(time.perf_counter() - start)
@@ -151,7 +156,7 @@ class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 start = time.perf_counter()
                 try:
                     yield from behavior(request, context)
-                except LmpsError as err:
+                except (LmpsError, grpc.RpcError) as err:
                     _abort(context, err)
                 finally:
                     RPC_SECONDS.labels(method).observe(time.perf_counter() - start)

@@ -202,6 +202,8 @@ def plan_data_shards(
         )
     order = epoch_order(n_sequences, seed, epoch)
     kept = order[: (n_sequences // batch_size) * batch_size]
+    if len(kept) == 0:
+        return []  # split() of an empty tensor would yield one empty shard
     return [shard.clone() for shard in kept.split(batch_size * batches_per_lease)]
 
 
@@ -314,8 +316,6 @@ def prepare_corpus(
         _atomic_write(entry / "tokenizer.json", lambda p: save_tokenizer(tokenizer, Path(p)))
         _atomic_write(
             entry / "tokens.safetensors",
-            lambda p: save_file(
-                {"train": train, "eval": eval_}, p, metadata={"source": source}
-            ),
+            lambda p: save_file({"train": train, "eval": eval_}, p, metadata={"source": source}),
         )
     return prepared

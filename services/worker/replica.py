@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from lmps.model import GPT, GPTConfig
+from lmps.model import GPT, GPTConfig, decay_mask
 from lmps.partition import ParamInfo, Shard, shard_view, validate_cover
 
 
@@ -30,7 +30,7 @@ class Replica:
         # Values are overwritten by the first pull, so init cost is all we care about here.
         self.model = GPT(config).to(device)
         self.params = dict(self.model.named_parameters())
-        infos = [ParamInfo(n, tuple(p.shape), False) for n, p in self.params.items()]
+        infos = [ParamInfo(n, tuple(p.shape), decay_mask(n, p)) for n, p in self.params.items()]
         validate_cover(shards, infos)  # ValueError if the map doesn't cover the model exactly
         self.shards = {s.shard_id: s for s in shards}
 

@@ -1,0 +1,1 @@
+"""The `lmps` command-line client."""

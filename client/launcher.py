@@ -1,0 +1,214 @@
+"""Start a whole lmps cluster as local processes on 127.0.0.1 (the tests' backbone too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lmps.channel import open_channel
+from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(address: str, timeout_s: float = 60.0, service: str = "") -> None:
+    """Block until `address` answers SERVING on the gRPC health service."""
+    deadline = time.monotonic() + timeout_s
+    with open_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+
+@dataclass
+class Proc:
+    name: str  # "coordinator", "ps-0", "worker-1"
+    address: str
+    metrics_port: int
+    log: str
+    pid: int = 0
+
+
+@dataclass
+class ClusterSpec:
+    servers: int = 2
+    workers: int = 2
+    host: str = "127.0.0.1"
+    coordinator_port: int = 0  # 0 = pick free ports
+    run_dir: str = ".lmps/cluster"
+    worker_threads: int = 0  # torch threads per worker; 0 = cores / workers
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalCluster:
+    """1 coordinator + N parameter servers + M workers, each its own OS process."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.procs: list[Proc] = []
+        self._popen: dict[str, subprocess.Popen[bytes]] = {}
+        self.run_dir = Path(spec.run_dir)
+
+    @property
+    def coordinator(self) -> str:
+        return self.procs[0].address
+
+    def _cmd(self, role: str, port: int, metrics: int, name: str) -> list[str]:
+        cmd = [sys.executable, "-m", f"services.{role}.main", "--host", self.spec.host,
+               "--port", str(port), "--metrics-port", str(metrics), "--grace", "2"]
+        if role != "coordinator":
+            cmd += ["--coordinator", self.coordinator, "--id", name,
+                    "--advertise", f"{self.spec.host}:{port}"]
+        return cmd
+
+    def _spawn(self, role: str, name: str, threads: int, port: int = 0) -> Proc:
+        port = port or free_port()
+        metrics = free_port()
+        log = self.run_dir / f"{name}.log"
+        proc = Proc(name, f"{self.spec.host}:{port}", metrics, str(log))
+        self.procs.append(proc)  # before _cmd: workers need the coordinator's address
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+               **self.spec.extra_env}
+        with open(log, "ab") as out:
+            p = subprocess.Popen(
+                self._cmd(role, port, metrics, name), stdout=out, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,
+            )
+        proc.pid = p.pid
+        self._popen[name] = p
+        return proc
+
+    def start(self, timeout_s: float = 90.0) -> LocalCluster:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cores = os.cpu_count() or 1
+        threads = self.spec.worker_threads or max(1, cores // max(1, self.spec.workers))
+        try:
+            self._spawn("coordinator", "coordinator", 1, self.spec.coordinator_port)
+            for i in range(self.spec.servers):
+                self._spawn("parameter_server", f"ps-{i}", 1)
+            for i in range(self.spec.workers):
+                self._spawn("worker", f"worker-{i}", threads)
+            for p in self.procs:
+                self._wait(p, timeout_s)
+            self._wait_registered(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, proc: Proc, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            popen = self._popen.get(proc.name)
+            if popen is not None and popen.poll() is not None:
+                tail = Path(proc.log).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{proc.name} exited with {popen.returncode}:\n{tail}")
+            try:
+                wait_healthy(proc.address, timeout_s=1.0)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def _wait_registered(self, timeout_s: float) -> None:
+        want = self.spec.servers + self.spec.workers
+        deadline = time.monotonic() + timeout_s
+        with open_channel(self.coordinator) as ch:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+            while True:
+                status = stub.GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=5)
+                if sum(m.alive for m in status.members) >= want:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(status.members)}/{want} members registered")
+                time.sleep(0.1)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to one member (fault injection)."""
+        self._popen[name].send_signal(sig)
+
+    def returncodes(self, timeout_s: float = 15.0) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for name, p in self._popen.items():
+            try:
+                out[name] = p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                out[name] = None
+        return out
+
+    def stop(self, timeout_s: float = 15.0) -> dict[str, int | None]:
+        """SIGTERM everyone (workers first), SIGKILL whoever outlives `timeout_s`."""
+        for name in reversed(list(self._popen)):
+            p = self._popen[name]
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = self.returncodes(timeout_s)
+        for name, code in codes.items():
+            if code is None:
+                self._popen[name].kill()
+                self._popen[name].wait()
+        return codes
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"procs": [asdict(p) for p in self.procs]}, indent=2))
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def stop_saved(path: Path, timeout_s: float = 15.0) -> list[str]:
+    """Stop a detached cluster recorded by `save` (for `lmps cluster down`)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no running cluster recorded at {path}; start one with `lmps cluster up`")
+    procs = [Proc(**p) for p in json.loads(path.read_text())["procs"]]
+    stopped = []
+    for p in reversed(procs):
+        try:
+            os.kill(p.pid, signal.SIGTERM)
+            stopped.append(p.name)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(p.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    path.unlink()
+    return stopped

@@ -1,0 +1,224 @@
+"""`lmps train`: prepare data, submit a job, drive it epoch by epoch, save the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lmps import codec, wire
+from lmps.channel import open_channel
+from lmps.data import prepare_corpus
+from lmps.model import preset
+from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
+from client import model_io
+
+PART_TOKENS = 1 << 20  # tokens per DatasetPart message (4 MiB of int32)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `lmps train` takes; see `lmps train --help` for each flag."""
+
+    coordinator: str = "127.0.0.1:50051"
+    data: str = "builtin:pydoc"
+    preset: str = "tiny"
+    vocab_size: int = 2048
+    block_size: int = 0  # 0 = the preset's
+    dropout: float = 0.0
+    epochs: int = 3
+    batch_size: int = 16
+    batches_per_lease: int = 8
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    min_lr: float = 3e-4
+    seed: int = 1337
+    servers: int = 0
+    workers: int = 0
+    eval_fraction: float = 0.05
+    wire_dtype: str = "float32"
+    shard_bytes: int = 0
+    out: str = ""
+    cache_dir: str = ".cache/lmps"
+    sample_prompt: str = ""
+    name: str = "lmps"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("--epochs must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError("--eval-fraction must be in (0, 1)")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError("--optimizer must be sgd or adamw")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError("--schedule must be constant or cosine")
+
+
+def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_pb2.JobSpec:
+    config = preset(opts.preset, vocab_size)
+    if opts.block_size or opts.dropout:
+        config = dataclasses.replace(
+            config, block_size=opts.block_size or config.block_size, dropout=opts.dropout
+        )
+    # The coordinator validates the optimizer and fills in total_steps (from the data size
+    # and the epochs) when it is 0, which the cosine schedule needs.
+    optimizer = job_pb2.OptimizerConfig(
+        kind=job_pb2.SGD if opts.optimizer == "sgd" else job_pb2.ADAMW,
+        lr=opts.lr,
+        momentum=opts.momentum if opts.optimizer == "sgd" else 0.0,
+        weight_decay=opts.weight_decay,
+        schedule=job_pb2.COSINE if opts.schedule == "cosine" else job_pb2.CONSTANT,
+        warmup_steps=opts.warmup_steps,
+        min_lr=opts.min_lr,
+    )
+    return job_pb2.JobSpec(
+        name=opts.name,
+        model=wire.model_to_proto(config),
+        optimizer=optimizer,
+        batch_size=opts.batch_size,
+        batches_per_lease=opts.batches_per_lease,
+        seed=opts.seed,
+        epochs=opts.epochs,
+        num_servers=opts.servers,
+        num_workers=opts.workers,
+        consistency=job_pb2.SYNC,
+        shard_bytes=opts.shard_bytes,
+        wire_dtype=codec.to_proto_dtype(codec.dtype_from_name(opts.wire_dtype)),
+        tokenizer_json=tokenizer_json,
+    )
+
+
+def submit_messages(
+    spec: job_pb2.JobSpec, train: torch.Tensor, evals: torch.Tensor
+) -> Iterator[coordinator_pb2.SubmitJobRequest]:
+    yield coordinator_pb2.SubmitJobRequest(spec=spec)
+    for split, tokens in (("train", train), ("eval", evals)):
+        for i in range(0, tokens.numel(), PART_TOKENS):
+            part = tokens[i : i + PART_TOKENS]
+            yield coordinator_pb2.SubmitJobRequest(
+                data=coordinator_pb2.DatasetPart(split=split, tokens=codec.encode(part))
+            )
+
+
+def train(opts: TrainOptions, console: Console) -> dict[str, object]:
+    """Run a whole job; returns the report (also written to OUT/report.json)."""
+    started = time.perf_counter()
+    with console.status(f"preparing corpus {opts.data} (vocab {opts.vocab_size})"):
+        corpus = prepare_corpus(
+            opts.data, opts.vocab_size, opts.eval_fraction, Path(opts.cache_dir) if opts.cache_dir else None
+        )
+    console.print(
+        f"corpus [bold]{opts.data}[/]: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval "
+        f"tokens, vocab {corpus.vocab_size}"
+    )
+    spec = build_spec(opts, corpus.vocab_size, corpus.tokenizer_json)
+    report: dict[str, object] = {"options": asdict(opts), "epochs": []}
+    with open_channel(opts.coordinator) as ch:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+        with console.status(f"submitting job to {opts.coordinator} (waiting for servers and workers)"):
+            resp = stub.SubmitJob(
+                submit_messages(spec, corpus.train, corpus.eval), timeout=600, wait_for_ready=True
+            )
+        st = resp.status
+        console.print(
+            f"job [bold]{resp.job_id}[/]: {st.parameters:,} parameters in {st.shards} shards on "
+            f"{', '.join(st.servers)}; workers {', '.join(st.workers)}; "
+            f"{st.train_sequences} train sequences"
+        )
+        first = stub.Evaluate(coordinator_pb2.EvaluateJobRequest(job_id=resp.job_id), timeout=600)
+        console.print(f"initial eval loss {first.loss:.4f} (perplexity {first.perplexity:.1f})")
+        report.update(job_id=resp.job_id, parameters=st.parameters, initial_eval_loss=first.loss)
+        epochs: list[dict[str, object]] = []
+        for epoch in range(opts.epochs):
+            summary = _run_epoch(stub, resp.job_id, epoch, opts.epochs, console)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": summary.train_loss,
+                "eval_loss": summary.eval_loss,
+                "eval_perplexity": summary.eval_perplexity,
+                "steps": summary.end_step - summary.start_step,
+                "end_step": summary.end_step,
+                "tokens": summary.tokens,
+                "tokens_per_s": summary.tokens_per_s,
+                "wall_s": summary.wall_s,
+            }
+            epochs.append(row)
+            console.print(
+                f"epoch {epoch + 1}/{opts.epochs}: train loss {summary.train_loss:.4f}  "
+                f"[bold]eval loss {summary.eval_loss:.4f}[/] (ppl {summary.eval_perplexity:.1f})  "
+                f"{summary.tokens_per_s:,.0f} tok/s  {summary.wall_s:.1f}s"
+            )
+        report["epochs"] = epochs
+        if opts.out:
+            with console.status("exporting the model"):
+                trained = model_io.fetch_model(opts.coordinator, resp.job_id)
+                model_io.save(trained, Path(opts.out))
+            console.print(f"saved model to [bold]{opts.out}[/] (version {trained.version})")
+            if opts.sample_prompt:
+                text = model_io.sample(trained, opts.sample_prompt, max_tokens=80)
+                report["sample"] = text
+                console.rule("sample")
+                console.print(text, markup=False, highlight=False)
+                console.rule()
+    report["wall_s"] = time.perf_counter() - started
+    if opts.out:
+        Path(opts.out).mkdir(parents=True, exist_ok=True)
+        (Path(opts.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _run_epoch(
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub, job_id: str, epoch: int, epochs: int, console: Console
+) -> job_pb2.EpochSummary:
+    stream = stub.RunEpoch(coordinator_pb2.RunEpochRequest(job_id=job_id, epoch=epoch), wait_for_ready=True)
+    summary: job_pb2.EpochSummary | None = None
+    columns = (
+        TextColumn(f"epoch {epoch + 1}/{epochs}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} batches"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    started = time.perf_counter()
+    tokens = 0
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("train", total=None, loss="-", tps="-")
+        recent: list[float] = []
+        for ev in stream:
+            kind = ev.WhichOneof("kind")
+            if kind == "start":
+                progress.update(task, total=ev.start.total_batches)
+            elif kind == "step":
+                tokens += ev.step.tokens
+                recent = [*recent[-19:], ev.step.loss]
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress.update(
+                    task,
+                    advance=1,
+                    loss=f"{sum(recent) / len(recent):.3f}",
+                    tps=f"{tokens / elapsed:,.0f}",
+                )
+            elif kind == "summary":
+                summary = ev.summary
+    if summary is None:
+        raise RuntimeError(f"epoch {epoch + 1} ended without a summary")
+    if math.isnan(summary.eval_loss):
+        console.print("[yellow]no eval data: eval loss is NaN[/]")
+    return summary

@@ -1,0 +1,1 @@
+"""Coordinator: membership, shard map, data leases, job and epoch driving."""

@@ -1,0 +1,56 @@
+"""`lmps serve coordinator`: run the coordinator."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmps.bootstrap import Service, run_until_signal, start_server
+from lmps.flags import add_serve_flags, env, serve_options, setup_logging
+from lmps.v1 import coordinator_pb2_grpc
+from services.coordinator.driver import Driver
+from services.coordinator.members import Registry
+from services.coordinator.servicer import CoordinatorServicer
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="lmps serve coordinator")
+    parser.description = (
+        "Run the coordinator: membership, shard map, data leases, jobs and epochs. "
+        "Parameter servers and workers register with it; `lmps train` talks only to it."
+    )
+    add_serve_flags(parser, port=50051, metrics_port=9100, member=False)
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=float(env("LMPS_HEARTBEAT_S", "2")),
+        help="seconds between member heartbeats (LMPS_HEARTBEAT_S)",
+    )
+    parser.add_argument(
+        "--expiry",
+        type=float,
+        default=float(env("LMPS_EXPIRY_S", "10")),
+        help="a member missing heartbeats this long is considered dead (LMPS_EXPIRY_S)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    args = args or build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    registry = Registry(heartbeat_s=args.heartbeat, expiry_s=args.expiry)
+    servicer = CoordinatorServicer(registry, Driver(registry))
+    running = start_server(
+        serve_options(args),
+        [
+            Service(
+                "lmps.v1.CoordinatorService",
+                coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server,
+                servicer,
+            )
+        ],
+    )
+    return run_until_signal(running)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""gRPC face of the coordinator: unpack, call the registry or the driver, pack."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from lmps import codec, wire
+from lmps.codec import CodecError
+from lmps.errors import InvalidArgument
+from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
+from services.coordinator.driver import Driver
+from services.coordinator.jobs import Job
+from services.coordinator.members import PS, WORKER, Registry
+
+_ROLES = {coordinator_pb2.PARAMETER_SERVER: PS, coordinator_pb2.WORKER: WORKER}
+_ROLE_ENUM = {v: k for k, v in _ROLES.items()}
+_STATES = {"READY": coordinator_pb2.READY, "RUNNING": coordinator_pb2.RUNNING, "FAILED": coordinator_pb2.FAILED}
+
+
+def job_status(job: Job) -> coordinator_pb2.JobStatus:
+    spec = job_pb2.JobSpec.FromString(job.spec.SerializeToString())
+    spec.tokenizer_json = ""
+    return coordinator_pb2.JobStatus(
+        job_id=job.job_id,
+        name=job.spec.name,
+        state=_STATES[job.state],
+        epochs_done=job.epochs_done,
+        step=job.step,
+        parameters=job.parameters,
+        shards=len(job.shards),
+        servers=sorted(job.servers),
+        workers=sorted(job.workers),
+        train_sequences=job.train.shape[0],
+        eval_sequences=job.eval.shape[0],
+        last_eval_loss=job.last_eval_loss,
+        error=job.error,
+        spec=spec,
+    )
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, registry: Registry, driver: Driver) -> None:
+        self.registry = registry
+        self.driver = driver
+
+    def Register(
+        self, request: coordinator_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RegisterResponse:
+        role = _ROLES.get(request.role)
+        if role is None:
+            raise InvalidArgument("register: role must be PARAMETER_SERVER or WORKER")
+        member_id = self.registry.register(role, request.address, request.id)
+        return coordinator_pb2.RegisterResponse(id=member_id, heartbeat_interval_s=self.registry.heartbeat_s)
+
+    def Heartbeat(
+        self, request: coordinator_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.HeartbeatResponse:
+        self.registry.heartbeat(request.id)
+        return coordinator_pb2.HeartbeatResponse()
+
+    def SubmitJob(
+        self, request_iterator: Iterator[coordinator_pb2.SubmitJobRequest], context: grpc.ServicerContext
+    ) -> coordinator_pb2.SubmitJobResponse:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("spec"):
+            raise InvalidArgument("submit: the first message must be a JobSpec")
+        parts: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        for msg in request_iterator:
+            if not msg.HasField("data"):
+                raise InvalidArgument("submit: only one JobSpec is allowed")
+            if msg.data.split not in parts:
+                raise InvalidArgument(f"submit: split must be 'train' or 'eval', got {msg.data.split!r}")
+            try:
+                t = codec.decode(msg.data.tokens)
+            except CodecError as err:
+                raise InvalidArgument(f"submit: {err}") from None
+            if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64, torch.int16):
+                raise InvalidArgument("submit: dataset parts must be 1-D integer token tensors")
+            parts[msg.data.split].append(t.to(torch.int32))
+        train = torch.cat(parts["train"]) if parts["train"] else torch.empty(0, dtype=torch.int32)
+        evals = torch.cat(parts["eval"]) if parts["eval"] else torch.empty(0, dtype=torch.int32)
+        job = self.driver.submit(first.spec, train, evals)
+        return coordinator_pb2.SubmitJobResponse(job_id=job.job_id, status=job_status(job))
+
+    def RunEpoch(
+        self, request: coordinator_pb2.RunEpochRequest, context: grpc.ServicerContext
+    ) -> Iterator[job_pb2.ProgressEvent]:
+        yield from self.driver.run_epoch(request.job_id, request.epoch, context)
+
+    def LeaseData(
+        self, request: coordinator_pb2.LeaseDataRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.LeaseDataResponse:
+        return self.driver.lease(request)
+
+    def CompleteLease(
+        self, request: coordinator_pb2.CompleteLeaseRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.CompleteLeaseResponse:
+        self.driver.complete_lease(request)
+        return coordinator_pb2.CompleteLeaseResponse()
+
+    def GetShardMap(
+        self, request: coordinator_pb2.GetShardMapRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ShardMap:
+        job = self.driver.job(request.job_id)
+        entries = []
+        for sid, address in sorted(job.servers.items()):
+            mine = [s for s in job.shards if s.server_id == sid]
+            entries.append(
+                coordinator_pb2.ServerEntry(
+                    server_id=sid, address=address, bytes=sum(s.numel * 4 for s in mine), shards=len(mine)
+                )
+            )
+        return coordinator_pb2.ShardMap(
+            job_id=job.job_id, shards=[wire.shard_to_proto(s) for s in job.shards], servers=entries
+        )
+
+    def GetClusterStatus(
+        self, request: coordinator_pb2.ClusterStatusRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ClusterStatus:
+        members = [
+            coordinator_pb2.Member(
+                id=rec.id, role=_ROLE_ENUM[rec.role], address=rec.address, last_seen_s=age, alive=alive
+            )
+            for rec, age, alive in self.registry.all()
+        ]
+        jobs = [job_status(j) for j in self.driver.jobs.values()]
+        return coordinator_pb2.ClusterStatus(members=members, jobs=jobs)
+
+    def GetJob(
+        self, request: coordinator_pb2.GetJobRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.JobStatus:
+        return job_status(self.driver.job(request.job_id))
+
+    def Evaluate(
+        self, request: coordinator_pb2.EvaluateJobRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.EvaluateJobResponse:
+        job = self.driver.job(request.job_id)
+        loss, tokens, version = self.driver.evaluate(job)
+        return coordinator_pb2.EvaluateJobResponse(
+            loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens, version=version
+        )
+
+    def ExportModel(
+        self, request: coordinator_pb2.ExportModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_pb2.ExportModelResponse]:
+        yield from self.driver.export(self.driver.job(request.job_id))
+
+
