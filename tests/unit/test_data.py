@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
 
 from lmps import data
 from lmps.data import (
@@ -33,7 +37,7 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():  # type: ignore[no-untyped-def]
+def tokenizer() -> Tokenizer:
     return train_tokenizer(DOCS, vocab_size=400)
 
 
@@ -98,7 +102,7 @@ def test_jsonl_bad_line_names_the_line(tmp_path: Path, bad_line: str, message: s
 
 
 def test_missing_path_is_helpful(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="not found.*builtin:pydoc"):
+    with pytest.raises(FileNotFoundError, match=r"not found.*builtin:pydoc"):
         load_corpus(str(tmp_path / "missing.txt"))
 
 
@@ -112,7 +116,7 @@ def test_other_file_suffix_rejected(tmp_path: Path) -> None:
 # --- Tokenizer ---------------------------------------------------------------------------
 
 
-def test_tokenizer_round_trips_any_text(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_tokenizer_round_trips_any_text(tokenizer: Tokenizer) -> None:
     assert tokenizer.token_to_id(EOT) == 0
     assert tokenizer.get_vocab_size() <= 400
     # Byte-level: text never seen in training (other scripts, emoji) still round-trips.
@@ -121,11 +125,30 @@ def test_tokenizer_round_trips_any_text(tokenizer) -> None:  # type: ignore[no-u
         assert tokenizer.decode(ids) == text
 
 
-def test_tokenizer_learns_merges_and_is_deterministic(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_tokenizer_learns_merges_and_is_deterministic(tokenizer: Tokenizer) -> None:
     assert tokenizer.get_vocab_size() > 257  # merges beyond the 256 bytes + EOT
     assert train_tokenizer(DOCS, vocab_size=400).to_str() == tokenizer.to_str()
     # Merges compress: fewer tokens than bytes.
     assert len(tokenizer.encode(DOCS[0]).ids) < len(DOCS[0].encode()) / 2
+
+
+def test_tokenizer_training_is_reproducible_in_a_new_process(tokenizer: Tokenizer) -> None:
+    # Fresh process = fresh hash seeds and thread pool: the coordinator and the workers must
+    # still agree on the tokenizer.
+    code = (
+        "import json, sys; from lmps.data import train_tokenizer; "
+        "print(train_tokenizer(json.loads(sys.stdin.read()), 400).to_str())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(DOCS),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "RAYON_NUM_THREADS": "1"},
+    )
+    assert result.stdout.strip() == tokenizer.to_str()
 
 
 def test_tokenizer_vocab_size_too_small_rejected() -> None:
@@ -133,7 +156,7 @@ def test_tokenizer_vocab_size_too_small_rejected() -> None:
         train_tokenizer(DOCS, vocab_size=100)
 
 
-def test_save_and_load_tokenizer(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_save_and_load_tokenizer(tmp_path: Path, tokenizer: Tokenizer) -> None:
     path = tmp_path / "tokenizer.json"
     save_tokenizer(tokenizer, path)
     loaded = load_tokenizer(path)
@@ -141,7 +164,7 @@ def test_save_and_load_tokenizer(tmp_path: Path, tokenizer) -> None:  # type: ig
     assert loaded.get_vocab_size() == tokenizer.get_vocab_size()
 
 
-def test_encode_corpus_joins_documents_with_eot(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_encode_corpus_joins_documents_with_eot(tokenizer: Tokenizer) -> None:
     tokens = encode_corpus(tokenizer, DOCS)
     assert tokens.dtype == torch.int32 and tokens.ndim == 1
     expected: list[int] = []

@@ -60,9 +60,7 @@ def test_config_is_frozen_and_has_defaults() -> None:
 
 
 def test_presets_expected_shapes() -> None:
-    shapes = {
-        name: (c.n_layer, c.n_head, c.n_embd, c.block_size) for name, c in PRESETS.items()
-    }
+    shapes = {name: (c.n_layer, c.n_head, c.n_embd, c.block_size) for name, c in PRESETS.items()}
     assert shapes == {
         "tiny": (2, 4, 128, 128),
         "mini": (4, 4, 256, 256),
@@ -81,7 +79,7 @@ def test_preset_fills_in_vocab_size_without_touching_the_table() -> None:
 
 
 def test_preset_unknown_name_lists_choices() -> None:
-    with pytest.raises(ValueError, match="unknown model preset 'huge'.*gpt2, mini, small, tiny"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'.*gpt2, mini, small, tiny"):
         preset("huge", 100)
 
 
