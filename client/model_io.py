@@ -27,7 +27,7 @@ from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
 class TrainedModel:
     model: GPT
     config: GPTConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when the job was submitted without one
     version: int = 0
 
 
@@ -50,13 +50,16 @@ def fetch_model(coordinator: str, job_id: str = "") -> TrainedModel:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(full[name])
-    return TrainedModel(model, config, Tokenizer.from_str(header.tokenizer_json), int(header.version))
+    tokenizer = Tokenizer.from_str(header.tokenizer_json) if header.tokenizer_json else None
+    return TrainedModel(model, config, tokenizer, int(header.version))
 
 
 def save(trained: TrainedModel, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_model(trained.model, str(out / "model.safetensors"))  # handles the tied wte/lm_head
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(trained.config), indent=2) + "\n")
+    if trained.tokenizer is None:
+        raise ValueError("this job has no tokenizer; submit it with JobSpec.tokenizer_json to save it")
     trained.tokenizer.save(str(out / "tokenizer.json"))
 
 
@@ -82,6 +85,8 @@ def sample(
 ) -> str:
     from lmps.model import generate
 
+    if trained.tokenizer is None:
+        raise ValueError("this model has no tokenizer to encode the prompt with")
     ids = trained.tokenizer.encode(prompt).ids or [0]
     idx = torch.tensor([ids], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
