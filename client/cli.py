@@ -1,12 +1,12 @@
 """`lmps`: run, drive and inspect an lmps cluster.
 
-    lmps demo                        # local cluster, train the tiny model, sample, stop
-    lmps cluster up --servers 2 --workers 2
-    lmps train --preset tiny --epochs 3 --out runs/tiny
-    lmps generate --model runs/tiny --prompt "The for statement"
-    lmps shards                      # which server holds which slice, with stats
-    lmps status
-    lmps cluster down
+lmps demo                        # local cluster, train the tiny model, sample, stop
+lmps cluster up --servers 2 --workers 2
+lmps train --preset tiny --epochs 3 --out runs/tiny
+lmps generate --model runs/tiny --prompt "The for statement"
+lmps shards                      # which server holds which slice, with stats
+lmps status
+lmps cluster down
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
+from client.train import TrainOptions
 from lmps.flags import env
 
 CLUSTER_FILE = Path(".lmps/cluster.json")
@@ -40,43 +41,103 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
     d = TrainOptions()
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, help="builtin:pydoc (default), a .txt, a folder of .txt, or a .jsonl with a 'text' field")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary to train (default %(default)s)")
-    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out tail of the corpus (default %(default)s)")
-    g.add_argument("--cache-dir", default=d.cache_dir, help="where prepared corpora are cached (default %(default)s)")
+    g.add_argument(
+        "--data",
+        default=d.data,
+        help="builtin:pydoc (default), a .txt, a folder of .txt, or a .jsonl with a 'text' field",
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        default=d.vocab_size,
+        help="BPE vocabulary to train (default %(default)s)",
+    )
+    g.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=d.eval_fraction,
+        help="held-out tail of the corpus (default %(default)s)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=d.cache_dir,
+        help="where prepared corpora are cached (default %(default)s)",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=d.preset, help="tiny | mini | small | gpt2 (default %(default)s)")
-    g.add_argument("--block-size", type=int, default=d.block_size, help="context length; 0 = the preset's")
+    g.add_argument(
+        "--preset", default=d.preset, help="tiny | mini | small | gpt2 (default %(default)s)"
+    )
+    g.add_argument(
+        "--block-size", type=int, default=d.block_size, help="context length; 0 = the preset's"
+    )
     g.add_argument("--dropout", type=float, default=d.dropout)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per worker per step (default %(default)s)")
-    g.add_argument("--batches-per-lease", type=int, default=d.batches_per_lease, help="batches in one data lease")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="sequences per worker per step (default %(default)s)",
+    )
+    g.add_argument(
+        "--batches-per-lease",
+        type=int,
+        default=d.batches_per_lease,
+        help="batches in one data lease",
+    )
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default=d.optimizer)
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    g.add_argument(
+        "--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)"
+    )
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled decay on weights (not biases/norms)")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="decoupled decay on weights (not biases/norms)",
+    )
     g.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--min-lr", type=float, default=d.min_lr)
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("cluster")
-    g.add_argument("--servers", type=int, default=d.servers, help="parameter servers to use; 0 = all registered")
-    g.add_argument("--workers", type=int, default=d.workers, help="workers to use; 0 = all registered")
-    g.add_argument("--wire-dtype", choices=("float32", "bfloat16", "float16"), default=d.wire_dtype, help="dtype of parameters/gradients on the wire")
-    g.add_argument("--shard-bytes", type=int, default=d.shard_bytes, help="largest parameter shard in bytes; 0 = default")
+    g.add_argument(
+        "--servers",
+        type=int,
+        default=d.servers,
+        help="parameter servers to use; 0 = all registered",
+    )
+    g.add_argument(
+        "--workers", type=int, default=d.workers, help="workers to use; 0 = all registered"
+    )
+    g.add_argument(
+        "--wire-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=d.wire_dtype,
+        help="dtype of parameters/gradients on the wire",
+    )
+    g.add_argument(
+        "--shard-bytes",
+        type=int,
+        default=d.shard_bytes,
+        help="largest parameter shard in bytes; 0 = default",
+    )
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=d.out, help="folder for model.safetensors, config.json, tokenizer.json, report.json")
-    g.add_argument("--sample-prompt", default=d.sample_prompt, help="print a sample from the trained model")
+    g.add_argument(
+        "--out",
+        default=d.out,
+        help="folder for model.safetensors, config.json, tokenizer.json, report.json",
+    )
+    g.add_argument(
+        "--sample-prompt", default=d.sample_prompt, help="print a sample from the trained model"
+    )
 
 
-def _train_options(args: argparse.Namespace, **overrides: object) -> object:
-    from client.train import TrainOptions
-
+def _train_options(args: argparse.Namespace, **overrides: object) -> TrainOptions:
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(overrides)
-    return TrainOptions(**values)  # type: ignore[arg-type]
+    return TrainOptions(**values)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -95,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from client.train import train
 
-    train(_train_options(args), console)  # type: ignore[arg-type]
+    train(_train_options(args), console)
     return 0
 
 
@@ -108,8 +169,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         trained = model_io.fetch_model(args.coordinator, args.job)
     for i in range(args.samples):
         text = model_io.sample(
-            trained, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-            top_k=args.top_k or None, seed=args.seed + i,
+            trained,
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            seed=args.seed + i,
         )
         if args.samples > 1:
             console.rule(f"sample {i + 1}")
@@ -127,10 +192,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "status":
         return cmd_status(args)
     if CLUSTER_FILE.exists():
-        console.print(f"[red]a cluster is already recorded in {CLUSTER_FILE}[/]; run `lmps cluster down` first")
+        console.print(
+            f"[red]a cluster is already recorded in {CLUSTER_FILE}[/]; "
+            "run `lmps cluster down` first"
+        )
         return 1
     spec = ClusterSpec(
-        servers=args.servers, workers=args.workers, coordinator_port=args.port,
+        servers=args.servers,
+        workers=args.workers,
+        coordinator_port=args.port,
         run_dir=str(CLUSTER_FILE.parent / "logs"),
     )
     cluster = LocalCluster(spec)
@@ -193,10 +263,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for p in cluster.procs:
             console.print(f"  {p.name:<12} {p.address:<18} pid {p.pid}  log {p.log}")
         opts = _train_options(
-            args, coordinator=cluster.coordinator, out=out,
+            args,
+            coordinator=cluster.coordinator,
+            out=out,
             sample_prompt=args.sample_prompt or "The for statement",
         )
-        report = train(opts, console)  # type: ignore[arg-type]
+        report = train(opts, console)
         console.print(f"demo finished in {report['wall_s']:.0f}s; model in {out}")
     finally:
         codes = cluster.stop()
@@ -231,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="folder written by `lmps train --out`")
     _coordinator_flag(p)
-    p.add_argument("--job", default="", help="job id when sampling from a cluster (default: latest)")
+    p.add_argument(
+        "--job", default="", help="job id when sampling from a cluster (default: latest)"
+    )
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -271,14 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=".cache/lmps")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("serve", help="run one service: coordinator, ps (parameter server) or worker")
+    p = sub.add_parser(
+        "serve", help="run one service: coordinator, ps (parameter server) or worker"
+    )
     roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
     from services.coordinator.main import build_parser as coordinator_parser
     from services.parameter_server.main import build_parser as ps_parser
     from services.worker.main import build_parser as worker_parser
 
     builders: dict[str, Callable[[argparse.ArgumentParser], argparse.ArgumentParser]] = {
-        "coordinator": coordinator_parser, "ps": ps_parser, "worker": worker_parser,
+        "coordinator": coordinator_parser,
+        "ps": ps_parser,
+        "worker": worker_parser,
     }
     for role, build in builders.items():
         build(roles.add_parser(role, help=f"run a {role}"))
@@ -296,7 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         details = err.details() if hasattr(err, "details") else str(err)
         console.print(f"[red]error[/] {code_name}: {details}")
         if code_name == "UNAVAILABLE":
-            console.print(f"is a coordinator running at {getattr(args, 'coordinator', '?')}? try `lmps cluster up`")
+            console.print(
+                f"is a coordinator running at {getattr(args, 'coordinator', '?')}? "
+                "try `lmps cluster up`"
+            )
         return 2
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error[/] {err}")

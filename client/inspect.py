@@ -12,18 +12,30 @@ from lmps.channel import DEFAULT_TIMEOUT_S, open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, parameter_pb2, parameter_pb2_grpc
 
 _ROLE = {coordinator_pb2.PARAMETER_SERVER: "ps", coordinator_pb2.WORKER: "worker"}
-_STATE = {coordinator_pb2.READY: "ready", coordinator_pb2.RUNNING: "running", coordinator_pb2.FAILED: "failed"}
+_STATE = {
+    coordinator_pb2.READY: "ready",
+    coordinator_pb2.RUNNING: "running",
+    coordinator_pb2.FAILED: "failed",
+}
 
 
 def show_status(coordinator: str, console: Console) -> None:
     with open_channel(coordinator) as ch:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
-        status = stub.GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=DEFAULT_TIMEOUT_S)
+        status = stub.GetClusterStatus(
+            coordinator_pb2.ClusterStatusRequest(), timeout=DEFAULT_TIMEOUT_S
+        )
     table = Table(title=f"members of {coordinator}")
     for col in ("id", "role", "address", "last seen", "alive"):
         table.add_column(col)
     for m in status.members:
-        table.add_row(m.id, _ROLE.get(m.role, "?"), m.address, f"{m.last_seen_s:.1f}s ago", "yes" if m.alive else "[red]no[/]")
+        table.add_row(
+            m.id,
+            _ROLE.get(m.role, "?"),
+            m.address,
+            f"{m.last_seen_s:.1f}s ago",
+            "yes" if m.alive else "[red]no[/]",
+        )
     console.print(table)
     if not status.jobs:
         console.print("no jobs yet: submit one with `lmps train`")
@@ -33,15 +45,25 @@ def show_status(coordinator: str, console: Console) -> None:
         jobs.add_column(col)
     for j in status.jobs:
         loss = "-" if math.isnan(j.last_eval_loss) else f"{j.last_eval_loss:.4f}"
-        jobs.add_row(j.job_id, _STATE.get(j.state, "?"), str(j.epochs_done), str(j.step),
-                     f"{j.parameters:,}", str(j.shards), loss, j.error)
+        jobs.add_row(
+            j.job_id,
+            _STATE.get(j.state, "?"),
+            str(j.epochs_done),
+            str(j.step),
+            f"{j.parameters:,}",
+            str(j.shards),
+            loss,
+            j.error,
+        )
     console.print(jobs)
 
 
 def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = True) -> None:
     with open_channel(coordinator) as ch:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
-        shard_map = stub.GetShardMap(coordinator_pb2.GetShardMapRequest(job_id=job_id), timeout=DEFAULT_TIMEOUT_S)
+        shard_map = stub.GetShardMap(
+            coordinator_pb2.GetShardMapRequest(job_id=job_id), timeout=DEFAULT_TIMEOUT_S
+        )
     infos: dict[str, parameter_pb2.ShardInfo] = {}
     versions: dict[str, str] = {}
     for server in shard_map.servers:
@@ -59,7 +81,9 @@ def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = T
     for col in ("server", "address", "shards", "MiB", "version"):
         summary.add_column(col)
     for s in shard_map.servers:
-        summary.add_row(s.server_id, s.address, str(s.shards), f"{s.bytes / 2**20:.2f}", versions[s.server_id])
+        summary.add_row(
+            s.server_id, s.address, str(s.shards), f"{s.bytes / 2**20:.2f}", versions[s.server_id]
+        )
     console.print(summary)
     table = Table(title="shards")
     for col in ("shard", "server", "param shape", "slice", "KiB", "norm", "mean", "max|x|"):
@@ -68,8 +92,13 @@ def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = T
         info = infos.get(spec.shard_id)
         st = info.stats if info is not None and info.HasField("stats") else None
         table.add_row(
-            spec.shard_id, spec.server_id, "x".join(map(str, spec.param_shape)) or "scalar",
-            f"[{spec.start}:{spec.start + spec.numel}]", f"{spec.numel * 4 / 1024:.1f}",
-            f"{st.norm:.4g}" if st else "-", f"{st.mean:.3g}" if st else "-", f"{st.max_abs:.3g}" if st else "-",
+            spec.shard_id,
+            spec.server_id,
+            "x".join(map(str, spec.param_shape)) or "scalar",
+            f"[{spec.start}:{spec.start + spec.numel}]",
+            f"{spec.numel * 4 / 1024:.1f}",
+            f"{st.norm:.4g}" if st else "-",
+            f"{st.mean:.3g}" if st else "-",
+            f"{st.max_abs:.3g}" if st else "-",
         )
     console.print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -77,11 +78,28 @@ class LocalCluster:
         return self.procs[0].address
 
     def _cmd(self, role: str, port: int, metrics: int, name: str) -> list[str]:
-        cmd = [sys.executable, "-m", f"services.{role}.main", "--host", self.spec.host,
-               "--port", str(port), "--metrics-port", str(metrics), "--grace", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            f"services.{role}.main",
+            "--host",
+            self.spec.host,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics),
+            "--grace",
+            "2",
+        ]
         if role != "coordinator":
-            cmd += ["--coordinator", self.coordinator, "--id", name,
-                    "--advertise", f"{self.spec.host}:{port}"]
+            cmd += [
+                "--coordinator",
+                self.coordinator,
+                "--id",
+                name,
+                "--advertise",
+                f"{self.spec.host}:{port}",
+            ]
         return cmd
 
     def _spawn(self, role: str, name: str, threads: int, port: int = 0) -> Proc:
@@ -90,12 +108,19 @@ class LocalCluster:
         log = self.run_dir / f"{name}.log"
         proc = Proc(name, f"{self.spec.host}:{port}", metrics, str(log))
         self.procs.append(proc)  # before _cmd: workers need the coordinator's address
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-               **self.spec.extra_env}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1",
+            **self.spec.extra_env,
+        }
         with open(log, "ab") as out:
             p = subprocess.Popen(
-                self._cmd(role, port, metrics, name), stdout=out, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
+                self._cmd(role, port, metrics, name),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         proc.pid = p.pid
         self._popen[name] = p
@@ -180,7 +205,10 @@ class LocalCluster:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -188,7 +216,9 @@ class LocalCluster:
 def stop_saved(path: Path, timeout_s: float = 15.0) -> list[str]:
     """Stop a detached cluster recorded by `save` (for `lmps cluster down`)."""
     if not path.exists():
-        raise FileNotFoundError(f"no running cluster recorded at {path}; start one with `lmps cluster up`")
+        raise FileNotFoundError(
+            f"no running cluster recorded at {path}; start one with `lmps cluster up`"
+        )
     procs = [Proc(**p) for p in json.loads(path.read_text())["procs"]]
     stopped = []
     for p in reversed(procs):
@@ -206,9 +236,7 @@ def stop_saved(path: Path, timeout_s: float = 15.0) -> list[str]:
                 break
             time.sleep(0.1)
         else:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     path.unlink()
     return stopped

@@ -45,7 +45,9 @@ def fetch_model(coordinator: str, job_id: str = "") -> TrainedModel:
     shards = [wire.shard_from_proto(s) for s in header.shards]
     model = GPT(config)
     params = dict(model.named_parameters())
-    validate_cover(shards, [ParamInfo(n, tuple(p.shape), decay_mask(n, p)) for n, p in params.items()])
+    validate_cover(
+        shards, [ParamInfo(n, tuple(p.shape), decay_mask(n, p)) for n, p in params.items()]
+    )
     full = assemble(shards, values)
     with torch.no_grad():
         for name, p in params.items():
@@ -57,9 +59,13 @@ def fetch_model(coordinator: str, job_id: str = "") -> TrainedModel:
 def save(trained: TrainedModel, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_model(trained.model, str(out / "model.safetensors"))  # handles the tied wte/lm_head
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(trained.config), indent=2) + "\n")
+    (out / "config.json").write_text(
+        json.dumps(dataclasses.asdict(trained.config), indent=2) + "\n"
+    )
     if trained.tokenizer is None:
-        raise ValueError("this job has no tokenizer; submit it with JobSpec.tokenizer_json to save it")
+        raise ValueError(
+            "this job has no tokenizer; submit it with JobSpec.tokenizer_json to save it"
+        )
     trained.tokenizer.save(str(out / "tokenizer.json"))
 
 
@@ -91,6 +97,8 @@ def sample(
     idx = torch.tensor([ids], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     trained.model.eval()
-    out = generate(trained.model, idx, max_tokens, temperature=temperature, top_k=top_k, generator=g)
+    out = generate(
+        trained.model, idx, max_tokens, temperature=temperature, top_k=top_k, generator=g
+    )
     text: str = trained.tokenizer.decode(out[0].tolist())
     return text

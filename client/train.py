@@ -14,12 +14,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from client import model_io
 from lmps import codec, wire
 from lmps.channel import open_channel
 from lmps.data import prepare_corpus
 from lmps.model import preset
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
-from client import model_io
 
 PART_TOKENS = 1 << 20  # tokens per DatasetPart message (4 MiB of int32)
 
@@ -119,17 +119,23 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
     started = time.perf_counter()
     with console.status(f"preparing corpus {opts.data} (vocab {opts.vocab_size})"):
         corpus = prepare_corpus(
-            opts.data, opts.vocab_size, opts.eval_fraction, Path(opts.cache_dir) if opts.cache_dir else None
+            opts.data,
+            opts.vocab_size,
+            opts.eval_fraction,
+            Path(opts.cache_dir) if opts.cache_dir else None,
         )
     console.print(
-        f"corpus [bold]{opts.data}[/]: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval "
+        f"corpus [bold]{opts.data}[/]: {corpus.train.numel():,} train / "
+        f"{corpus.eval.numel():,} eval "
         f"tokens, vocab {corpus.vocab_size}"
     )
     spec = build_spec(opts, corpus.vocab_size, corpus.tokenizer_json)
     report: dict[str, object] = {"options": asdict(opts), "epochs": []}
     with open_channel(opts.coordinator) as ch:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
-        with console.status(f"submitting job to {opts.coordinator} (waiting for servers and workers)"):
+        with console.status(
+            f"submitting job to {opts.coordinator} (waiting for servers and workers)"
+        ):
             resp = stub.SubmitJob(
                 submit_messages(spec, corpus.train, corpus.eval), timeout=600, wait_for_ready=True
             )
@@ -142,7 +148,7 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
         first = stub.Evaluate(coordinator_pb2.EvaluateJobRequest(job_id=resp.job_id), timeout=600)
         console.print(f"initial eval loss {first.loss:.4f} (perplexity {first.perplexity:.1f})")
         report.update(job_id=resp.job_id, parameters=st.parameters, initial_eval_loss=first.loss)
-        epochs: list[dict[str, object]] = []
+        epochs: list[dict[str, float]] = []
         for epoch in range(opts.epochs):
             summary = _run_epoch(stub, resp.job_id, epoch, opts.epochs, console)
             row = {
@@ -182,9 +188,15 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
 
 
 def _run_epoch(
-    stub: coordinator_pb2_grpc.CoordinatorServiceStub, job_id: str, epoch: int, epochs: int, console: Console
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    job_id: str,
+    epoch: int,
+    epochs: int,
+    console: Console,
 ) -> job_pb2.EpochSummary:
-    stream = stub.RunEpoch(coordinator_pb2.RunEpochRequest(job_id=job_id, epoch=epoch), wait_for_ready=True)
+    stream = stub.RunEpoch(
+        coordinator_pb2.RunEpochRequest(job_id=job_id, epoch=epoch), wait_for_ready=True
+    )
     summary: job_pb2.EpochSummary | None = None
     columns = (
         TextColumn(f"epoch {epoch + 1}/{epochs}"),

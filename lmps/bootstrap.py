@@ -58,7 +58,9 @@ class ServeOptions:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port < 65536:
-            raise ValueError(f"metrics port must be -1 (off) or in [0, 65535], got {self.metrics_port}")
+            raise ValueError(
+                f"metrics port must be -1 (off) or in [0, 65535], got {self.metrics_port}"
+            )
         if self.grace_s < 0:
             raise ValueError("grace must be >= 0 seconds")
         if self.max_workers < 4:
@@ -116,7 +118,7 @@ class RunningServer:
 
 
 def _code_of(context: grpc.ServicerContext) -> str:
-    code = context.code()  # type: ignore[attr-defined]
+    code = context.code()  # type: ignore[attr-defined]  # real API; the stubs predate it
     return "OK" if code is None else code.name
 
 
@@ -125,11 +127,11 @@ def _abort(context: grpc.ServicerContext, err: Exception) -> None:
         context.abort(getattr(grpc.StatusCode, err.code), str(err))
     # A call this handler made to another member failed: pass its status on, not UNKNOWN.
     assert isinstance(err, grpc.RpcError)
-    code, details = err.code(), err.details()  # type: ignore[attr-defined]
+    code, details = err.code(), err.details()
     context.abort(code, f"downstream call failed: {details}")
 
 
-class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class _Interceptor(grpc.ServerInterceptor):
     """Maps LmpsError to status codes and records RPC metrics for every handler kind."""
 
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
@@ -166,11 +168,15 @@ class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+                unary(handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+                unary(handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
@@ -179,7 +185,9 @@ class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            streaming(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            streaming(handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
         )
 
 
@@ -196,7 +204,11 @@ def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningS
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [svc.name for svc in services]
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     port = server.add_insecure_port(f"{options.host}:{options.port}")
@@ -209,7 +221,9 @@ def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningS
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("listening on %s:%d (metrics %s): %s", options.host, port, metrics_port, ", ".join(names))
+    log.info(
+        "listening on %s:%d (metrics %s): %s", options.host, port, metrics_port, ", ".join(names)
+    )
     return RunningServer(server, port, metrics_port, health_servicer, options)
 
 

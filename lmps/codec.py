@@ -27,7 +27,7 @@ _TABLE: tuple[tuple[int, torch.dtype], ...] = (
     (tensor_pb2.BOOL, torch.bool),
 )
 _TO_TORCH: dict[int, torch.dtype] = dict(_TABLE)
-_TO_PROTO: dict[torch.dtype, int] = {t: p for p, t in _TABLE}
+_TO_PROTO: dict[torch.dtype, tensor_pb2.DType] = {t: tensor_pb2.DType(p) for p, t in _TABLE}
 _NAMES: dict[str, torch.dtype] = {str(t).removeprefix("torch."): t for _, t in _TABLE}
 
 # The wire is little-endian; every platform we ship on is too. Fail loudly rather than
@@ -48,7 +48,7 @@ def to_torch_dtype(dtype: int) -> torch.dtype:
         raise CodecError(f"unsupported wire dtype {dtype}") from None
 
 
-def to_proto_dtype(dtype: torch.dtype) -> int:
+def to_proto_dtype(dtype: torch.dtype) -> tensor_pb2.DType:
     """torch dtype -> proto `DType` value."""
     try:
         return _TO_PROTO[dtype]

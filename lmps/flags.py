@@ -18,7 +18,9 @@ def add_serve_flags(
 ) -> None:
     """--host/--port/--metrics-port/--grace (+ --coordinator/--id/--advertise for members)."""
     g = parser.add_argument_group("listening")
-    g.add_argument("--host", default=env("LMPS_HOST", "0.0.0.0"), help="interface to bind (LMPS_HOST)")
+    g.add_argument(
+        "--host", default=env("LMPS_HOST", "0.0.0.0"), help="interface to bind (LMPS_HOST)"
+    )
     g.add_argument(
         "--port", type=int, default=int(env("LMPS_PORT", str(port))), help="gRPC port (LMPS_PORT)"
     )
@@ -48,7 +50,8 @@ def add_serve_flags(
         m.add_argument(
             "--advertise",
             default=env("LMPS_ADVERTISE", ""),
-            help="host:port others dial to reach this service; default: this host's IP (LMPS_ADVERTISE)",
+            help="host:port others dial to reach this service; "
+            "default: this host's IP (LMPS_ADVERTISE)",
         )
 
 

@@ -16,7 +16,9 @@ log = logging.getLogger("lmps.membership")
 class Membership:
     """Registers `address` under `role`; a daemon thread heartbeats and re-registers as needed."""
 
-    def __init__(self, coordinator: str, role: int, address: str, requested_id: str = "") -> None:
+    def __init__(
+        self, coordinator: str, role: coordinator_pb2.Role, address: str, requested_id: str = ""
+    ) -> None:
         self.coordinator = coordinator
         self.role = role
         self.address = address

@@ -9,9 +9,10 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import torch
@@ -37,6 +38,8 @@ from services.coordinator.leases import EpochLeases
 from services.coordinator.members import PS, WORKER, Registry
 
 log = logging.getLogger("lmps.coordinator")
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 DEFAULT_BATCHES_PER_LEASE = 8
 LONG_TIMEOUT_S = 24 * 3600.0  # an epoch stream may legitimately run for hours
@@ -78,8 +81,9 @@ class Driver:
             raise NotFound(f"unknown job {job_id!r}" if job_id else "no job has been submitted")
         return job
 
-    def _fanout(self, fn: object, items: Sequence[object]) -> list[object]:
-        futures = [self._pool.submit(fn, item) for item in items]  # type: ignore[arg-type]
+    def _fanout(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+        """Run fn over items in parallel; re-raise the first error."""
+        futures = [self._pool.submit(fn, item) for item in items]
         return [f.result() for f in futures]
 
     # -- submit ----------------------------------------------------------------------------
@@ -99,7 +103,9 @@ class Driver:
                 )
             time.sleep(0.2)
 
-    def submit(self, spec: job_pb2.JobSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor) -> Job:
+    def submit(
+        self, spec: job_pb2.JobSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
+    ) -> Job:
         try:
             config = wire.model_from_proto(spec.model)
             wire_dtype = codec.wire_dtype(spec.wire_dtype)
@@ -157,8 +163,13 @@ class Driver:
             self.latest = job_id
         log.info(
             "job %s: %d parameters in %d shards on %s; workers %s; %d train / %d eval sequences",
-            job_id, job.parameters, len(shards), sorted(servers), sorted(workers),
-            train.shape[0], evals.shape[0],
+            job_id,
+            job.parameters,
+            len(shards),
+            sorted(servers),
+            sorted(workers),
+            train.shape[0],
+            evals.shape[0],
         )
         return job
 
@@ -179,13 +190,13 @@ class Driver:
                 for s in mine:
                     yield parameter_pb2.LoadRequest(
                         shard=tensor_pb2.ShardTensor(
-                            shard_id=s.shard_id, version=version, tensor=codec.encode(values[s.shard_id])
+                            shard_id=s.shard_id,
+                            version=version,
+                            tensor=codec.encode(values[s.shard_id]),
                         )
                     )
 
-            self.ps(job.servers[server_id]).Load(
-                messages(), timeout=300.0, wait_for_ready=True
-            )
+            self.ps(job.servers[server_id]).Load(messages(), timeout=300.0, wait_for_ready=True)
 
         self._fanout(load, sorted(job.servers))
 
@@ -196,11 +207,16 @@ class Driver:
             job_id=job.job_id,
             spec=spec,
             shards=[wire.shard_to_proto(s) for s in job.shards],
-            servers=[worker_pb2.ServerAddress(server_id=k, address=v) for k, v in sorted(job.servers.items())],
+            servers=[
+                worker_pb2.ServerAddress(server_id=k, address=v)
+                for k, v in sorted(job.servers.items())
+            ],
         )
 
         def configure(worker_id: str) -> None:
-            self.worker(job.workers[worker_id]).Configure(request, timeout=300.0, wait_for_ready=True)
+            self.worker(job.workers[worker_id]).Configure(
+                request, timeout=300.0, wait_for_ready=True
+            )
 
         self._fanout(configure, sorted(job.workers))
 
@@ -254,7 +270,9 @@ class Driver:
 
     # -- epochs ----------------------------------------------------------------------------
 
-    def run_epoch(self, job_id: str, epoch_no: int, context: grpc.ServicerContext) -> Iterator[job_pb2.ProgressEvent]:
+    def run_epoch(
+        self, job_id: str, epoch_no: int, context: grpc.ServicerContext
+    ) -> Iterator[job_pb2.ProgressEvent]:
         job = self.job(job_id)
         with job.lock:
             if job.state == "RUNNING":
@@ -263,8 +281,11 @@ class Driver:
                 raise FailedPrecondition(f"job {job.job_id} failed: {job.error}")
             job.state = "RUNNING"
             plan = plan_data_shards(
-                job.train.shape[0], job.spec.batch_size, job.spec.batches_per_lease,
-                int(job.spec.seed), epoch_no,
+                job.train.shape[0],
+                job.spec.batch_size,
+                job.spec.batches_per_lease,
+                int(job.spec.seed),
+                epoch_no,
             )
             job.epoch_plan = plan
             job.epoch = EpochLeases(epoch_no, len(plan))
@@ -286,25 +307,34 @@ class Driver:
             job_id=job.job_id,
             epoch=epoch_no,
             start=job_pb2.EpochStart(
-                epoch=epoch_no, start_step=start_step, data_shards=len(plan),
-                total_batches=batches, workers=sorted(job.workers),
+                epoch=epoch_no,
+                start_step=start_step,
+                data_shards=len(plan),
+                total_batches=batches,
+                workers=sorted(job.workers),
             ),
         )
         events: queue.Queue[job_pb2.ProgressEvent | _Done] = queue.Queue()
         calls = {}
-        request = worker_pb2.TrainEpochRequest(job_id=job.job_id, epoch=epoch_no, start_step=start_step)
+        request = worker_pb2.TrainEpochRequest(
+            job_id=job.job_id, epoch=epoch_no, start_step=start_step
+        )
         for wid, address in sorted(job.workers.items()):
-            calls[wid] = self.worker(address).TrainEpoch(request, timeout=LONG_TIMEOUT_S, wait_for_ready=True)
+            calls[wid] = self.worker(address).TrainEpoch(
+                request, timeout=LONG_TIMEOUT_S, wait_for_ready=True
+            )
 
         def relay(wid: str, call: Iterator[job_pb2.ProgressEvent]) -> None:
             try:
                 for ev in call:
                     events.put(ev)
                 events.put(_Done(wid, None))
-            except BaseException as err:  # noqa: BLE001 - reported to the epoch loop
+            except BaseException as err:
                 events.put(_Done(wid, err))
 
-        threads = [threading.Thread(target=relay, args=(w, c), daemon=True) for w, c in calls.items()]
+        threads = [
+            threading.Thread(target=relay, args=(w, c), daemon=True) for w, c in calls.items()
+        ]
         for t in threads:
             t.start()
         running = set(calls)
@@ -330,13 +360,15 @@ class Driver:
                 yield ev
         finally:
             for c in calls.values():
-                c.cancel()  # type: ignore[attr-defined]
+                c.cancel()
         epoch = job.epoch
         assert epoch is not None
         if not epoch.finished:
             with job.lock:
                 job.state = "FAILED"
-                job.error = f"epoch {epoch_no} ended with unprocessed data shards (all workers lost?)"
+                job.error = (
+                    f"epoch {epoch_no} ended with unprocessed data shards (all workers lost?)"
+                )
             raise Unavailable(job.error)
         with job.lock:
             job.step = self._server_version(job)
@@ -380,10 +412,10 @@ class Driver:
             )
             return int(resp.version)
 
-        versions = set(self._fanout(version, list(job.servers.values())))  # type: ignore[arg-type]
+        versions = set(self._fanout(version, list(job.servers.values())))
         if len(versions) != 1:
-            raise Unavailable(f"parameter servers disagree on the version: {sorted(versions)}")  # type: ignore[type-var]
-        return int(versions.pop())  # type: ignore[call-overload]
+            raise Unavailable(f"parameter servers disagree on the version: {sorted(versions)}")
+        return int(versions.pop())
 
     # -- evaluation and export -------------------------------------------------------------
 
@@ -397,16 +429,18 @@ class Driver:
         def run(i: int) -> worker_pb2.EvaluateResponse:
             _, address = workers[i]
             resp: worker_pb2.EvaluateResponse = self.worker(address).Evaluate(
-                worker_pb2.EvaluateRequest(job_id=job.job_id, tokens=codec.encode(parts[i]), min_version=job.step),
+                worker_pb2.EvaluateRequest(
+                    job_id=job.job_id, tokens=codec.encode(parts[i]), min_version=job.step
+                ),
                 timeout=600.0,
                 wait_for_ready=True,
             )
             return resp
 
         results = self._fanout(run, list(range(len(parts))))
-        loss_sum = sum(r.loss_sum for r in results)  # type: ignore[attr-defined]
-        count = sum(r.tokens for r in results)  # type: ignore[attr-defined]
-        version = min(r.version for r in results)  # type: ignore[attr-defined]
+        loss_sum = sum(r.loss_sum for r in results)
+        count = sum(r.tokens for r in results)
+        version = min(r.version for r in results)
         return loss_sum / max(count, 1), count, version
 
     def export(self, job: Job) -> Iterator[coordinator_pb2.ExportModelResponse]:

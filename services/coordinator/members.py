@@ -72,7 +72,10 @@ class Registry:
         now = time.monotonic()
         with self._lock:
             recs = list(self._members.values())
-        return [(r, now - r.last_seen, now - r.last_seen < self.expiry_s) for r in sorted(recs, key=lambda r: r.id)]
+        return [
+            (r, now - r.last_seen, now - r.last_seen < self.expiry_s)
+            for r in sorted(recs, key=lambda r: r.id)
+        ]
 
     def get(self, member_id: str) -> MemberRecord:
         with self._lock:

@@ -18,7 +18,11 @@ from services.coordinator.members import PS, WORKER, Registry
 
 _ROLES = {coordinator_pb2.PARAMETER_SERVER: PS, coordinator_pb2.WORKER: WORKER}
 _ROLE_ENUM = {v: k for k, v in _ROLES.items()}
-_STATES = {"READY": coordinator_pb2.READY, "RUNNING": coordinator_pb2.RUNNING, "FAILED": coordinator_pb2.FAILED}
+_STATES = {
+    "READY": coordinator_pb2.READY,
+    "RUNNING": coordinator_pb2.RUNNING,
+    "FAILED": coordinator_pb2.FAILED,
+}
 
 
 def job_status(job: Job) -> coordinator_pb2.JobStatus:
@@ -54,7 +58,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if role is None:
             raise InvalidArgument("register: role must be PARAMETER_SERVER or WORKER")
         member_id = self.registry.register(role, request.address, request.id)
-        return coordinator_pb2.RegisterResponse(id=member_id, heartbeat_interval_s=self.registry.heartbeat_s)
+        return coordinator_pb2.RegisterResponse(
+            id=member_id, heartbeat_interval_s=self.registry.heartbeat_s
+        )
 
     def Heartbeat(
         self, request: coordinator_pb2.HeartbeatRequest, context: grpc.ServicerContext
@@ -63,7 +69,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.HeartbeatResponse()
 
     def SubmitJob(
-        self, request_iterator: Iterator[coordinator_pb2.SubmitJobRequest], context: grpc.ServicerContext
+        self,
+        request_iterator: Iterator[coordinator_pb2.SubmitJobRequest],
+        context: grpc.ServicerContext,
     ) -> coordinator_pb2.SubmitJobResponse:
         first = next(request_iterator, None)
         if first is None or not first.HasField("spec"):
@@ -73,7 +81,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if not msg.HasField("data"):
                 raise InvalidArgument("submit: only one JobSpec is allowed")
             if msg.data.split not in parts:
-                raise InvalidArgument(f"submit: split must be 'train' or 'eval', got {msg.data.split!r}")
+                raise InvalidArgument(
+                    f"submit: split must be 'train' or 'eval', got {msg.data.split!r}"
+                )
             try:
                 t = codec.decode(msg.data.tokens)
             except CodecError as err:
@@ -111,7 +121,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             mine = [s for s in job.shards if s.server_id == sid]
             entries.append(
                 coordinator_pb2.ServerEntry(
-                    server_id=sid, address=address, bytes=sum(s.numel * 4 for s in mine), shards=len(mine)
+                    server_id=sid,
+                    address=address,
+                    bytes=sum(s.numel * 4 for s in mine),
+                    shards=len(mine),
                 )
             )
         return coordinator_pb2.ShardMap(
@@ -123,7 +136,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.ClusterStatus:
         members = [
             coordinator_pb2.Member(
-                id=rec.id, role=_ROLE_ENUM[rec.role], address=rec.address, last_seen_s=age, alive=alive
+                id=rec.id,
+                role=_ROLE_ENUM[rec.role],
+                address=rec.address,
+                last_seen_s=age,
+                alive=alive,
             )
             for rec, age, alive in self.registry.all()
         ]
@@ -148,5 +165,3 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.ExportModelRequest, context: grpc.ServicerContext
     ) -> Iterator[coordinator_pb2.ExportModelResponse]:
         yield from self.driver.export(self.driver.job(request.job_id))
-
-

@@ -68,7 +68,9 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             request.job_id, request.min_version, list(request.shard_ids), context.time_remaining()
         )
         for sid, t in values:
-            msg = tensor_pb2.ShardTensor(shard_id=sid, version=version, tensor=codec.encode(t, dtype))
+            msg = tensor_pb2.ShardTensor(
+                shard_id=sid, version=version, tensor=codec.encode(t, dtype)
+            )
             PULLED_BYTES.inc(len(msg.tensor.data))
             yield msg
 

@@ -32,7 +32,13 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     servicer = WorkerServicer(worker_id=args.id, coordinator=args.coordinator, device=args.device)
     running = start_server(
         serve_options(args),
-        [Service("lmps.v1.WorkerService", worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer)],
+        [
+            Service(
+                "lmps.v1.WorkerService",
+                worker_pb2_grpc.add_WorkerServiceServicer_to_server,
+                servicer,
+            )
+        ],
     )
     address = advertised_address(args.host, running.port, args.advertise)
     member = Membership(args.coordinator, coordinator_pb2.WORKER, address, args.id)

@@ -40,7 +40,9 @@ class ServerPool:
         self.stubs = {
             sid: parameter_pb2_grpc.ParameterServiceStub(ch) for sid, ch in self.channels.items()
         }
-        self.executor = ThreadPoolExecutor(max_workers=max(1, len(self.stubs)), thread_name_prefix="ps")
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(1, len(self.stubs)), thread_name_prefix="ps"
+        )
 
     def close(self) -> None:
         self.executor.shutdown(wait=False)

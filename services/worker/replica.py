@@ -14,7 +14,7 @@ from lmps.partition import ParamInfo, Shard, shard_view, validate_cover
 
 
 def pick_device(requested: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is taken literally."""
+    """ "auto" -> cuda when available, else cpu; anything else is taken literally."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
@@ -48,7 +48,7 @@ class Replica:
                 shard_view(self.params[s.param].data, s).copy_(value, non_blocking=True)
 
     def train_step(self, batch: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-        """One forward/backward on `batch` (B, T+1) int tokens -> (mean loss, shard grads on CPU)."""
+        """Forward/backward on `batch` (B, T+1) int tokens -> (mean loss, shard grads on CPU)."""
         self.model.train()
         tokens = batch.to(self.device, dtype=torch.long, non_blocking=True)
         x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets

@@ -26,7 +26,9 @@ STEPS = prometheus_client.Counter("lmps_worker_steps_total", "Training steps com
 TOKENS = prometheus_client.Counter("lmps_worker_tokens_total", "Training tokens processed")
 LOSS = prometheus_client.Gauge("lmps_worker_loss", "Loss of the last step")
 PHASE = prometheus_client.Histogram(
-    "lmps_worker_phase_seconds", "Time per step phase", ["phase"],
+    "lmps_worker_phase_seconds",
+    "Time per step phase",
+    ["phase"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
@@ -81,7 +83,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if self._job is not None:
                 self._job.pool.close()
             self._job = _Job(request.job_id, request.spec, replica, pool)
-        log.info("configured for job %s: %d parameters on %s", request.job_id, replica.numel, self.device)
+        log.info(
+            "configured for job %s: %d parameters on %s", request.job_id, replica.numel, self.device
+        )
         return worker_pb2.ConfigureResponse(device=str(self.device), parameters=replica.numel)
 
     def TrainEpoch(

@@ -27,7 +27,9 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    spec = ClusterSpec(servers=2, workers=2, worker_threads=1, run_dir=str(tmp_path_factory.mktemp("parity")))
+    spec = ClusterSpec(
+        servers=2, workers=2, worker_threads=1, run_dir=str(tmp_path_factory.mktemp("parity"))
+    )
     with LocalCluster(spec) as c:
         yield c
 
@@ -44,16 +46,27 @@ def reference(
     model = init_model(SMALL, SEED)
     params = list(model.named_parameters())
     groups = [
-        {"params": [p for n, p in params if decay_mask(n, p)], "weight_decay": settings.weight_decay},
+        {
+            "params": [p for n, p in params if decay_mask(n, p)],
+            "weight_decay": settings.weight_decay,
+        },
         {"params": [p for n, p in params if not decay_mask(n, p)], "weight_decay": 0.0},
     ]
     if settings.kind == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov, foreach=False
+            groups,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            nesterov=settings.nesterov,
+            foreach=False,
         )
     else:
         opt = torch.optim.AdamW(
-            groups, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps, foreach=False
+            groups,
+            lr=settings.lr,
+            betas=(settings.beta1, settings.beta2),
+            eps=settings.eps,
+            foreach=False,
         )
     sequences = to_sequences(train, SMALL.block_size)
     model.train()
@@ -79,8 +92,16 @@ OPTIMIZERS = {
         kind=job_pb2.SGD, lr=0.05, momentum=0.9, weight_decay=0.01, schedule=job_pb2.CONSTANT
     ),
     "adamw-cosine": job_pb2.OptimizerConfig(
-        kind=job_pb2.ADAMW, lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8,
-        schedule=job_pb2.COSINE, warmup_steps=2, total_steps=20, min_lr=1e-4,
+        kind=job_pb2.ADAMW,
+        lr=1e-3,
+        weight_decay=0.1,
+        beta1=0.9,
+        beta2=0.95,
+        eps=1e-8,
+        schedule=job_pb2.COSINE,
+        warmup_steps=2,
+        total_steps=20,
+        min_lr=1e-4,
     ),
 }
 
