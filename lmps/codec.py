@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -27,7 +28,7 @@ _TABLE: tuple[tuple[int, torch.dtype], ...] = (
     (tensor_pb2.BOOL, torch.bool),
 )
 _TO_TORCH: dict[int, torch.dtype] = dict(_TABLE)
-_TO_PROTO: dict[torch.dtype, tensor_pb2.DType] = {t: tensor_pb2.DType(p) for p, t in _TABLE}
+_TO_PROTO: dict[torch.dtype, tensor_pb2.DType] = {t: cast(tensor_pb2.DType, p) for p, t in _TABLE}
 _NAMES: dict[str, torch.dtype] = {str(t).removeprefix("torch."): t for _, t in _TABLE}
 
 # The wire is little-endian; every platform we ship on is too. Fail loudly rather than
