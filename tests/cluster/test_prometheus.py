@@ -46,6 +46,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[LocalCluster, int]]:
             f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
         )
         port = free_port()
+        log = (tmp_path / "prometheus.log").open("wb")
         proc = subprocess.Popen(
             [
                 PROMETHEUS,
@@ -54,13 +55,14 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[LocalCluster, int]]:
                 f"--web.listen-address=127.0.0.1:{port}",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "prometheus.log", "wb"),
+            stderr=log,
         )
         try:
             yield cluster, port
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+            log.close()
 
 
 def wait_for(
