@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="start a local cluster, train the tiny model, sample, stop")
     _train_flags(p)
-    p.set_defaults(func=cmd_demo, epochs=3)
+    p.set_defaults(func=cmd_demo, epochs=15, lr=6e-3)
 
     p = sub.add_parser("train", help="train a model on a running cluster")
     _coordinator_flag(p)
