@@ -103,6 +103,11 @@ class Driver:
                 )
             time.sleep(0.2)
 
+    def _check_idle(self) -> None:
+        busy = [j.job_id for j in self.jobs.values() if j.state == "RUNNING"]
+        if busy:
+            raise FailedPrecondition(f"job {busy[0]} is running an epoch; submit after it ends")
+
     def submit(
         self, spec: job_pb2.JobSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
     ) -> Job:
@@ -125,6 +130,7 @@ class Driver:
                 f"train split has {train.shape[0]} sequences of {config.block_size + 1} tokens, "
                 f"fewer than one batch of {spec.batch_size}"
             )
+        self._check_idle()
         spec = job_pb2.JobSpec.FromString(spec.SerializeToString())
         if not spec.optimizer.total_steps:
             batches = train.shape[0] // spec.batch_size
@@ -222,10 +228,12 @@ class Driver:
 
     # -- membership of the SYNC barrier ----------------------------------------------------
 
-    def _set_members(self, job: Job, members: set[str]) -> None:
+    def _set_members(self, job: Job, members: set[str], discard_pending: bool = False) -> None:
         """Tell every server which workers the barrier waits for. Caller holds job.lock."""
         job.active = set(members)
-        request = parameter_pb2.SetMembersRequest(job_id=job.job_id, members=sorted(members))
+        request = parameter_pb2.SetMembersRequest(
+            job_id=job.job_id, members=sorted(members), discard_pending=discard_pending
+        )
 
         def send(address: str) -> None:
             self.ps(address).SetMembers(request, timeout=DEFAULT_TIMEOUT_S, wait_for_ready=True)
@@ -289,7 +297,10 @@ class Driver:
             )
             job.epoch_plan = plan
             job.epoch = EpochLeases(epoch_no, len(plan))
-            self._set_members(job, set(job.workers))
+            # Start from where the servers are (an aborted epoch may have moved them on) and
+            # drop any half-collected step it left behind.
+            job.step = self._server_version(job)
+            self._set_members(job, set(job.workers), discard_pending=True)
         try:
             yield from self._run_epoch(job, epoch_no, plan, context)
         finally:

@@ -101,7 +101,9 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
     def SetMembers(
         self, request: parameter_pb2.SetMembersRequest, context: grpc.ServicerContext
     ) -> parameter_pb2.SetMembersResponse:
-        version, applied = self.store.set_members(request.job_id, request.members)
+        version, applied = self.store.set_members(
+            request.job_id, request.members, request.discard_pending
+        )
         if applied:
             APPLIES.inc()
             VERSION.set(version)

@@ -235,10 +235,15 @@ class ParameterStore:
             pending = 0 if applied else len(job.members - job.pushed.keys())
             return PushResult(job.version, applied, pending)
 
-    def set_members(self, job_id: str, members: Iterable[str]) -> tuple[int, bool]:
+    def set_members(
+        self, job_id: str, members: Iterable[str], discard_pending: bool = False
+    ) -> tuple[int, bool]:
         with self._cond:
             job = self._require(job_id)
             job.members = set(members)
+            if discard_pending:
+                job.acc = {}
+                job.pushed = {}
             applied = self._maybe_apply(job)
             return job.version, applied
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -40,9 +41,26 @@ class ServerPool:
         self.stubs = {
             sid: parameter_pb2_grpc.ParameterServiceStub(ch) for sid, ch in self.channels.items()
         }
+        self._calls: set[grpc.Future] = set()
+        self._calls_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(
             max_workers=max(1, len(self.stubs)), thread_name_prefix="ps"
         )
+
+    def _track(self, call: grpc.Future) -> None:
+        with self._calls_lock:
+            self._calls.add(call)
+
+    def _untrack(self, call: grpc.Future) -> None:
+        with self._calls_lock:
+            self._calls.discard(call)
+
+    def cancel(self) -> None:
+        """Cancel every pull/push in flight (the epoch that needed them was cancelled)."""
+        with self._calls_lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False)
@@ -61,9 +79,13 @@ class ServerPool:
         )
         values: dict[str, torch.Tensor] = {}
         versions = set()
-        for msg in stream:
-            values[msg.shard_id] = codec.decode(msg.tensor)
-            versions.add(msg.version)
+        self._track(stream)
+        try:
+            for msg in stream:
+                values[msg.shard_id] = codec.decode(msg.tensor)
+                versions.add(msg.version)
+        finally:
+            self._untrack(stream)
         if len(versions) != 1:
             raise RuntimeError(f"server {server_id} sent mixed versions {sorted(versions)}")
         return versions.pop(), values
@@ -99,12 +121,17 @@ class ServerPool:
     def _push_one(
         self, server_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
     ) -> parameter_pb2.PushResponse:
-        resp: parameter_pb2.PushResponse = self.stubs[server_id].Push(
+        call = self.stubs[server_id].Push.future(
             self._push_messages(server_id, step, weight, grads),
             timeout=self.timeout_s,
             wait_for_ready=True,
         )
-        return resp
+        self._track(call)
+        try:
+            resp: parameter_pb2.PushResponse = call.result()
+            return resp
+        finally:
+            self._untrack(call)
 
     def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
         """Push to every server in parallel; raises the first server error."""

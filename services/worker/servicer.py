@@ -96,6 +96,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if self._training:
                 raise FailedPrecondition("an epoch is already running on this worker")
             self._training = True
+        # A cancelled epoch must not leave pulls blocked on the barrier for minutes.
+        context.add_callback(job.pool.cancel)
         try:
             job.step = request.start_step
             yield from self._train(job, request.epoch, context)
