@@ -1,4 +1,4 @@
-"""Driving jobs: cancelled epochs recover, busy clusters refuse new jobs, unknown ids are NOT_FOUND."""
+"""Driving jobs: cancelled epochs recover, busy clusters refuse jobs, unknown ids: NOT_FOUND."""
 
 from __future__ import annotations
 
