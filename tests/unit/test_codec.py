@@ -1,0 +1,193 @@
+"""lmps.codec: tensors <-> `lmps.v1.Tensor` (raw little-endian bytes, dtype, shape)."""
+
+from __future__ import annotations
+
+import struct
+import warnings
+
+import pytest
+import torch
+
+from lmps import codec
+from lmps.codec import CodecError
+from lmps.v1 import tensor_pb2
+
+# Every row of the codec's table: proto enum value, torch dtype.
+DTYPES = [
+    (tensor_pb2.FLOAT32, torch.float32),
+    (tensor_pb2.FLOAT16, torch.float16),
+    (tensor_pb2.BFLOAT16, torch.bfloat16),
+    (tensor_pb2.FLOAT64, torch.float64),
+    (tensor_pb2.INT64, torch.int64),
+    (tensor_pb2.INT32, torch.int32),
+    (tensor_pb2.INT16, torch.int16),
+    (tensor_pb2.INT8, torch.int8),
+    (tensor_pb2.UINT8, torch.uint8),
+    (tensor_pb2.BOOL, torch.bool),
+]
+SHAPES = [(), (0,), (3, 0, 2), (7,), (2, 3, 5)]
+
+
+def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Values that exercise the dtype: signs, fractions, extremes where it has them."""
+    gen = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * 100).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max, shape, generator=gen, dtype=dtype)
+
+
+def test_table_covers_every_wire_dtype() -> None:
+    wire = {v for v in tensor_pb2.DType.values() if v != tensor_pb2.DTYPE_UNSPECIFIED}
+    assert {p for p, _ in DTYPES} == wire
+    for proto, dtype in DTYPES:
+        assert codec.to_torch_dtype(proto) == dtype
+        assert codec.to_proto_dtype(dtype) == proto
+        assert codec.dtype_from_name(str(dtype).removeprefix("torch.")) == dtype
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize(("proto", "dtype"), DTYPES, ids=[str(d) for _, d in DTYPES])
+def test_round_trip(proto: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    t = sample(dtype, shape)
+    msg = codec.encode(t)
+    assert msg.dtype == proto
+    assert list(msg.shape) == list(shape)
+    assert len(msg.data) == t.numel() * t.element_size()
+    back = codec.decode(tensor_pb2.Tensor.FromString(msg.SerializeToString()))
+    assert back.dtype == dtype
+    assert back.shape == t.shape
+    assert torch.equal(back, t)
+
+
+def test_float_bytes_are_little_endian_c_order() -> None:
+    t = torch.tensor([[1.5, -2.0], [3.25, 0.0]], dtype=torch.float32)
+    assert codec.encode(t).data == struct.pack("<4f", 1.5, -2.0, 3.25, 0.0)
+    assert codec.encode(t.T).data == struct.pack("<4f", 1.5, 3.25, -2.0, 0.0)
+
+
+def test_bfloat16_bit_patterns_survive() -> None:
+    # bf16 has no numpy dtype: the codec must move raw bits. NaN payloads and -0.0 included.
+    raw = [0x3F80, 0x8000, 0x7F80, 0xFF80, 0x7FC1, 0x0001]  # 1, -0, inf, -inf, NaN, tiny
+    bits = torch.tensor([b - (1 << 16) if b >= 1 << 15 else b for b in raw], dtype=torch.int16)
+    t = bits.view(torch.bfloat16)
+    back = codec.decode(codec.encode(t))
+    assert torch.equal(back.view(torch.int16), bits)
+
+
+def test_non_contiguous_input_is_encoded_in_logical_order() -> None:
+    base = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5)
+    views = [
+        base.transpose(0, 2),
+        base.permute(1, 2, 0),
+        base[:, ::2, 1:4],
+        base.expand(2, 2, 3, 5),
+    ]
+    for view in views:
+        assert not view.is_contiguous()
+        back = codec.decode(codec.encode(view))
+        assert back.shape == view.shape
+        assert torch.equal(back, view)
+        assert back.is_contiguous()
+
+
+def test_cast_on_encode() -> None:
+    t = torch.tensor([1.0, 1.00390625, -3.14159, 1e-3, 65504.0, 3e38])
+    msg = codec.encode(t, torch.bfloat16)
+    assert msg.dtype == tensor_pb2.BFLOAT16
+    assert len(msg.data) == 2 * t.numel()
+    back = codec.decode(msg)
+    assert back.dtype == torch.bfloat16
+    assert torch.equal(back, t.to(torch.bfloat16))
+    assert not torch.equal(back.float(), t)  # the cast really rounded
+    # Casting to the dtype it already has is the identity.
+    assert codec.encode(t, torch.float32) == codec.encode(t)
+    assert codec.decode(codec.encode(t, torch.float16)).dtype == torch.float16
+
+
+def test_encode_does_not_touch_grad_or_source() -> None:
+    p = torch.randn(4, requires_grad=True)
+    before = p.detach().clone()
+    msg = codec.encode(p * 2, torch.bfloat16)
+    assert torch.equal(p.detach(), before)
+    assert torch.equal(codec.decode(msg), (before * 2).to(torch.bfloat16))
+
+
+def test_decoded_tensor_is_writable_and_owns_its_memory() -> None:
+    t = torch.arange(6, dtype=torch.float32)
+    msg = codec.encode(t)
+    data = msg.data
+    with warnings.catch_warnings():
+        # torch warns when it wraps a read-only buffer (e.g. the message's bytes) in a tensor.
+        warnings.simplefilter("error")
+        back = codec.decode(msg)
+    back.add_(1)
+    assert torch.equal(back, t + 1)
+    assert msg.data == data == codec.encode(t).data  # the message bytes did not move
+    assert torch.equal(codec.decode(msg), t)  # a second decode sees the original bytes
+    # Two decodes of one message never share memory.
+    a, b = codec.decode(msg), codec.decode(msg)
+    a.zero_()
+    assert torch.equal(b, t)
+
+
+def test_scalar_and_empty_tensors_decode_to_their_shape() -> None:
+    scalar = codec.decode(tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, data=struct.pack("<f", 2.5)))
+    assert scalar.shape == ()
+    assert scalar.item() == 2.5
+    empty = codec.decode(tensor_pb2.Tensor(dtype=tensor_pb2.INT64, shape=[4, 0]))
+    assert empty.shape == (4, 0)
+    assert empty.dtype == torch.int64
+    empty.resize_(3)  # writable and resizable like any fresh tensor
+
+
+@pytest.mark.parametrize(
+    ("msg", "needle"),
+    [
+        (tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[3], data=b"\0" * 11), "needs 12 bytes"),
+        (tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[3], data=b"\0" * 13), "got 13"),
+        (tensor_pb2.Tensor(dtype=tensor_pb2.BFLOAT16, shape=[2, 2], data=b"\0" * 4), "needs 8"),
+        (tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, data=b""), "needs 4 bytes"),
+        (tensor_pb2.Tensor(dtype=tensor_pb2.INT8, shape=[0], data=b"\0"), "needs 0 bytes"),
+        (tensor_pb2.Tensor(shape=[1], data=b"\0" * 4), "unsupported wire dtype 0"),
+        (tensor_pb2.Tensor(dtype=99, shape=[1], data=b"\0"), "wire dtype 99"),  # type: ignore[arg-type]
+        (tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[-1], data=b""), "negative"),
+        (tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[-2, -3], data=b"\0" * 24), "negative"),
+    ],
+    ids=[
+        "short",
+        "long",
+        "bf16-short",
+        "scalar-empty",
+        "empty-with-bytes",
+        "unspecified-dtype",
+        "unknown-dtype",
+        "negative-dim",
+        "two-negative-dims",
+    ],
+)
+def test_malformed_message_raises_codec_error(msg: tensor_pb2.Tensor, needle: str) -> None:
+    with pytest.raises(CodecError, match=needle):
+        codec.decode(msg)
+
+
+def test_codec_error_is_a_value_error() -> None:
+    # Callers that catch ValueError (config validation paths) also catch codec errors.
+    assert issubclass(CodecError, ValueError)
+
+
+def test_unsupported_torch_dtype_cannot_be_encoded() -> None:
+    with pytest.raises(CodecError, match="cannot travel"):
+        codec.encode(torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(CodecError, match="unknown dtype 'float8'"):
+        codec.dtype_from_name("float8")
+
+
+def test_wire_dtype_defaults_only_when_unspecified() -> None:
+    assert codec.wire_dtype(tensor_pb2.DTYPE_UNSPECIFIED) == torch.float32
+    assert codec.wire_dtype(tensor_pb2.DTYPE_UNSPECIFIED, torch.bfloat16) == torch.bfloat16
+    assert codec.wire_dtype(tensor_pb2.FLOAT16) == torch.float16
+    with pytest.raises(CodecError):
+        codec.wire_dtype(42)
