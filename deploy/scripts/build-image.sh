@@ -20,6 +20,8 @@
 #   DEBIAN_MIRROR    mirror for debootstrap (default: the one this host's apt uses)
 #   TORCH_SPEC, TORCH_INDEX_URL, PIP_INDEX_URL  passed to the build (see deploy/Dockerfile)
 #   PULL_TIMEOUT_S   how long to try pulling BASE_IMAGE (default 120)
+#   LMPS_BASE_ONLY   1: with LMPS_OFFLINE=1, make the local base and stop (used by
+#                    build-prometheus-image.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -143,6 +145,9 @@ build_args=(--build-arg "TORCH_SPEC=$TORCH_SPEC")
 if [ "$offline" = 1 ]; then
     log "$BASE_IMAGE cannot be had: building offline from a local base and a wheelhouse"
     ensure_local_base
+    if [ "${LMPS_BASE_ONLY:-0}" = 1 ]; then
+        exit 0
+    fi
     ensure_wheelhouse
     build_args+=(--build-arg "BASE_IMAGE=$LMPS_LOCAL_BASE" --build-arg WHEELHOUSE=auto)
 else
