@@ -239,6 +239,18 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from client.certs import make_dev_pki, usage
+
+    try:
+        pki = make_dev_pki(Path(args.out), args.hosts, days=args.days, force=args.force)
+    except FileExistsError as err:
+        console.print(f"[red]error[/] {err}")
+        return 1
+    print(usage(pki))
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from lmps.data import prepare_corpus
 
@@ -337,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default="", help="service name; empty = the whole server")
     p.add_argument("--timeout", type=float, default=3.0)
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser(
+        "certs", help="make a dev CA, server/client certificates and a token (docs/security.md)"
+    )
+    p.add_argument("--out", default=".lmps/certs", help="folder to write (default %(default)s)")
+    p.add_argument(
+        "--hosts",
+        nargs="*",
+        default=[],
+        help="extra server names/IPs (localhost, 127.0.0.1, ::1, lmps are always in)",
+    )
+    p.add_argument("--days", type=int, default=365, help="validity (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into the cache (train does this too)")
     p.add_argument("--data", default="builtin:pydoc")

@@ -62,6 +62,7 @@ class ClusterSpec:
     run_dir: str = ".lmps/cluster"
     worker_threads: int = 0  # torch threads per worker; 0 = cores / workers
     extra_env: dict[str, str] = field(default_factory=dict)
+    state_dir: str = ""  # coordinator's jobs and checkpoints; "" = RUN_DIR/state
 
 
 class LocalCluster:
@@ -71,6 +72,7 @@ class LocalCluster:
         self.spec = spec
         self.procs: list[Proc] = []
         self._popen: dict[str, subprocess.Popen[bytes]] = {}
+        self._roles: dict[str, tuple[str, int]] = {}
         self.run_dir = Path(spec.run_dir)
 
     @property
@@ -91,15 +93,11 @@ class LocalCluster:
             "--grace",
             "2",
         ]
-        if role != "coordinator":
-            cmd += [
-                "--coordinator",
-                self.coordinator,
-                "--id",
-                name,
-                "--advertise",
-                f"{self.spec.host}:{port}",
-            ]
+        if role == "coordinator":
+            cmd += ["--state-dir", self.spec.state_dir or str(self.run_dir / "state")]
+        else:
+            cmd += ["--coordinator", self.coordinator, "--id", name]
+            cmd += ["--advertise", f"{self.spec.host}:{port}"]
         return cmd
 
     def _spawn(self, role: str, name: str, threads: int, port: int = 0) -> Proc:
@@ -108,22 +106,43 @@ class LocalCluster:
         log = self.run_dir / f"{name}.log"
         proc = Proc(name, f"{self.spec.host}:{port}", metrics, str(log))
         self.procs.append(proc)  # before _cmd: workers need the coordinator's address
+        self._roles[name] = (role, threads)
+        self._launch(proc)
+        return proc
+
+    def _launch(self, proc: Proc) -> None:
+        role, threads = self._roles[proc.name]
+        port = int(proc.address.rsplit(":", 1)[1])
         env = {
             **os.environ,
             "OMP_NUM_THREADS": str(threads),
             "PYTHONUNBUFFERED": "1",
             **self.spec.extra_env,
         }
-        with open(log, "ab") as out:
+        with open(proc.log, "ab") as out:
             p = subprocess.Popen(
-                self._cmd(role, port, metrics, name),
+                self._cmd(role, port, proc.metrics_port, proc.name),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
             )
         proc.pid = p.pid
-        self._popen[name] = p
+        self._popen[proc.name] = p
+
+    def restart(self, name: str, timeout_s: float = 60.0) -> None:
+        """Start a member again (after `kill`) with the same id, port and log."""
+        old = self._popen[name]
+        if old.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        proc = next(p for p in self.procs if p.name == name)
+        self._launch(proc)
+        self._wait(proc, timeout_s)
+
+    def add_worker(self, name: str, timeout_s: float = 60.0) -> Proc:
+        """Start one more worker (a replacement or an extra) and wait until it serves."""
+        proc = self._spawn("worker", name, self.spec.worker_threads or 1)
+        self._wait(proc, timeout_s)
         return proc
 
     def start(self, timeout_s: float = 90.0) -> LocalCluster:

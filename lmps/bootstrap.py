@@ -4,6 +4,10 @@ Gives each service the same surroundings: gRPC health checking (grpc.health.v1) 
 reflection (so `grpcurl -plaintext HOST:PORT list` works), a Prometheus `/metrics`
 endpoint, RPC metrics and error mapping by interceptor, raised message limits, and a
 graceful SIGTERM: health flips to NOT_SERVING, in-flight RPCs get `grace_s`, exit 0.
+
+Security (`lmps.security`, docs/security.md): TLS or mutual TLS on the port when a
+certificate is configured, the bearer token and per-client limits by interceptor
+(`lmps.guard`), and optionally a plaintext health-only port for probes that cannot do TLS.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lmps.channel import CHANNEL_OPTIONS
+from lmps.channel import KEEPALIVE_OPTIONS, message_options
 from lmps.errors import LmpsError
+from lmps.guard import Guard
+from lmps.security import Security
+from lmps.security import load as load_security
 
 log = logging.getLogger("lmps.server")
 
@@ -53,6 +60,11 @@ class ServeOptions:
     """Seconds in-flight RPCs get after SIGTERM before they are cancelled."""
     max_workers: int = 64
     """Handler threads. Streams hold one each for their whole life, so keep it generous."""
+    health_port: int = -1
+    """Extra plaintext port serving only grpc.health.v1 (for probes that cannot do TLS);
+    -1 = none, 0 = any free port."""
+    security: Security | None = None
+    """TLS, token and limits; None = this process's settings (`lmps.security.load()`)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -65,6 +77,10 @@ class ServeOptions:
             raise ValueError("grace must be >= 0 seconds")
         if self.max_workers < 4:
             raise ValueError("max_workers must be >= 4")
+        if not -1 <= self.health_port < 65536:
+            raise ValueError(
+                f"health port must be -1 (off) or in [0, 65535], got {self.health_port}"
+            )
 
 
 def advertised_address(host: str, port: int, advertise: str = "") -> str:
@@ -98,6 +114,10 @@ class RunningServer:
     options: ServeOptions
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
+    health_port: int = -1
+    """The plaintext health-only port, -1 when there is none."""
+    health_server: grpc.Server | None = None
+    guard: Guard | None = None
 
     def stop(self, grace_s: float | None = None) -> None:
         """Flip health to NOT_SERVING, give in-flight RPCs `grace_s`, run on_stop hooks."""
@@ -112,6 +132,8 @@ class RunningServer:
                 log.exception("shutdown hook failed")
         grace = self.options.grace_s if grace_s is None else grace_s
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -191,12 +213,33 @@ class _Interceptor(grpc.ServerInterceptor):
         )
 
 
+def _health_only_server(
+    options: ServeOptions, health_servicer: health.HealthServicer
+) -> tuple[grpc.Server, int]:
+    """A plaintext server with grpc.health.v1 only, sharing the main server's statuses."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"),
+        options=[("grpc.so_reuseport", 0)],
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{options.host}:{options.health_port}")
+    if port == 0:
+        raise OSError(f"cannot bind health port {options.host}:{options.health_port} (in use?)")
+    return server, port
+
+
 def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningServer:
-    """Build, mount and start a server with health, reflection and metrics."""
+    """Build, mount and start a server with health, reflection, metrics and security."""
+    sec = load_security() if options.security is None else options.security
+    guard = Guard(token=sec.token, limits=sec.limits)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
-        interceptors=[_Interceptor()],
-        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+        interceptors=[_Interceptor(), guard],  # metrics outermost: refusals are counted too
+        options=[
+            *message_options(sec.limits.max_message_bytes),
+            *KEEPALIVE_OPTIONS,
+            ("grpc.so_reuseport", 0),
+        ],
     )
     for svc in services:
         svc.add(svc.servicer, server)
@@ -211,20 +254,52 @@ def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningS
         ],
         server,
     )
-    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    address = f"{options.host}:{options.port}"
+    if sec.tls.serving:
+        port = server.add_secure_port(address, sec.tls.server_credentials())
+    else:
+        if sec.tls.ca:
+            raise ValueError("LMPS_TLS_CA is set but this server has no LMPS_TLS_CERT/_KEY")
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {options.host}:{options.port} (in use?)")
+    health_server, health_port = None, -1
+    if options.health_port >= 0:
+        health_server, health_port = _health_only_server(options, health_servicer)
     metrics_port = -1
     if options.metrics_port >= 0:
         httpd, _ = prometheus_client.start_http_server(options.metrics_port, addr=options.host)
         metrics_port = int(httpd.server_port)
     server.start()
+    if health_server is not None:
+        health_server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    mode = "plaintext"
+    if sec.tls.serving:
+        mode = "mutual TLS" if sec.tls.client_auth == "require" else "TLS"
     log.info(
-        "listening on %s:%d (metrics %s): %s", options.host, port, metrics_port, ", ".join(names)
+        "listening on %s:%d (%s%s; metrics %s; health-only %s): %s",
+        options.host,
+        port,
+        mode,
+        ", token required" if sec.token else "",
+        metrics_port,
+        health_port,
+        ", ".join(names),
     )
-    return RunningServer(server, port, metrics_port, health_servicer, options)
+    if sec.token and not sec.tls.serving:
+        log.warning("a token without TLS travels in cleartext: set LMPS_TLS_CERT/_KEY")
+    return RunningServer(
+        server,
+        port,
+        metrics_port,
+        health_servicer,
+        options,
+        health_port=health_port,
+        health_server=health_server,
+        guard=guard,
+    )
 
 
 def run_until_signal(running: RunningServer) -> int:

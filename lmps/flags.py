@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Sequence
+from typing import Any
 
+from lmps import security
 from lmps.bootstrap import ServeOptions
 
 
@@ -16,7 +19,10 @@ def env(name: str, default: str) -> str:
 def add_serve_flags(
     parser: argparse.ArgumentParser, *, port: int, metrics_port: int, member: bool
 ) -> None:
-    """--host/--port/--metrics-port/--grace (+ --coordinator/--id/--advertise for members)."""
+    """--host/--port/--metrics-port/--grace, security flags (+ --coordinator/--id/--advertise).
+
+    Security flags beat their LMPS_* variables process-wide (`lmps.security`).
+    """
     g = parser.add_argument_group("listening")
     g.add_argument(
         "--host", default=env("LMPS_HOST", "0.0.0.0"), help="interface to bind (LMPS_HOST)"
@@ -37,6 +43,7 @@ def add_serve_flags(
         help="seconds in-flight RPCs get after SIGTERM (LMPS_GRACE_S)",
     )
     g.add_argument("--log-level", default=env("LMPS_LOG_LEVEL", "INFO"), help="(LMPS_LOG_LEVEL)")
+    add_security_flags(parser)
     if member:
         m = parser.add_argument_group("membership")
         m.add_argument(
@@ -55,9 +62,113 @@ def add_serve_flags(
         )
 
 
+class _ProcessSetting(argparse.Action):
+    """Stores the flag and makes it this process's value of its LMPS_* variable, so the
+    channels the service opens (membership, fan-out, pulls, pushes) follow the flag too."""
+
+    def __init__(self, *args: Any, env_name: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.env_name = env_name
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        security.set_setting(self.env_name, str(values))
+
+
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS, token and limit flags; each overrides its LMPS_* variable (docs/security.md)."""
+    g = parser.add_argument_group("security (docs/security.md)")
+
+    def flag(name: str, env_name: str, help: str, default: str = "", **kw: Any) -> None:
+        g.add_argument(
+            name,
+            action=_ProcessSetting,
+            env_name=env_name,
+            default=env(env_name, default),
+            help=f"{help} ({env_name})",
+            **kw,
+        )
+
+    flag("--tls-cert", "LMPS_TLS_CERT", "PEM certificate chain of this server: turns TLS on")
+    flag("--tls-key", "LMPS_TLS_KEY", "PEM private key of --tls-cert")
+    flag(
+        "--tls-ca",
+        "LMPS_TLS_CA",
+        "PEM CA bundle verifying servers dialled and, with --tls-client-auth require, clients",
+    )
+    flag(
+        "--tls-client-auth",
+        "LMPS_TLS_CLIENT_AUTH",
+        "require = mutual TLS: refuse clients without a certificate from --tls-ca",
+        default="none",
+        choices=security.CLIENT_AUTH_MODES,
+    )
+    flag(
+        "--tls-client-cert",
+        "LMPS_TLS_CLIENT_CERT",
+        "certificate presented when dialling peers; default --tls-cert",
+    )
+    flag("--tls-client-key", "LMPS_TLS_CLIENT_KEY", "key of --tls-client-cert; default --tls-key")
+    flag(
+        "--tls-server-name",
+        "LMPS_TLS_SERVER_NAME",
+        "name expected in peers' certificates instead of the dialled host/IP",
+    )
+    flag(
+        "--auth-token",
+        "LMPS_AUTH_TOKEN",
+        "shared bearer token required on every RPC but health; prefer the env or a file",
+    )
+    flag(
+        "--auth-token-file",
+        "LMPS_AUTH_TOKEN_FILE",
+        "file holding the token (a mounted Kubernetes Secret)",
+    )
+    d = security.Limits()
+    flag(
+        "--max-message-mb",
+        "LMPS_MAX_MESSAGE_MB",
+        "largest message sent or received, MiB",
+        type=int,
+        default=str(d.max_message_bytes // security.MIB),
+    )
+    flag(
+        "--max-stream-messages",
+        "LMPS_MAX_STREAM_MESSAGES",
+        "most messages in one client stream; 0 = unlimited",
+        type=int,
+        default=str(d.max_stream_messages),
+    )
+    flag(
+        "--max-streams-per-peer",
+        "LMPS_MAX_STREAMS_PER_PEER",
+        "most concurrent RPCs from one client host; 0 = unlimited",
+        type=int,
+        default=str(d.max_streams_per_peer),
+    )
+    g.add_argument(
+        "--health-port",
+        type=int,
+        default=int(env("LMPS_HEALTH_PORT", "-1")),
+        help="extra plaintext port serving only grpc.health.v1, for probes that cannot do "
+        "TLS; -1 = off (LMPS_HEALTH_PORT)",
+    )
+
+
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(
-        host=args.host, port=args.port, metrics_port=args.metrics_port, grace_s=args.grace
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        grace_s=args.grace,
+        health_port=getattr(args, "health_port", -1),
+        security=security.load(),
     )
 
 

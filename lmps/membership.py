@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 
 import grpc
 
@@ -23,6 +24,7 @@ class Membership:
         self.role = role
         self.address = address
         self.id = requested_id
+        self.incarnation = uuid.uuid4().hex
         self.interval_s = 2.0
         self._channel = open_channel(coordinator)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
@@ -32,7 +34,9 @@ class Membership:
     def register(self, timeout_s: float = 120.0) -> str:
         """Blocks until the coordinator answers (wait_for_ready), returns the member id."""
         resp = self._stub.Register(
-            coordinator_pb2.RegisterRequest(role=self.role, address=self.address, id=self.id),
+            coordinator_pb2.RegisterRequest(
+                role=self.role, address=self.address, id=self.id, incarnation=self.incarnation
+            ),
             timeout=timeout_s,
             wait_for_ready=True,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lmps.bootstrap import Service, run_until_signal, start_server
 from lmps.flags import add_serve_flags, env, serve_options, setup_logging
@@ -31,6 +32,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default=float(env("LMPS_EXPIRY_S", "10")),
         help="a member missing heartbeats this long is considered dead (LMPS_EXPIRY_S)",
     )
+    parser.add_argument(
+        "--state-dir",
+        default=env("LMPS_STATE_DIR", ".lmps/coordinator"),
+        help="where jobs and checkpoints live; a restarted coordinator resumes from here; "
+        "empty = keep nothing (LMPS_STATE_DIR)",
+    )
     return parser
 
 
@@ -38,7 +45,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     args = args or build_parser().parse_args(argv)
     setup_logging(args.log_level)
     registry = Registry(heartbeat_s=args.heartbeat, expiry_s=args.expiry)
-    servicer = CoordinatorServicer(registry, Driver(registry))
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    servicer = CoordinatorServicer(registry, Driver(registry, state_dir))
     running = start_server(
         serve_options(args),
         [

@@ -17,6 +17,7 @@ class MemberRecord:
     role: str  # PS or WORKER
     address: str
     last_seen: float  # time.monotonic()
+    incarnation: str = ""  # changes when the member's process restarts
 
 
 class Registry:
@@ -29,7 +30,9 @@ class Registry:
         self._members: dict[str, MemberRecord] = {}
         self._counters = {PS: 0, WORKER: 0}
 
-    def register(self, role: str, address: str, requested_id: str = "") -> str:
+    def register(
+        self, role: str, address: str, requested_id: str = "", incarnation: str = ""
+    ) -> str:
         if role not in (PS, WORKER):
             raise InvalidArgument("register: role must be PARAMETER_SERVER or WORKER")
         if not address or ":" not in address:
@@ -46,7 +49,9 @@ class Registry:
             old = self._members.get(member_id)
             if old is not None and old.role != role:
                 raise InvalidArgument(f"register: id {member_id!r} is taken by a {old.role}")
-            self._members[member_id] = MemberRecord(member_id, role, address, time.monotonic())
+            self._members[member_id] = MemberRecord(
+                member_id, role, address, time.monotonic(), incarnation
+            )
             return member_id
 
     def heartbeat(self, member_id: str) -> None:
@@ -76,6 +81,14 @@ class Registry:
             (r, now - r.last_seen, now - r.last_seen < self.expiry_s)
             for r in sorted(recs, key=lambda r: r.id)
         ]
+
+    def find(self, member_id: str) -> MemberRecord | None:
+        with self._lock:
+            return self._members.get(member_id)
+
+    def is_alive(self, member_id: str) -> bool:
+        rec = self.find(member_id)
+        return rec is not None and time.monotonic() - rec.last_seen < self.expiry_s
 
     def get(self, member_id: str) -> MemberRecord:
         with self._lock:

@@ -57,7 +57,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         role = _ROLES.get(request.role)
         if role is None:
             raise InvalidArgument("register: role must be PARAMETER_SERVER or WORKER")
-        member_id = self.registry.register(role, request.address, request.id)
+        member_id = self.registry.register(role, request.address, request.id, request.incarnation)
         return coordinator_pb2.RegisterResponse(
             id=member_id, heartbeat_interval_s=self.registry.heartbeat_s
         )
@@ -77,7 +77,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if first is None or not first.HasField("spec"):
             raise InvalidArgument("submit: the first message must be a JobSpec")
         parts: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        init: dict[str, torch.Tensor] = {}
         for msg in request_iterator:
+            if msg.HasField("init"):
+                if msg.init.name in init:
+                    raise InvalidArgument(f"submit: initial value of {msg.init.name!r} sent twice")
+                try:
+                    init[msg.init.name] = codec.decode(msg.init.value)
+                except CodecError as err:
+                    raise InvalidArgument(f"submit: {msg.init.name}: {err}") from None
+                continue
             if not msg.HasField("data"):
                 raise InvalidArgument("submit: only one JobSpec is allowed")
             if msg.data.split not in parts:
@@ -93,7 +102,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             parts[msg.data.split].append(t.to(torch.int32))
         train = torch.cat(parts["train"]) if parts["train"] else torch.empty(0, dtype=torch.int32)
         evals = torch.cat(parts["eval"]) if parts["eval"] else torch.empty(0, dtype=torch.int32)
-        job = self.driver.submit(first.spec, train, evals)
+        job = self.driver.submit(first.spec, train, evals, init or None)
         return coordinator_pb2.SubmitJobResponse(job_id=job.job_id, status=job_status(job))
 
     def RunEpoch(
@@ -141,6 +150,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 address=rec.address,
                 last_seen_s=age,
                 alive=alive,
+                incarnation=rec.incarnation,
             )
             for rec, age, alive in self.registry.all()
         ]

@@ -46,11 +46,29 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             raise InvalidArgument(f"load: {err}") from None
         shards = [wire.shard_from_proto(s) for s in h.shards]
         values = []
+        states: dict[str, dict[str, torch.Tensor]] = {}
         for msg in request_iterator:
-            if not msg.HasField("shard"):
+            kind = msg.WhichOneof("kind")
+            if kind == "shard":
+                values.append((msg.shard.shard_id, _decode(msg.shard.tensor, msg.shard.shard_id)))
+            elif kind == "state":
+                sid = msg.state.shard_id
+                values.append((sid, _decode(msg.state.value, sid)))
+                opt = {k: _decode(v, f"{sid}/{k}") for k, v in msg.state.state.items()}
+                if opt:
+                    states[sid] = opt
+            else:
                 raise InvalidArgument("load: only one LoadHeader is allowed")
-            values.append((msg.shard.shard_id, _decode(msg.shard.tensor, msg.shard.shard_id)))
-        held = self.store.load(h.job_id, settings, shards, values, h.members, h.version)
+        held = self.store.load(
+            h.job_id,
+            settings,
+            shards,
+            values,
+            h.members,
+            h.version,
+            state=states,
+            checkpoint_every=h.checkpoint_every,
+        )
         VERSION.set(h.version)
         HELD_BYTES.set(held)
         return parameter_pb2.LoadResponse(shards=len(shards), bytes=held)
@@ -102,12 +120,22 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         self, request: parameter_pb2.SetMembersRequest, context: grpc.ServicerContext
     ) -> parameter_pb2.SetMembersResponse:
         version, applied = self.store.set_members(
-            request.job_id, request.members, request.discard_pending
+            request.job_id, request.members, request.discard_pending, request.discard
         )
         if applied:
             APPLIES.inc()
             VERSION.set(version)
         return parameter_pb2.SetMembersResponse(version=version, applied=applied)
+
+    def Snapshot(
+        self, request: parameter_pb2.SnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[parameter_pb2.ShardState]:
+        snap = self.store.snapshot(request.job_id, request.version, context.time_remaining())
+        for sid, value in snap.values.items():
+            state = {k: codec.encode(v) for k, v in snap.state.get(sid, {}).items()}
+            yield parameter_pb2.ShardState(
+                shard_id=sid, version=snap.version, value=codec.encode(value), state=state
+            )
 
     def ListShards(
         self, request: parameter_pb2.ListShardsRequest, context: grpc.ServicerContext

@@ -43,6 +43,16 @@ class ShardStats:
     nonfinite: int
 
 
+OptState = dict[str, dict[str, torch.Tensor]]  # shard_id -> torch optimizer state
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    values: dict[str, torch.Tensor]
+    state: OptState
+
+
 @dataclass
 class _Job:
     job_id: str
@@ -50,9 +60,22 @@ class _Job:
     optimizer: ShardOptimizer
     version: int
     members: set[str]
-    # Barrier state for step `version`: weighted gradient sums and who contributed.
-    acc: dict[str, torch.Tensor] = field(default_factory=dict)
+    checkpoint_every: int = 0
+    # Barrier state for step `version`: each worker's weighted gradient, kept apart so a
+    # lost worker's contribution can be dropped and the sum runs in a fixed order.
+    contrib: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     pushed: dict[str, float] = field(default_factory=dict)  # worker_id -> weight
+    snapshot: Snapshot | None = None
+
+    def take_snapshot(self) -> Snapshot:
+        values = {sid: t.clone() for sid, t in self.optimizer.values.items()}
+        return Snapshot(self.version, values, self.optimizer.state_dict())
+
+
+# Bounds that keep every update finite in fp32: AdamW squares gradients (1e18**2 < 3.4e38)
+# and the weighted sum runs in fp64. Larger values are rejected as INVALID_ARGUMENT.
+MAX_GRAD_ABS = 1e18
+MAX_WEIGHT = 1e12
 
 
 def stats_of(t: torch.Tensor) -> ShardStats:
@@ -68,7 +91,10 @@ def stats_of(t: torch.Tensor) -> ShardStats:
 
 
 def _check_values(
-    specs: Mapping[str, Shard], values: Sequence[tuple[str, torch.Tensor]], what: str
+    specs: Mapping[str, Shard],
+    values: Sequence[tuple[str, torch.Tensor]],
+    what: str,
+    max_abs: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exactly one finite float 1-D tensor of the right size per shard, else raise."""
     out: dict[str, torch.Tensor] = {}
@@ -86,6 +112,8 @@ def _check_values(
             )
         if not bool(torch.isfinite(t).all()):
             raise InvalidArgument(f"{what}: shard {shard_id!r} contains NaN or Inf")
+        if max_abs is not None and t.numel() and float(t.abs().max()) > max_abs:
+            raise InvalidArgument(f"{what}: shard {shard_id!r} has values beyond ±{max_abs:g}")
         out[shard_id] = t
     missing = [s for s in specs if s not in out]
     if missing:
@@ -114,8 +142,13 @@ class ParameterStore:
         values: Sequence[tuple[str, torch.Tensor]],
         members: Iterable[str],
         version: int = 0,
+        state: OptState | None = None,
+        checkpoint_every: int = 0,
     ) -> int:
-        """Install a job. Returns fp32 bytes held. Validates fully before replacing anything."""
+        """Install a job. Returns fp32 bytes held. Validates fully before replacing anything.
+
+        `state` restores optimizer state (checkpoints); it must then cover every shard.
+        """
         if not job_id:
             raise InvalidArgument("load: empty job id")
         specs: dict[str, Shard] = {}
@@ -127,12 +160,20 @@ class ParameterStore:
             specs[s.shard_id] = s
         if not specs:
             raise InvalidArgument("load: no shards")
-        checked = _check_values(specs, values, "load")
+        try:
+            checked = _check_values(specs, values, "load")
+        except NotFound as err:  # a value for a shard the header doesn't list: a bad stream
+            raise InvalidArgument(str(err)) from None
         masters = {sid: checked[sid].to(torch.float32).clone() for sid in specs}
-        optimizer = ShardOptimizer(
-            masters, decay={sid: s.weight_decay for sid, s in specs.items()}, settings=settings
-        )
-        job = _Job(job_id, specs, optimizer, version, set(members))
+        try:
+            optimizer = ShardOptimizer(
+                masters, decay={sid: s.weight_decay for sid, s in specs.items()}, settings=settings
+            )
+            if state:
+                optimizer.load_state_dict(state)
+        except ValueError as err:
+            raise InvalidArgument(f"load: {err}") from None
+        job = _Job(job_id, specs, optimizer, version, set(members), checkpoint_every)
         with self._cond:
             self._job = job
             self._cond.notify_all()
@@ -193,6 +234,26 @@ class ParameterStore:
                 raise NotFound(f"unknown shard {shard_id!r}")
             return spec, job.version, job.optimizer.values[shard_id].clone(), 0
 
+    def snapshot(self, job_id: str, version: int, timeout_s: float | None) -> Snapshot:
+        """Values and optimizer state at exactly `version` (live, or the held snapshot)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            job = self._require(job_id)
+            while job.version < version:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(f"version {job.version} did not reach {version} in time")
+                self._cond.wait(timeout=remaining)
+                job = self._require(job_id)
+            if job.version == version:
+                return job.take_snapshot()
+            if job.snapshot is not None and job.snapshot.version == version:
+                return job.snapshot
+            held = job.snapshot.version if job.snapshot else "none"
+            raise FailedPrecondition(
+                f"snapshot: version {version} is gone (server at {job.version}, snapshot {held})"
+            )
+
     def optimizer_state_bytes(self) -> int:
         with self._cond:
             return 0 if self._job is None else self._job.optimizer.state_bytes()
@@ -208,8 +269,8 @@ class ParameterStore:
         grads: Sequence[tuple[str, torch.Tensor]],
     ) -> PushResult:
         """Accept one worker's complete gradient for `step`; apply when the barrier is met."""
-        if not (math.isfinite(weight) and weight > 0):
-            raise InvalidArgument(f"push: weight must be a positive number, got {weight}")
+        if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+            raise InvalidArgument(f"push: weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
         with self._cond:
             job = self._require(job_id)
             if worker_id not in job.members:
@@ -222,28 +283,28 @@ class ParameterStore:
                 raise OutOfRange(f"push: future step {step}; server is at version {job.version}")
             if worker_id in job.pushed:
                 raise AlreadyExists(f"push: worker {worker_id!r} already pushed step {step}")
-            checked = _check_values(job.specs, grads, "push")
+            checked = _check_values(job.specs, grads, "push", max_abs=MAX_GRAD_ABS)
             # All checks passed: from here on nothing can fail half-way.
-            for sid, g in checked.items():
-                contrib = g.to(torch.float32) * weight
-                if sid in job.acc:
-                    job.acc[sid].add_(contrib)
-                else:
-                    job.acc[sid] = contrib
+            job.contrib[worker_id] = {sid: g.to(torch.float32) for sid, g in checked.items()}
             job.pushed[worker_id] = weight
             applied = self._maybe_apply(job)
             pending = 0 if applied else len(job.members - job.pushed.keys())
             return PushResult(job.version, applied, pending)
 
     def set_members(
-        self, job_id: str, members: Iterable[str], discard_pending: bool = False
+        self,
+        job_id: str,
+        members: Iterable[str],
+        discard_pending: bool = False,
+        discard: Iterable[str] = (),
     ) -> tuple[int, bool]:
         with self._cond:
             job = self._require(job_id)
             job.members = set(members)
-            if discard_pending:
-                job.acc = {}
-                job.pushed = {}
+            drop = set(job.pushed) if discard_pending else set(discard)
+            for worker_id in drop:
+                job.contrib.pop(worker_id, None)
+                job.pushed.pop(worker_id, None)
             applied = self._maybe_apply(job)
             return job.version, applied
 
@@ -253,11 +314,20 @@ class ParameterStore:
             return False
         start = time.perf_counter()
         total = sum(job.pushed.values())
-        mean = {sid: acc.div_(total) for sid, acc in job.acc.items()}
+        workers = sorted(job.contrib)  # a fixed summation order: results don't depend on timing
+        mean = {}
+        for sid in job.specs:
+            # fp64: weight * grad sums cannot overflow, and the mean is back in fp32 range.
+            acc = torch.zeros(job.specs[sid].numel, dtype=torch.float64)
+            for w in workers:
+                acc.add_(job.contrib[w][sid], alpha=job.pushed[w])
+            mean[sid] = acc.div_(total).to(torch.float32)
         job.optimizer.step(mean, job.version)
         job.version += 1
-        job.acc = {}
+        job.contrib = {}
         job.pushed = {}
+        if job.checkpoint_every and job.version % job.checkpoint_every == 0:
+            job.snapshot = job.take_snapshot()
         self.applied_steps += 1
         self.last_apply_s = time.perf_counter() - start
         self._cond.notify_all()

@@ -48,7 +48,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.device = pick_device(device)
         self._coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(coordinator))
         self._job: _Job | None = None
-        self._lock = threading.Lock()  # guards _job and _training
+        self._lock = threading.Condition()  # guards _job and _training
         self._training = False
         self.steps_done = 0
 
@@ -77,7 +77,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         except (ValueError, CodecError) as err:
             raise InvalidArgument(f"configure: {err}") from None
         with self._lock:
-            if self._training:
+            # A cancelled epoch takes a moment to unwind; a reconfigure right after it waits.
+            if not self._lock.wait_for(lambda: not self._training, timeout=30.0):
                 pool.close()
                 raise FailedPrecondition("configure: an epoch is running on this worker")
             if self._job is not None:
@@ -93,7 +94,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> Iterator[job_pb2.ProgressEvent]:
         with self._lock:
             job = self._require(request.job_id)
-            if self._training:
+            if not self._lock.wait_for(lambda: not self._training, timeout=30.0):
                 raise FailedPrecondition("an epoch is already running on this worker")
             self._training = True
         # A cancelled epoch must not leave pulls blocked on the barrier for minutes.
@@ -104,6 +105,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         finally:
             with self._lock:
                 self._training = False
+                self._lock.notify_all()
 
     def _train(
         self, job: _Job, epoch: int, context: grpc.ServicerContext
@@ -127,8 +129,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 batch = tokens[b * batch_size : (b + 1) * batch_size]
                 t0 = time.perf_counter()
                 version, values = job.pool.pull(job.step)
-                if version != job.step:
-                    raise FailedPrecondition(f"pulled version {version}, expected {job.step}")
+                # A worker that joined mid-epoch (or lagged) follows the servers' version;
+                # its gradient is then computed at, and pushed for, that version.
+                job.step = version
                 job.replica.load(values)
                 t1 = time.perf_counter()
                 loss, grads = job.replica.train_step(batch)
@@ -157,7 +160,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         push_s=t3 - t2,
                         lease_id=lease.lease_id,
                         data_shard=lease.data_shard,
-                        batch_index=b,
+                        batch_index=lease.first_batch + b,
                     ),
                 )
                 job.step += 1

@@ -74,7 +74,9 @@ def test_cancelled_epoch_recovers_and_busy_cluster_refuses_jobs(driver: Driver) 
     summary = events[-1].summary
     assert events[-1].WhichOneof("kind") == "summary"
     assert summary.batches == 40 and summary.data_shards_completed == 40
-    assert summary.end_step > summary.start_step >= 1
+    # It resumed where the servers were, or rolled back to the last checkpoint when the
+    # cancellation caught a worker between its pushes to the two servers.
+    assert summary.end_step > summary.start_step >= 0
     status = wait_state(driver, job_id, coordinator_pb2.READY)
     assert status.step == summary.end_step and status.epochs_done == 1
 

@@ -1,0 +1,191 @@
+"""Consistent checkpoints on disk, independent of how parameters are sharded.
+
+A checkpoint is a folder `ROOT/JOB/step-00000042/` with
+  model.safetensors      full parameters by name (fp32)
+  optimizer.safetensors  optimizer state by "<param>::<key>" (exp_avg, step, ...)
+  manifest.json          version, epoch progress, job spec, sha256 of both files
+Each folder is written under a temporary name, fsynced and renamed; `ROOT/JOB/LATEST` names
+the newest complete one and is replaced atomically too, so a crash at any point leaves the
+previous checkpoint intact. Because tensors are stored whole, a checkpoint restores into
+any number of parameter servers (re-sharding on load). Pure: no gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmps.partition import Shard, assemble, shard_view
+
+SEP = "::"
+StateByShard = Mapping[str, Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    version: int
+    params: dict[str, torch.Tensor]  # name -> full fp32 tensor
+    state: dict[str, dict[str, torch.Tensor]]  # name -> optimizer key -> tensor
+    manifest: dict[str, Any]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def gather_state(
+    shards: Sequence[Shard], state: StateByShard
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-shard optimizer state -> per-parameter state (vectors assembled, scalars shared)."""
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    keys = {k for st in state.values() for k in st}
+    for key in sorted(keys):
+        vectors = {
+            s.shard_id: state[s.shard_id][key] for s in shards if key in state.get(s.shard_id, {})
+        }
+        if len(vectors) != len(shards):
+            raise ValueError(f"optimizer state {key!r} is missing for some shards")
+        scalars = {sid: v for sid, v in vectors.items() if v.dim() == 0}
+        if scalars:
+            for s in shards:
+                by_param.setdefault(s.param, {})[key] = scalars[s.shard_id].clone()
+        else:
+            for name, full in assemble(shards, vectors).items():
+                by_param.setdefault(name, {})[key] = full
+    return by_param
+
+
+def scatter_state(
+    shards: Sequence[Shard],
+    params: Mapping[str, torch.Tensor],
+    state: Mapping[str, Mapping[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Full parameters and state -> (value, state) per shard of a (possibly new) shard plan."""
+    values: dict[str, torch.Tensor] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for s in shards:
+        full = params[s.param]
+        if tuple(full.shape) != s.param_shape:
+            raise ValueError(
+                f"{s.param}: checkpoint shape {tuple(full.shape)} != model {s.param_shape}"
+            )
+        values[s.shard_id] = shard_view(full.contiguous(), s).clone()
+        st = {}
+        for key, t in state.get(s.param, {}).items():
+            st[key] = t.clone() if t.dim() == 0 else shard_view(t.contiguous(), s).clone()
+        if st:
+            states[s.shard_id] = st
+    return values, states
+
+
+def write(
+    root: Path,
+    job_id: str,
+    version: int,
+    params: Mapping[str, torch.Tensor],
+    state: Mapping[str, Mapping[str, torch.Tensor]],
+    manifest: Mapping[str, Any],
+) -> Path:
+    """Write a checkpoint atomically; returns its folder. Older ones are kept (see prune)."""
+    job_dir = root / job_id
+    job_dir.mkdir(parents=True, exist_ok=True)
+    final = job_dir / f"step-{version:08d}"
+    tmp = job_dir / f".tmp-step-{version:08d}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp / "model.safetensors"))
+        flat = {
+            f"{name}{SEP}{key}": t.contiguous()
+            for name, st in state.items()
+            for key, t in st.items()
+        }
+        save_file(flat, str(tmp / "optimizer.safetensors"))
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            with (tmp / name).open("rb") as f:
+                os.fsync(f.fileno())
+        full_manifest = {
+            **manifest,
+            "job_id": job_id,
+            "version": version,
+            "created": time.time(),
+            "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "optimizer.safetensors")},
+        }
+        _write_atomic_text(tmp / "manifest.json", json.dumps(full_manifest, indent=2) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # the same version again (e.g. after a restart): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(job_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    current = latest(root, job_id)
+    if current is None or version_of(current) <= version:
+        _write_atomic_text(job_dir / "LATEST", final.name + "\n")
+    return final
+
+
+def version_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def latest(root: Path, job_id: str) -> Path | None:
+    pointer = root / job_id / "LATEST"
+    if not pointer.exists():
+        return None
+    path = root / job_id / pointer.read_text().strip()
+    return path if (path / "manifest.json").exists() else None
+
+
+def read(path: Path, verify: bool = True) -> Checkpoint:
+    manifest = json.loads((path / "manifest.json").read_text())
+    if verify:
+        for name, digest in manifest["sha256"].items():
+            if _sha256(path / name) != digest:
+                raise ValueError(f"checkpoint {path}: {name} is corrupt (sha256 mismatch)")
+    params = load_file(str(path / "model.safetensors"))
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for flat, t in load_file(str(path / "optimizer.safetensors")).items():
+        name, key = flat.rsplit(SEP, 1)
+        state.setdefault(name, {})[key] = t
+    return Checkpoint(path, int(manifest["version"]), params, state, manifest)
+
+
+def prune(root: Path, job_id: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints of a job."""
+    steps = sorted((root / job_id).glob("step-*"))
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,223 @@
+"""The coordinator's calls to parameter servers and workers, fanned out in parallel."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import grpc
+import torch
+
+from lmps import codec, wire
+from lmps.channel import DEFAULT_TIMEOUT_S, open_channel
+from lmps.errors import Unavailable
+from lmps.partition import Shard
+from lmps.v1 import (
+    job_pb2,
+    parameter_pb2,
+    parameter_pb2_grpc,
+    tensor_pb2,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fanout")
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(address)
+            if ch is None:
+                ch = self._channels[address] = open_channel(address)
+            return ch
+
+    def ps(self, address: str) -> parameter_pb2_grpc.ParameterServiceStub:
+        return parameter_pb2_grpc.ParameterServiceStub(self._channel(address))
+
+    def worker(self, address: str) -> worker_pb2_grpc.WorkerServiceStub:
+        return worker_pb2_grpc.WorkerServiceStub(self._channel(address))
+
+    def fanout(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+        """Run fn over items in parallel; re-raise the first error."""
+        futures = [self._pool.submit(fn, item) for item in items]
+        return [f.result() for f in futures]
+
+    # -- parameter servers -----------------------------------------------------------------
+
+    def load(
+        self,
+        job_id: str,
+        spec: job_pb2.JobSpec,
+        shards: Sequence[Shard],
+        servers: Mapping[str, str],
+        members: Sequence[str],
+        version: int,
+        values: Mapping[str, torch.Tensor],
+        states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Load every server with its shards (and optimizer state when restoring)."""
+
+        def load_one(server_id: str) -> None:
+            mine = [s for s in shards if s.server_id == server_id]
+            header = parameter_pb2.LoadHeader(
+                job_id=job_id,
+                optimizer=spec.optimizer,
+                shards=[wire.shard_to_proto(s) for s in mine],
+                members=sorted(members),
+                version=version,
+                consistency=spec.consistency,
+                checkpoint_every=spec.checkpoint_every,
+            )
+
+            def messages() -> Iterator[parameter_pb2.LoadRequest]:
+                yield parameter_pb2.LoadRequest(header=header)
+                for s in mine:
+                    value = codec.encode(values[s.shard_id])
+                    if states is None:
+                        yield parameter_pb2.LoadRequest(
+                            shard=tensor_pb2.ShardTensor(
+                                shard_id=s.shard_id, version=version, tensor=value
+                            )
+                        )
+                        continue
+                    st = {k: codec.encode(v) for k, v in states.get(s.shard_id, {}).items()}
+                    yield parameter_pb2.LoadRequest(
+                        state=parameter_pb2.ShardState(
+                            shard_id=s.shard_id, version=version, value=value, state=st
+                        )
+                    )
+
+            self.ps(servers[server_id]).Load(messages(), timeout=600.0, wait_for_ready=True)
+
+        self.fanout(load_one, sorted(servers))
+
+    def set_members(
+        self,
+        job_id: str,
+        servers: Mapping[str, str],
+        members: set[str],
+        discard_pending: bool = False,
+        discard: Sequence[str] = (),
+    ) -> int:
+        """Replace the barrier's members everywhere. Returns the lowest version at which a
+        dropped contribution could have been pending (version before any apply it caused)."""
+        request = parameter_pb2.SetMembersRequest(
+            job_id=job_id,
+            members=sorted(members),
+            discard_pending=discard_pending,
+            discard=list(discard),
+        )
+
+        def send(address: str) -> parameter_pb2.SetMembersResponse:
+            resp: parameter_pb2.SetMembersResponse = self.ps(address).SetMembers(
+                request, timeout=DEFAULT_TIMEOUT_S, wait_for_ready=True
+            )
+            return resp
+
+        results = self.fanout(send, list(servers.values()))
+        return min(int(r.version) - int(r.applied) for r in results)
+
+    def version(self, job_id: str, servers: Mapping[str, str]) -> int:
+        """The servers' common version; UNAVAILABLE if they disagree."""
+
+        def one(address: str) -> int:
+            resp = self.ps(address).ListShards(
+                parameter_pb2.ListShardsRequest(job_id=job_id), timeout=DEFAULT_TIMEOUT_S
+            )
+            return int(resp.version)
+
+        versions = set(self.fanout(one, list(servers.values())))
+        if len(versions) != 1:
+            raise Unavailable(f"parameter servers disagree on the version: {sorted(versions)}")
+        return versions.pop()
+
+    def snapshot(
+        self, job_id: str, servers: Mapping[str, str], version: int, timeout_s: float = 600.0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        """Every shard's value and optimizer state at exactly `version`."""
+
+        def one(address: str) -> list[parameter_pb2.ShardState]:
+            stream = self.ps(address).Snapshot(
+                parameter_pb2.SnapshotRequest(job_id=job_id, version=version), timeout=timeout_s
+            )
+            return list(stream)
+
+        values: dict[str, torch.Tensor] = {}
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for part in self.fanout(one, list(servers.values())):
+            for msg in part:
+                values[msg.shard_id] = codec.decode(msg.value)
+                if msg.state:
+                    states[msg.shard_id] = {k: codec.decode(v) for k, v in msg.state.items()}
+        return values, states
+
+    def pull(
+        self, job_id: str, servers: Mapping[str, str], min_version: int
+    ) -> Iterator[tensor_pb2.ShardTensor]:
+        for address in [servers[s] for s in sorted(servers)]:
+            stream = self.ps(address).Pull(
+                parameter_pb2.PullRequest(job_id=job_id, min_version=min_version),
+                timeout=600.0,
+                wait_for_ready=True,
+            )
+            yield from stream
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def configure(
+        self,
+        job_id: str,
+        spec: job_pb2.JobSpec,
+        shards: Sequence[Shard],
+        servers: Mapping[str, str],
+        workers: Mapping[str, str],
+        timeout_s: float = 300.0,
+    ) -> None:
+        light = job_pb2.JobSpec.FromString(spec.SerializeToString())
+        light.tokenizer_json = ""  # workers don't tokenize
+        request = worker_pb2.ConfigureRequest(
+            job_id=job_id,
+            spec=light,
+            shards=[wire.shard_to_proto(s) for s in shards],
+            servers=[
+                worker_pb2.ServerAddress(server_id=k, address=v) for k, v in sorted(servers.items())
+            ],
+        )
+
+        def one(address: str) -> None:
+            self.worker(address).Configure(request, timeout=timeout_s, wait_for_ready=True)
+
+        self.fanout(one, list(workers.values()))
+
+    def evaluate(
+        self, job_id: str, workers: Mapping[str, str], sequences: torch.Tensor, min_version: int
+    ) -> tuple[float, int, int]:
+        """(sum of token losses, tokens, version) over `sequences`, split across workers."""
+        addresses = [workers[w] for w in sorted(workers)]
+        parts = [p for p in torch.tensor_split(sequences, len(addresses)) if p.shape[0]]
+
+        def run(i: int) -> worker_pb2.EvaluateResponse:
+            resp: worker_pb2.EvaluateResponse = self.worker(addresses[i]).Evaluate(
+                worker_pb2.EvaluateRequest(
+                    job_id=job_id, tokens=codec.encode(parts[i]), min_version=min_version
+                ),
+                timeout=600.0,
+                wait_for_ready=True,
+            )
+            return resp
+
+        results = self.fanout(run, list(range(len(parts))))
+        return (
+            sum(r.loss_sum for r in results),
+            sum(int(r.tokens) for r in results),
+            min(int(r.version) for r in results),
+        )
