@@ -122,6 +122,31 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         default=d.shard_bytes,
         help="largest parameter shard in bytes; 0 = default",
     )
+    g = p.add_argument_group("checkpoints and recovery")
+    g.add_argument(
+        "--resume",
+        default=d.resume,
+        metavar="JOB",
+        help="continue JOB from its latest checkpoint (the coordinator's --state-dir keeps it)",
+    )
+    g.add_argument(
+        "--init-from",
+        default=d.init_from,
+        metavar="DIR",
+        help="fine-tune the model saved in DIR (its config and tokenizer are used)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="steps between checkpoints; 0 = at epoch ends only",
+    )
+    g.add_argument(
+        "--retry-s",
+        type=float,
+        default=d.retry_s,
+        help="how long to wait for a restarted coordinator",
+    )
     g = p.add_argument_group("output")
     g.add_argument(
         "--out",

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from client import model_io
 from lmps import codec, wire
 from lmps.channel import open_channel
-from lmps.data import prepare_corpus
+from lmps.data import encode_corpus, load_corpus, prepare_corpus, split_tokens
 from lmps.model import preset
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 
@@ -54,6 +55,10 @@ class TrainOptions:
     cache_dir: str = ".cache/lmps"
     sample_prompt: str = ""
     name: str = "lmps"
+    resume: str = ""  # job id to continue (its coordinator kept it in --state-dir)
+    init_from: str = ""  # saved model folder to fine-tune
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = epoch ends only
+    retry_s: float = 300.0  # how long to wait for a restarted coordinator
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -99,13 +104,21 @@ def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_
         shard_bytes=opts.shard_bytes,
         wire_dtype=codec.to_proto_dtype(codec.dtype_from_name(opts.wire_dtype)),
         tokenizer_json=tokenizer_json,
+        checkpoint_every=opts.checkpoint_every,
     )
 
 
 def submit_messages(
-    spec: job_pb2.JobSpec, train: torch.Tensor, evals: torch.Tensor
+    spec: job_pb2.JobSpec,
+    train: torch.Tensor,
+    evals: torch.Tensor,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[coordinator_pb2.SubmitJobRequest]:
     yield coordinator_pb2.SubmitJobRequest(spec=spec)
+    for name, value in (init or {}).items():
+        yield coordinator_pb2.SubmitJobRequest(
+            init=coordinator_pb2.InitialParameter(name=name, value=codec.encode(value))
+        )
     for split, tokens in (("train", train), ("eval", evals)):
         for i in range(0, tokens.numel(), PART_TOKENS):
             part = tokens[i : i + PART_TOKENS]
@@ -114,44 +127,85 @@ def submit_messages(
             )
 
 
-def train(opts: TrainOptions, console: Console) -> dict[str, object]:
-    """Run a whole job; returns the report (also written to OUT/report.json)."""
-    started = time.perf_counter()
-    with console.status(f"preparing corpus {opts.data} (vocab {opts.vocab_size})"):
-        corpus = prepare_corpus(
-            opts.data,
-            opts.vocab_size,
-            opts.eval_fraction,
-            Path(opts.cache_dir) if opts.cache_dir else None,
+def _prepare(
+    opts: TrainOptions, console: Console
+) -> tuple[job_pb2.JobSpec, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Tokenized data and the job spec; with --init-from, the saved model's tokenizer,
+    config and weights."""
+    if opts.init_from:
+        base = model_io.load(Path(opts.init_from))
+        assert base.tokenizer is not None
+        with console.status(f"tokenizing {opts.data} with the tokenizer of {opts.init_from}"):
+            tokens = encode_corpus(base.tokenizer, load_corpus(opts.data))
+            train_tokens, eval_tokens = split_tokens(tokens, opts.eval_fraction)
+        spec = build_spec(opts, base.config.vocab_size, base.tokenizer.to_str())
+        spec.model.CopyFrom(wire.model_to_proto(base.config))
+        init = {n: p.detach() for n, p in base.model.named_parameters()}
+        console.print(
+            f"fine-tuning {opts.init_from} ({sum(p.numel() for p in init.values()):,} parameters)"
         )
+    else:
+        with console.status(f"preparing corpus {opts.data} (vocab {opts.vocab_size})"):
+            corpus = prepare_corpus(
+                opts.data,
+                opts.vocab_size,
+                opts.eval_fraction,
+                Path(opts.cache_dir) if opts.cache_dir else None,
+            )
+        train_tokens, eval_tokens = corpus.train, corpus.eval
+        spec = build_spec(opts, corpus.vocab_size, corpus.tokenizer_json)
+        init = {}
     console.print(
-        f"corpus [bold]{opts.data}[/]: {corpus.train.numel():,} train / "
-        f"{corpus.eval.numel():,} eval "
-        f"tokens, vocab {corpus.vocab_size}"
+        f"corpus [bold]{opts.data}[/]: {train_tokens.numel():,} train / "
+        f"{eval_tokens.numel():,} eval tokens, "
+        f"vocab {spec.model.vocab_size}"
     )
-    spec = build_spec(opts, corpus.vocab_size, corpus.tokenizer_json)
+    return spec, train_tokens, eval_tokens, init
+
+
+def train(opts: TrainOptions, console: Console) -> dict[str, object]:
+    """Run a whole job (or the rest of one, with --resume); returns the report (also
+    written to OUT/report.json)."""
+    started = time.perf_counter()
     report: dict[str, object] = {"options": asdict(opts), "epochs": []}
     with open_channel(opts.coordinator) as ch:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
-        with console.status(
-            f"submitting job to {opts.coordinator} (waiting for servers and workers)"
-        ):
-            resp = stub.SubmitJob(
-                submit_messages(spec, corpus.train, corpus.eval), timeout=600, wait_for_ready=True
+        if opts.resume:
+            st = stub.GetJob(
+                coordinator_pb2.GetJobRequest(job_id=opts.resume), timeout=60, wait_for_ready=True
             )
-        st = resp.status
-        console.print(
-            f"job [bold]{resp.job_id}[/]: {st.parameters:,} parameters in {st.shards} shards on "
-            f"{', '.join(st.servers)}; workers {', '.join(st.workers)}; "
-            f"{st.train_sequences} train sequences"
-        )
-        first = stub.Evaluate(coordinator_pb2.EvaluateJobRequest(job_id=resp.job_id), timeout=600)
-        console.print(f"initial eval loss {first.loss:.4f} (perplexity {first.perplexity:.1f})")
-        report.update(job_id=resp.job_id, parameters=st.parameters, initial_eval_loss=first.loss)
-        epochs: list[dict[str, float]] = []
-        for epoch in range(opts.epochs):
-            summary = _run_epoch(stub, resp.job_id, epoch, opts.epochs, console)
-            row = {
+            job_id = st.job_id
+            console.print(
+                f"resuming job [bold]{job_id}[/] at step {st.step} after {st.epochs_done} epochs "
+                f"(eval loss {st.last_eval_loss:.4f})"
+            )
+            first_epoch = st.epochs_done
+            report.update(job_id=job_id, parameters=st.parameters, resumed_at_step=st.step)
+        else:
+            spec, train_tokens, eval_tokens, init = _prepare(opts, console)
+            with console.status(
+                f"submitting job to {opts.coordinator} (waiting for servers and workers)"
+            ):
+                resp = stub.SubmitJob(
+                    submit_messages(spec, train_tokens, eval_tokens, init),
+                    timeout=600,
+                    wait_for_ready=True,
+                )
+            st = resp.status
+            job_id = resp.job_id
+            console.print(
+                f"job [bold]{job_id}[/]: {st.parameters:,} parameters in {st.shards} shards on "
+                f"{', '.join(st.servers)}; workers {', '.join(st.workers)}; "
+                f"{st.train_sequences} train sequences"
+            )
+            first = stub.Evaluate(coordinator_pb2.EvaluateJobRequest(job_id=job_id), timeout=600)
+            console.print(f"initial eval loss {first.loss:.4f} (perplexity {first.perplexity:.1f})")
+            report.update(job_id=job_id, parameters=st.parameters, initial_eval_loss=first.loss)
+            first_epoch = 0
+        epochs: list[dict[str, object]] = []
+        for epoch in range(first_epoch, opts.epochs):
+            summary = _run_epoch_retrying(stub, job_id, epoch, opts, console)
+            row: dict[str, object] = {
                 "epoch": epoch + 1,
                 "train_loss": summary.train_loss,
                 "eval_loss": summary.eval_loss,
@@ -161,6 +215,14 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
                 "tokens": summary.tokens,
                 "tokens_per_s": summary.tokens_per_s,
                 "wall_s": summary.wall_s,
+                "data_shards_completed": summary.data_shards_completed,
+                "leases_released": summary.leases_released,
+                "batches_redone": summary.batches_redone,
+                "workers_lost": list(summary.workers_lost),
+                "workers_joined": list(summary.workers_joined),
+                "restores": summary.restores,
+                "steps_lost": summary.steps_lost,
+                "checkpoint": summary.checkpoint,
             }
             epochs.append(row)
             console.print(
@@ -168,10 +230,11 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
                 f"[bold]eval loss {summary.eval_loss:.4f}[/] (ppl {summary.eval_perplexity:.1f})  "
                 f"{summary.tokens_per_s:,.0f} tok/s  {summary.wall_s:.1f}s"
             )
+            _print_incidents(summary, console)
         report["epochs"] = epochs
         if opts.out:
             with console.status("exporting the model"):
-                trained = model_io.fetch_model(opts.coordinator, resp.job_id)
+                trained = model_io.fetch_model(opts.coordinator, job_id)
                 model_io.save(trained, Path(opts.out))
             console.print(f"saved model to [bold]{opts.out}[/] (version {trained.version})")
             if opts.sample_prompt:
@@ -185,6 +248,54 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
         Path(opts.out).mkdir(parents=True, exist_ok=True)
         (Path(opts.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _print_incidents(summary: job_pb2.EpochSummary, console: Console) -> None:
+    if summary.workers_lost or summary.workers_joined or summary.restores:
+        console.print(
+            f"  [yellow]incidents[/]: lost {list(summary.workers_lost)}, "
+            f"joined {list(summary.workers_joined)}, "
+            f"{summary.leases_released} leases re-leased, {summary.batches_redone} batches redone, "
+            f"{summary.restores} rollbacks ({summary.steps_lost} steps lost)"
+        )
+
+
+def _run_epoch_retrying(
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    job_id: str,
+    epoch: int,
+    opts: TrainOptions,
+    console: Console,
+) -> job_pb2.EpochSummary:
+    """Run an epoch; if the coordinator goes away (restart), wait for it and carry on."""
+    deadline = time.monotonic() + opts.retry_s
+    while True:
+        try:
+            return _run_epoch(stub, job_id, epoch, opts.epochs, console)
+        except grpc.RpcError as err:
+            if (
+                err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+                or time.monotonic() > deadline
+            ):
+                raise
+            console.print(
+                f"[yellow]coordinator unavailable ({err.details()}); retrying epoch {epoch + 1}[/]"
+            )
+        time.sleep(2.0)
+        try:
+            st = stub.GetJob(
+                coordinator_pb2.GetJobRequest(job_id=job_id), timeout=60, wait_for_ready=True
+            )
+        except grpc.RpcError:
+            continue
+        if st.epochs_done > epoch:  # it finished while we were away: report what we know
+            return job_pb2.EpochSummary(
+                epoch=epoch,
+                end_step=st.step,
+                eval_loss=st.last_eval_loss,
+                eval_perplexity=math.exp(min(st.last_eval_loss, 700.0)),
+                train_loss=math.nan,
+            )
 
 
 def _run_epoch(
