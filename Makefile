@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PROTO_SRC := $(wildcard protos/lmps/v1/*.proto)
 
-.PHONY: help venv proto demo test test-fast lint typecheck bench clean image
+.PHONY: help venv proto demo test test-fast lint typecheck bench clean image docker-test
 
 help:  ## List targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,3 +48,9 @@ bench: proto  ## Benchmarks: ratios against baselines on this machine
 clean:  ## Remove generated code and local runs
 	rm -f lmps/v1/*_pb2*.py lmps/v1/*_pb2*.pyi lmps/v1/.generated
 	rm -rf runs .lmps
+
+image:  ## Build the lmps image (deploy/Dockerfile; falls back to an offline build: docs/deploy.md)
+	bash deploy/scripts/build-image.sh
+
+docker-test: proto  ## Deployment tests only: compose end-to-end (needs Docker), kustomize/k8s checks
+	$(BIN)/python -m pytest -q tests/docker tests/deploy
