@@ -149,3 +149,17 @@ def test_prometheus_scrapes_the_metrics_ports(compose: Doc) -> None:
         args = compose["services"][service]["command"]
         assert scraped.get(service) == int(flag(args, "--metrics-port")), service
     assert "monitoring" in compose["services"]["prometheus"]["profiles"]
+
+
+def test_same_persistent_paths(compose: Doc, cpu_docs: list[Doc]) -> None:
+    """What compose keeps in named volumes, Kubernetes keeps on PersistentVolumeClaims."""
+    for service in ROLES:
+        mounts = compose["services"][service].get("volumes", [])
+        ours = {m["target"] for m in mounts if m["type"] == "volume"}
+        kind, name, _ = ROLES[service]
+        spec = pod_spec(find(cpu_docs, kind, name))
+        claims = {v["name"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+        container = spec["containers"][0]
+        theirs = {m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in claims}
+        assert ours == theirs, f"{service}: compose {ours} != kubernetes {theirs}"
+    assert "--state-dir" in compose["services"]["coordinator"]["command"]
