@@ -49,7 +49,7 @@ class ComposeProject:
         """Run `docker compose -p NAME ARGS...`; raise with its output when it fails."""
         cmd = ["docker", "compose", "-p", self.name, "--project-directory", str(self.root)]
         for f in self.files:
-            cmd += ["-f", str(self.root / f)]
+            cmd += ["-f", str(self.root / f)]  # an absolute f stays as it is
         proc = subprocess.run(
             [*cmd, *args],
             cwd=self.root,

@@ -108,8 +108,14 @@ def compose_project(
         LMPS_BIND="127.0.0.1",
         COMPOSE_PROFILES="monitoring",
     )
+    # LMPS_COMPOSE_OVERRIDES: extra compose files (os.pathsep-separated) layered on top.
+    overrides = [f for f in os.environ.get("LMPS_COMPOSE_OVERRIDES", "").split(os.pathsep) if f]
     project = ComposeProject(
-        docker_client, name=f"lmpstest{uuid.uuid4().hex[:8]}", env=env, root=Path(REPO)
+        docker_client,
+        name=f"lmpstest{uuid.uuid4().hex[:8]}",
+        env=env,
+        root=Path(REPO),
+        files=("docker-compose.yml", *overrides),
     )
     try:
         yield project
