@@ -170,7 +170,7 @@ def _int(name: str, default: int, environ: Mapping[str, str] | None) -> int:
 
 
 def _token(environ: Mapping[str, str] | None) -> str:
-    token = setting("LMPS_AUTH_TOKEN", "", environ)
+    token = setting("LMPS_AUTH_TOKEN", "", environ).strip()  # a Secret may end in "\n"
     path = setting("LMPS_AUTH_TOKEN_FILE", "", environ)
     if token and path:
         raise ValueError("set LMPS_AUTH_TOKEN or LMPS_AUTH_TOKEN_FILE, not both")
