@@ -118,12 +118,13 @@ def test_grpcurl_lists_shards_through_published_port(cluster: ComposeProject) ->
         assert "lmps.v1.ParameterService" in services, services
         assert "grpc.health.v1.Health" in services, services
         listing = json.loads(grpcurl(address, "lmps.v1.ParameterService/ListShards"))
-        assert listing.get("serverId") == service, listing
+        # grpcurl prints the proto field names (snake_case).
+        assert listing.get("server_id") == service, listing
         shards = listing.get("shards", [])
         assert shards, f"{service} holds no shards after training: {listing}"
-        assert {s["spec"]["serverId"] for s in shards} == {service}, listing
+        assert {s["spec"]["server_id"] for s in shards} == {service}, listing
         shards_total += len(shards)
-        first = shards[0]["spec"]["shardId"]
+        first = shards[0]["spec"]["shard_id"]
         info = json.loads(
             grpcurl(
                 address,
@@ -132,7 +133,7 @@ def test_grpcurl_lists_shards_through_published_port(cluster: ComposeProject) ->
                 "lmps.v1.ParameterService/GetShard",
             )
         )
-        assert info["spec"]["shardId"] == first, info
+        assert info["spec"]["shard_id"] == first, info
         assert "stats" in info, info
     assert shards_total >= 2
 
@@ -175,14 +176,18 @@ def test_prometheus_scrapes_every_container(cluster: ComposeProject) -> None:
 
 
 def test_scale_workers_without_editing_the_file(cluster: ComposeProject) -> None:
-    cluster.compose("up", "--detach", "--no-build", "--no-recreate", "--scale", "worker=3")
+    # Naming the service: a bare `up` would also start the (exited) one-shot trainer again.
+    cluster.compose(
+        "up", "--detach", "--no-build", "--no-recreate", "--scale", "worker=3", "worker"
+    )
     workers = cluster.wait_healthy("worker", count=3)
     members = alive_members(cluster)
     for worker in workers:
         assert f"{container_ip(worker)}:50071" in members, f"{worker.name} not in {members}"
     wait_targets_up(cluster, {"coordinator": 1, "ps": 2, "worker": 3})
-    # The one-shot trainer is not started again by a later `up`.
-    assert cluster.container("trainer").status == "exited"
+    trainer = cluster.container("trainer")
+    trainer.reload()
+    assert trainer.status == "exited", "scaling the workers restarted the trainer"
 
 
 def test_down_stops_every_container_with_exit_code_zero(cluster: ComposeProject) -> None:
