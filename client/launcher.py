@@ -133,8 +133,10 @@ class LocalCluster:
     def restart(self, name: str, timeout_s: float = 60.0) -> None:
         """Start a member again (after `kill`) with the same id, port and log."""
         old = self._popen[name]
-        if old.poll() is None:
-            raise RuntimeError(f"{name} is still running")
+        try:
+            old.wait(timeout=10)  # reap it (a SIGKILL takes a moment to land)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{name} is still running") from None
         proc = next(p for p in self.procs if p.name == name)
         self._launch(proc)
         self._wait(proc, timeout_s)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -177,3 +179,6 @@ def setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # `kill -USR1 PID` prints every thread's stack to the log: the first thing to look at
+    # when a service seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

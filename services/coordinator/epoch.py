@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from lmps.data import plan_data_shards
-from lmps.errors import Unavailable
+from lmps.errors import LmpsError, Unavailable
 from lmps.v1 import job_pb2, worker_pb2
 from services.coordinator.jobs import Job
 from services.coordinator.leases import EpochLeases
@@ -179,7 +179,11 @@ class EpochRun:
                     else:
                         if not d.servers_intact(job):
                             raise ServerLost(f"a parameter server was lost ({ev.error})")
-                        self._lose(ev.worker_id, ev.error)
+                        try:
+                            self._lose(ev.worker_id, ev.error)
+                        except (grpc.RpcError, LmpsError) as err:
+                            # The servers could not all be told: one of them is gone too.
+                            raise ServerLost(f"dropping {ev.worker_id} failed: {err}") from None
                     continue
                 step = ev.step
                 leases.record(step.lease_id, step.batch_index, step.step)
@@ -207,7 +211,15 @@ class EpochRun:
             raise Unavailable(
                 f"epoch {self.epoch_no}: data shards left but no worker to train them"
             )
-        yield self._finish(leases)
+        try:
+            summary = self._finish(leases)
+        except (grpc.RpcError, LmpsError) as err:
+            if d.servers_intact(job):
+                raise
+            raise ServerLost(
+                f"a parameter server was lost at the end of the epoch: {err}"
+            ) from None
+        yield summary
 
     def _finish(self, leases: EpochLeases) -> job_pb2.ProgressEvent:
         job, d = self.job, self.driver
@@ -291,6 +303,7 @@ class EpochRun:
             call.cancel()
         self.lost_at[wid] = time.monotonic()
         with job.lock:
+            job.workers.pop(wid, None)
             job.active = job.active - {wid}
             applied_below = d.fleet.set_members(job.job_id, job.servers, job.active, discard=[wid])
             assert job.epoch is not None
@@ -307,6 +320,7 @@ class EpochRun:
             job.workers[wid] = address
             assert job.epoch is not None
             job.epoch.lost.discard(wid)
+            job.epoch.rebalance([*self.calls, wid])
             version = d.fleet.version(job.job_id, job.servers)
             # Member first, then the stream: its first push must find it in the barrier.
             job.active = job.active | {wid}

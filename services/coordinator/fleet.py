@@ -118,8 +118,9 @@ class Fleet:
         )
 
         def send(address: str) -> parameter_pb2.SetMembersResponse:
+            # No wait_for_ready: a dead server must fail this fast (the epoch then rolls back).
             resp: parameter_pb2.SetMembersResponse = self.ps(address).SetMembers(
-                request, timeout=DEFAULT_TIMEOUT_S, wait_for_ready=True
+                request, timeout=DEFAULT_TIMEOUT_S
             )
             return resp
 
@@ -201,21 +202,36 @@ class Fleet:
     def evaluate(
         self, job_id: str, workers: Mapping[str, str], sequences: torch.Tensor, min_version: int
     ) -> tuple[float, int, int]:
-        """(sum of token losses, tokens, version) over `sequences`, split across workers."""
+        """(sum of token losses, tokens, version) over `sequences`, split across workers.
+
+        A worker that is unreachable (it may have died since its last heartbeat) is left
+        out and the split is redone over the others."""
         addresses = [workers[w] for w in sorted(workers)]
-        parts = [p for p in torch.tensor_split(sequences, len(addresses)) if p.shape[0]]
+        while True:
+            parts = [p for p in torch.tensor_split(sequences, len(addresses)) if p.shape[0]]
 
-        def run(i: int) -> worker_pb2.EvaluateResponse:
-            resp: worker_pb2.EvaluateResponse = self.worker(addresses[i]).Evaluate(
-                worker_pb2.EvaluateRequest(
-                    job_id=job_id, tokens=codec.encode(parts[i]), min_version=min_version
-                ),
-                timeout=600.0,
-                wait_for_ready=True,
-            )
-            return resp
+            def run(
+                i: int, parts: list[torch.Tensor] = parts, addresses: list[str] = addresses
+            ) -> worker_pb2.EvaluateResponse | str:
+                try:
+                    resp: worker_pb2.EvaluateResponse = self.worker(addresses[i]).Evaluate(
+                        worker_pb2.EvaluateRequest(
+                            job_id=job_id, tokens=codec.encode(parts[i]), min_version=min_version
+                        ),
+                        timeout=600.0,
+                    )
+                    return resp
+                except grpc.RpcError as err:
+                    if len(addresses) == 1 or err.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    return addresses[i]
 
-        results = self.fanout(run, list(range(len(parts))))
+            outcome = self.fanout(run, list(range(len(parts))))
+            failed = [r for r in outcome if isinstance(r, str)]
+            if not failed:
+                break
+            addresses = [a for a in addresses if a not in failed]
+        results = [r for r in outcome if not isinstance(r, str)]
         return (
             sum(r.loss_sum for r in results),
             sum(int(r.tokens) for r in results),

@@ -105,7 +105,8 @@ def apply_manifest(job: Job, manifest: dict[str, Any]) -> None:
     """Set a job's progress from a checkpoint manifest."""
     job.step = int(manifest["version"])
     job.epochs_done = int(manifest.get("epochs_done", 0))
-    job.last_eval_loss = float(manifest.get("last_eval_loss", math.nan))
+    loss = manifest.get("last_eval_loss")
+    job.last_eval_loss = math.nan if loss is None else float(loss)
     epoch = manifest.get("epoch")
     if epoch is not None and epoch >= job.epochs_done:
         job.resume = {

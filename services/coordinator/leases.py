@@ -115,6 +115,17 @@ class EpochLeases:
             self.orphans.extend(orphaned)
             return orphaned
 
+    def rebalance(self, workers: list[str]) -> None:
+        """Spread every shard not yet leased over `workers` (those training now plus a
+        worker that just joined), round-robin in shard order, so a newcomer gets a share."""
+        with self._lock:
+            pending = sorted([*self.orphans, *(j for q in self.own.values() for j in q)])
+            self.orphans.clear()
+            order = sorted(w for w in workers if w not in self.lost)
+            self.own = {w: deque() for w in order}
+            for i, j in enumerate(pending):
+                self.own[order[i % len(order)]].append(j)
+
     def progress(self, below_step: int) -> dict[int, int]:
         """Batches per data shard that are in the parameters at version `below_step`."""
         with self._lock:
