@@ -7,8 +7,10 @@ container, network and volume of the project afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import random
 import socket
 import subprocess
 import tarfile
@@ -29,10 +31,24 @@ SERVICE_LABEL = "com.docker.compose.service"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Drawn below the kernel's ephemeral range (ip_local_port_range), which other processes'
+    outgoing connections and port-0 servers take from: the port stays free until compose
+    publishes it.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @dataclass
