@@ -54,6 +54,12 @@ class Shard:
     """Parameter server that owns the slice; empty until `assign`."""
     weight_decay: bool
     """Copied from the parameter."""
+    backup_server_id: str = ""
+    """Server holding a replica (replication 2), updated by the same pushes; empty if none."""
+
+    def held_by(self, server_id: str) -> bool:
+        """True when `server_id` holds this shard, as owner or as backup."""
+        return server_id in (self.server_id, self.backup_server_id)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -147,9 +153,48 @@ def plan_shards(
     params: Sequence[ParamInfo],
     servers: Sequence[str],
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    replication: int = 1,
 ) -> list[Shard]:
-    """Split the parameters into fp32 shards and balance them over `servers`."""
-    return assign(split_params(params, shard_bytes), servers)
+    """Split the parameters into fp32 shards and balance them over `servers`; with
+    replication 2 every shard also gets a backup on another server."""
+    if replication not in (1, 2):
+        raise ValueError(f"replication must be 1 or 2, got {replication}")
+    shards = assign(split_params(params, shard_bytes), servers)
+    return assign_backups(shards, servers) if replication == 2 else shards
+
+
+def assign_backups(shards: Sequence[Shard], servers: Sequence[str]) -> list[Shard]:
+    """Give every shard a backup on a server other than its owner, balancing what each
+    server holds in total (owned + backups). Deterministic, like `assign`."""
+    if len(set(servers)) < 2:
+        raise ValueError("replication 2 needs at least 2 parameter servers")
+    held = {s: 0 for s in servers}
+    for sh in shards:
+        held[sh.server_id] += sh.numel
+    index = {s: i for i, s in enumerate(servers)}
+    backup: dict[int, str] = {}
+    for k in sorted(range(len(shards)), key=lambda k: (-shards[k].numel, k)):
+        owner = shards[k].server_id
+        choice = min((s for s in servers if s != owner), key=lambda s: (held[s], index[s]))
+        backup[k] = choice
+        held[choice] += shards[k].numel
+    return [replace(sh, backup_server_id=backup[k]) for k, sh in enumerate(shards)]
+
+
+def promote(shards: Sequence[Shard], lost: set[str]) -> list[Shard]:
+    """The shard map after losing `lost` servers: a backup whose owner is lost becomes the
+    owner; lost backups are dropped. ValueError if some shard has no copy left."""
+    out = []
+    for sh in shards:
+        owner, backup = sh.server_id, sh.backup_server_id
+        if backup in lost:
+            backup = ""
+        if owner in lost:
+            if not backup:
+                raise ValueError(f"shard {sh.shard_id!r} lost every copy")
+            owner, backup = backup, ""
+        out.append(replace(sh, server_id=owner, backup_server_id=backup))
+    return out
 
 
 def server_loads(shards: Sequence[Shard], itemsize: int = 4) -> dict[str, int]:

@@ -28,6 +28,7 @@ def shard_to_proto(s: Shard) -> parameter_pb2.ShardSpec:
         numel=s.numel,
         server_id=s.server_id,
         weight_decay=s.weight_decay,
+        backup_server_id=s.backup_server_id,
     )
 
 
@@ -40,6 +41,7 @@ def shard_from_proto(m: parameter_pb2.ShardSpec) -> Shard:
         numel=int(m.numel),
         server_id=m.server_id,
         weight_decay=m.weight_decay,
+        backup_server_id=m.backup_server_id,
     )
 
 

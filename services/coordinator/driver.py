@@ -67,10 +67,16 @@ class Driver:
     # -- members ---------------------------------------------------------------------------
 
     def wait_members(self, role: str, want: int, wait_s: float) -> dict[str, str]:
-        """`want` alive members of `role` (0 = all, at least one), sorted by id."""
+        """`want` alive members of `role` (0 = all, at least one), sorted by id. Alive means
+        heartbeating and answering a health check now (a dead member heartbeats no more, but
+        stays in the registry until its heartbeats expire)."""
         deadline = time.monotonic() + wait_s
         while True:
-            alive = [(r.id, r.address) for r in self.registry.alive(role)]
+            alive = [
+                (r.id, r.address)
+                for r in self.registry.alive(role)
+                if self.fleet.reachable(r.address)
+            ]
             if (want and len(alive) >= want) or (not want and alive):
                 return dict(alive[:want] if want else alive)
             if time.monotonic() >= deadline:
@@ -89,17 +95,24 @@ class Driver:
             out[member_id] = rec.incarnation if rec else ""
         return out
 
-    def servers_intact(self, job: Job) -> bool:
-        """Every server of the job alive and still the process we loaded."""
+    def lost_servers(self, job: Job, probe: bool = True) -> set[str]:
+        """Servers of the job that are dead, restarted (state gone) or, with `probe`,
+        not answering a health check now."""
+        lost = set()
         for server_id, incarnation in job.server_epochs.items():
             rec = self.registry.find(server_id)
             if (
                 rec is None
                 or not self.registry.is_alive(server_id)
                 or rec.incarnation != incarnation
+                or (probe and not self.fleet.reachable(job.servers[server_id]))
             ):
-                return False
-        return True
+                lost.add(server_id)
+        return lost
+
+    def servers_intact(self, job: Job, probe: bool = True) -> bool:
+        """Every server of the job alive and still the process we loaded."""
+        return not self.lost_servers(job, probe)
 
     # -- submit ----------------------------------------------------------------------------
 
@@ -191,7 +204,13 @@ class Driver:
         servers = self.wait_members(PS, job.spec.num_servers, wait_s)
         workers = self.wait_members(WORKER, job.spec.num_workers, wait_s)
         infos = [ParamInfo(n, tuple(t.shape), decay_mask(n, t)) for n, t in params.items()]
-        shards = plan_shards(infos, sorted(servers), int(job.spec.shard_bytes))
+        replication = job.spec.replication or 1
+        if replication > len(servers):
+            raise Unavailable(f"replication {replication} needs {replication} parameter servers")
+        try:
+            shards = plan_shards(infos, sorted(servers), int(job.spec.shard_bytes), replication)
+        except ValueError as err:
+            raise InvalidArgument(f"job spec: {err}") from None
         values, states = checkpoint.scatter_state(shards, params, state)
         self.fleet.load(
             job.job_id,
@@ -355,7 +374,7 @@ class Driver:
                 version=version,
             )
         )
-        for msg in self.fleet.pull(job.job_id, job.servers, version):
+        for msg in self.fleet.pull(job.job_id, job.shards, job.servers, version):
             yield coordinator_pb2.ExportModelResponse(shard=msg)
 
 

@@ -23,6 +23,7 @@ import grpc
 
 from lmps.data import plan_data_shards
 from lmps.errors import LmpsError, Unavailable
+from lmps.partition import promote
 from lmps.v1 import job_pb2, worker_pb2
 from services.coordinator.jobs import Job
 from services.coordinator.leases import EpochLeases
@@ -59,6 +60,8 @@ class _Totals:
     steps_lost: int = 0
     releases: int = 0
     redone: int = 0
+    failovers: int = 0
+    servers_lost: list[str] = field(default_factory=list)
 
 
 class EpochRun:
@@ -82,6 +85,9 @@ class EpochRun:
             except ServerLost as lost:
                 first = False
                 reached = self.job.step
+                if self._failover():
+                    log.warning("epoch %d: %s; backups took over", self.epoch_no, lost)
+                    continue
                 log.warning(
                     "epoch %d: %s; rolling back to the last checkpoint", self.epoch_no, lost
                 )
@@ -89,6 +95,37 @@ class EpochRun:
                 version = self.driver.restore(self.job, wait_s=RECOVERY_WAIT_S)
                 self.totals.restores += 1
                 self.totals.steps_lost += max(0, reached - version)
+
+    def _failover(self) -> bool:
+        """Replication 2: drop the lost servers and promote backups, keeping the version.
+        False when that is impossible (no replicas, a shard with no copy left, or the
+        survivors disagree on the version) and the epoch must roll back instead."""
+        job, d = self.job, self.driver
+        if (job.spec.replication or 1) < 2:
+            return False
+        dead = d.lost_servers(job)
+        if not dead:
+            return False
+        try:
+            shards = promote(job.shards, dead)
+            survivors = {s: a for s, a in job.servers.items() if s not in dead}
+            version = d.fleet.version(job.job_id, survivors)
+            progress = job.epoch.progress(below_step=version) if job.epoch else {}
+            workers = {r.id: r.address for r in d.registry.alive(WORKER)}
+            if job.spec.num_workers:
+                workers = dict(sorted(workers.items())[: job.spec.num_workers])
+            d.fleet.configure(job.job_id, job.spec, shards, survivors, workers)
+        except (ValueError, grpc.RpcError, LmpsError) as err:
+            log.warning("failover impossible: %s", err)
+            return False
+        with job.lock:
+            job.shards, job.servers, job.workers = shards, survivors, workers
+            job.server_epochs = {s: i for s, i in job.server_epochs.items() if s not in dead}
+            job.resume = {"epoch": self.epoch_no, "done": progress}
+            job.step = version
+        self.totals.failovers += 1
+        self.totals.servers_lost += sorted(dead)
+        return True
 
     def _wait_for_servers(self) -> None:
         deadline = time.monotonic() + RECOVERY_WAIT_S
@@ -100,9 +137,10 @@ class EpochRun:
             time.sleep(0.5)
 
     def _servers_back(self) -> bool:
-        """The job's servers are all registered and alive (possibly as new processes)."""
+        """As many servers as the job had are registered and answering (maybe new ones)."""
         want = self.job.spec.num_servers or len(self.job.servers)
-        return len(self.driver.registry.alive("ps")) >= want
+        d = self.driver
+        return sum(d.fleet.reachable(r.address) for r in d.registry.alive("ps")) >= want
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -254,6 +292,8 @@ class EpochRun:
                 restores=t.restores,
                 steps_lost=t.steps_lost,
                 checkpoint=str(path or ""),
+                failovers=t.failovers,
+                servers_lost=t.servers_lost,
             ),
         )
 
@@ -333,7 +373,8 @@ class EpochRun:
         job, d = self.job, self.driver
         while not self.stop.wait(0.5):
             try:
-                if not d.servers_intact(job):
+                # Registry only here: probing every half second could misread a busy server.
+                if not d.servers_intact(job, probe=False):
                     self.events.put(
                         _ServerLost("a parameter server stopped heartbeating or restarted")
                     )

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmps import codec, wire
 from lmps.channel import DEFAULT_TIMEOUT_S, open_channel
@@ -51,6 +52,16 @@ class Fleet:
         futures = [self._pool.submit(fn, item) for item in items]
         return [f.result() for f in futures]
 
+    def reachable(self, address: str, timeout_s: float = 3.0) -> bool:
+        """The member answers SERVING on grpc.health.v1 right now (a heartbeat can be 10 s old)."""
+        try:
+            resp = health_pb2_grpc.HealthStub(self._channel(address)).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
     # -- parameter servers -----------------------------------------------------------------
 
     def load(
@@ -67,7 +78,7 @@ class Fleet:
         """Load every server with its shards (and optimizer state when restoring)."""
 
         def load_one(server_id: str) -> None:
-            mine = [s for s in shards if s.server_id == server_id]
+            mine = [s for s in shards if s.held_by(server_id)]
             header = parameter_pb2.LoadHeader(
                 job_id=job_id,
                 optimizer=spec.optimizer,
@@ -162,11 +173,15 @@ class Fleet:
         return values, states
 
     def pull(
-        self, job_id: str, servers: Mapping[str, str], min_version: int
+        self, job_id: str, shards: Sequence[Shard], servers: Mapping[str, str], min_version: int
     ) -> Iterator[tensor_pb2.ShardTensor]:
-        for address in [servers[s] for s in sorted(servers)]:
-            stream = self.ps(address).Pull(
-                parameter_pb2.PullRequest(job_id=job_id, min_version=min_version),
+        """Every shard once, from its owner."""
+        for server_id in sorted(servers):
+            owned = [s.shard_id for s in shards if s.server_id == server_id]
+            if not owned:
+                continue
+            stream = self.ps(servers[server_id]).Pull(
+                parameter_pb2.PullRequest(job_id=job_id, min_version=min_version, shard_ids=owned),
                 timeout=600.0,
                 wait_for_ready=True,
             )

@@ -31,9 +31,13 @@ class ServerPool:
         self.worker_id = worker_id
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
+        # Pull each shard from its owner; push its gradient to owner and backup (if any).
+        self.owned: dict[str, list[str]] = {}
         self.by_server: dict[str, list[str]] = {}
         for s in shards:
-            self.by_server.setdefault(s.server_id, []).append(s.shard_id)
+            self.owned.setdefault(s.server_id, []).append(s.shard_id)
+            for holder in filter(None, (s.server_id, s.backup_server_id)):
+                self.by_server.setdefault(holder, []).append(s.shard_id)
         missing = self.by_server.keys() - addresses.keys()
         if missing:
             raise ValueError(f"no address for servers {sorted(missing)}")
@@ -44,7 +48,7 @@ class ServerPool:
         self._calls: set[grpc.Future] = set()
         self._calls_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(
-            max_workers=max(1, len(self.stubs)), thread_name_prefix="ps"
+            max_workers=max(1, 2 * len(self.stubs)), thread_name_prefix="ps"
         )
 
     def _track(self, call: grpc.Future) -> None:
@@ -68,14 +72,17 @@ class ServerPool:
             ch.close()
 
     def _pull_one(self, server_id: str, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
+        # Only the shards this server owns (it may also hold backups of others). No
+        # wait_for_ready: a dead server must fail the step now, not in ten minutes.
+        owned = self.owned[server_id]
         stream = self.stubs[server_id].Pull(
             parameter_pb2.PullRequest(
                 job_id=self.job_id,
                 min_version=min_version,
                 wire_dtype=codec.to_proto_dtype(self.wire_dtype),
+                shard_ids=[] if owned == self.by_server[server_id] else owned,
             ),
             timeout=self.timeout_s,
-            wait_for_ready=True,
         )
         values: dict[str, torch.Tensor] = {}
         versions = set()
@@ -92,7 +99,7 @@ class ServerPool:
 
     def pull(self, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
         """All shards from all servers at a version >= min_version; one version everywhere."""
-        futures = [self.executor.submit(self._pull_one, s, min_version) for s in self.stubs]
+        futures = [self.executor.submit(self._pull_one, s, min_version) for s in self.owned]
         values: dict[str, torch.Tensor] = {}
         versions = set()
         for f in futures:
@@ -124,7 +131,6 @@ class ServerPool:
         call = self.stubs[server_id].Push.future(
             self._push_messages(server_id, step, weight, grads),
             timeout=self.timeout_s,
-            wait_for_ready=True,
         )
         self._track(call)
         try:

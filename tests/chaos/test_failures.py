@@ -35,11 +35,15 @@ def start(tmp: Path, servers: int = 2, workers: int = 2) -> LocalCluster:
     ).start()
 
 
-def submit(driver: Driver, checkpoint_every: int = 0, batches_per_lease: int = 2) -> str:
+def submit(
+    driver: Driver, checkpoint_every: int = 0, batches_per_lease: int = 2, replication: int = 1
+) -> str:
     spec = make_spec(
         MODEL, SGD, batch_size=BATCH, batches_per_lease=batches_per_lease, shard_bytes=1 << 16
     )
     spec.checkpoint_every = checkpoint_every
+    spec.replication = replication
+    spec.num_servers = 0  # every registered server
     train = random_tokens(BATCHES * BATCH * MODEL.block_size + 1, MODEL.vocab_size, 5)
     evals = random_tokens(4 * MODEL.block_size + 1, MODEL.vocab_size, 6)
     return driver.submit(spec, train, evals)
@@ -138,6 +142,34 @@ def test_parameter_server_killed_rolls_back_to_checkpoint(tmp_path: Path) -> Non
         print(
             f"\nFAULT ps SIGKILL + restart (replication 1): rolled back to checkpoint, "
             f"{summary.steps_lost} steps lost and redone, next step after {recovery:.2f}s"
+        )
+    finally:
+        driver.close()
+        cluster.stop()
+
+
+def test_parameter_server_killed_with_replication_backups_take_over(tmp_path: Path) -> None:
+    cluster = start(tmp_path, servers=3)
+    driver = Driver(cluster.coordinator)
+    try:
+        job_id = submit(driver, replication=2)
+        shard_map = driver.stub.GetShardMap(coordinator_pb2.GetShardMapRequest(), timeout=10)
+        assert all(s.backup_server_id not in ("", s.server_id) for s in shard_map.shards)
+
+        def fault() -> None:
+            cluster.kill("ps-1", signal.SIGKILL)  # and it never comes back
+
+        steps, summary, recovery = run_with_fault(driver, job_id, 0, 14, fault)
+        assert summary.failovers == 1 and list(summary.servers_lost) == ["ps-1"]
+        assert summary.restores == 0 and summary.steps_lost == 0
+        assert_every_batch_trained(steps, summary)
+        after = driver.stub.GetShardMap(coordinator_pb2.GetShardMapRequest(), timeout=10)
+        assert {s.server_id for s in after.shards} == {"ps-0", "ps-2"}
+        # Training goes on: the next epoch runs on the two survivors.
+        assert driver.run_epoch(job_id, 1)[-1].summary.failovers == 0
+        print(
+            f"\nFAULT ps SIGKILL (replication 2): backups took over, 0 steps lost, "
+            f"{summary.batches_redone} batches redone, next step after {recovery:.2f}s"
         )
     finally:
         driver.close()
