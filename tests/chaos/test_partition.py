@@ -1,0 +1,162 @@
+"""A worker cut off by a real network partition (its own network namespace, link pulled):
+the epoch goes on as if it had died, and when the link heals its stale pushes are refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.launcher import ClusterSpec, LocalCluster, free_port, wait_healthy
+from lmps.v1 import coordinator_pb2, job_pb2
+from tests.chaos.test_failures import BATCH, BATCHES, assert_every_batch_trained, submit
+from tests.cluster.jobs import Driver
+
+pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
+
+IP = shutil.which("ip")
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str, str, str]]:
+    """A namespace joined to this one by a veth pair: (ns, host link, host ip, ns ip)."""
+    if IP is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 (`ip`) to make a network namespace")
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"lmps-{tag}", f"lh{tag}", f"ln{tag}"
+    octet = int(tag[:2], 16) % 250 + 1
+    host_ip, ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+    try:
+        sh(IP, "netns", "add", ns)
+    except subprocess.CalledProcessError as err:
+        pytest.skip(f"cannot create a network namespace here: {err.stderr.decode().strip()}")
+    try:
+        sh(IP, "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        sh(IP, "link", "set", ns_if, "netns", ns)
+        sh(IP, "addr", "add", f"{host_ip}/30", "dev", host_if)
+        sh(IP, "link", "set", host_if, "up")
+        sh(IP, "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+        sh(IP, "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        sh(IP, "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield ns, host_if, host_ip, ns_ip
+    finally:
+        subprocess.run([IP, "link", "del", host_if], capture_output=True)
+        subprocess.run([IP, "netns", "del", ns], capture_output=True)
+
+
+def push_refusals(host: str, metrics_ports: list[int]) -> int:
+    """Pushes the servers refused as stale or from a non-member, from their /metrics."""
+    total = 0
+    pattern = re.compile(
+        r'lmps_rpc_total\{code="(NOT_FOUND|FAILED_PRECONDITION)",'
+        r'method="/lmps.v1.ParameterService/Push"\} (\d+)'
+    )
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        total += sum(int(float(m.group(2))) for m in pattern.finditer(text))
+    return total
+
+
+def test_partitioned_worker_is_dropped_and_its_stale_pushes_refused(
+    tmp_path: Path, netns: tuple[str, str, str, str]
+) -> None:
+    ns, host_if, host_ip, ns_ip = netns
+    env = {"LMPS_EXPIRY_S": "3", "LMPS_HEARTBEAT_S": "0.5"}
+    spec = ClusterSpec(
+        servers=2, workers=1, worker_threads=1, host=host_ip, run_dir=str(tmp_path), extra_env=env
+    )
+    cluster = LocalCluster(spec).start()
+    port = free_port()
+    log = (tmp_path / "worker-p.log").open("wb")
+    cmd = [
+        IP or "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        "-m",
+        "services.worker.main",
+        "--host",
+        ns_ip,
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--coordinator",
+        cluster.coordinator,
+        "--id",
+        "worker-p",
+        "--advertise",
+        f"{ns_ip}:{port}",
+    ]
+    partitioned = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    driver = Driver(cluster.coordinator)
+    try:
+        wait_healthy(f"{ns_ip}:{port}", timeout_s=60)
+        job_id = submit(driver)
+        stream = driver.stub.RunEpoch(
+            coordinator_pb2.RunEpochRequest(job_id=job_id, epoch=0), timeout=300
+        )
+        steps: list[job_pb2.StepEvent] = []
+        summary = None
+        cut = healed = 0.0
+        for ev in stream:
+            if ev.WhichOneof("kind") == "summary":
+                summary = ev.summary
+                continue
+            if ev.WhichOneof("kind") != "step":
+                continue
+            steps.append(ev.step)
+            if not cut and sum(s.worker_id == "worker-p" for s in steps) >= 3:
+                sh(IP or "ip", "link", "set", host_if, "down")  # the partition
+                cut = time.monotonic()
+            if cut and not healed and time.monotonic() - cut > 6:
+                sh(IP or "ip", "link", "set", host_if, "up")  # heal, mid-epoch
+                healed = time.monotonic()
+        if not healed:  # the epoch outran the partition: heal now, the stale step still comes
+            sh(IP or "ip", "link", "set", host_if, "up")
+        assert summary is not None and cut
+        assert "worker-p" in summary.workers_lost
+        assert_every_batch_trained(steps, summary)
+        # After the heal the cut-off worker's in-flight step reaches the servers and is refused.
+        ports = [p.metrics_port for p in cluster.procs if p.name.startswith("ps-")]
+        deadline = time.monotonic() + 30
+        while push_refusals(host_ip, ports) == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        refused = push_refusals(host_ip, ports)
+        assert refused > 0, "no stale push was refused after the heal"
+        status = driver.stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), timeout=10)
+        assert status.step == summary.end_step
+        print(
+            f"\nFAULT worker network partition ({BATCHES} batches of {BATCH}): dropped after "
+            f"missed heartbeats, epoch completed, {summary.leases_released} leases re-leased, "
+            f"{summary.batches_redone} batches redone, {refused} stale pushes refused after heal"
+        )
+    finally:
+        driver.close()
+        partitioned.terminate()
+        try:
+            partitioned.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            partitioned.kill()
+        log.close()
+        cluster.stop()
