@@ -1,0 +1,17 @@
+"""lmps benchmarks: ratios against baselines measured in the same process tree.
+
+Run with `make bench` or `python -m bench [--quick] [NAME ...]`; see docs/benchmarks.md.
+Every benchmark prints a table and writes `runs/bench/<name>.json`. Figures on a shared
+2-core machine are noisy, so each one is a median over repeats, and the interesting number is
+always a ratio between two things timed side by side, never an absolute.
+"""
+
+from __future__ import annotations
+
+BENCHMARKS: dict[str, str] = {
+    "codec": "lmps.codec round trip vs torch.save and protobuf `repeated float`",
+    "shards": "pull+push rounds against 2 real parameter servers per shard size",
+    "training": "tokens/s of a 2-server, 2-worker cluster vs one torch process",
+    "wire_dtype": "pull+push rounds with bfloat16 vs float32 on the wire",
+}
+"""Benchmark name -> one line on what it measures. Each name is a module of this package."""
