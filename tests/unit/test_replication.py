@@ -1,0 +1,206 @@
+"""Replication factor 2 in the slicer: backups (`assign_backups`), failover (`promote`),
+`plan_shards(..., replication=2)` and `Shard.held_by`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmps.partition import (
+    ParamInfo,
+    Shard,
+    assign,
+    assign_backups,
+    plan_shards,
+    promote,
+    split_params,
+    validate_cover,
+)
+
+FAST = settings(max_examples=150, deadline=None)
+
+param_lists = st.lists(
+    st.tuples(st.lists(st.integers(0, 12), max_size=2).map(tuple), st.booleans()),
+    min_size=1,
+    max_size=8,
+).map(lambda ps: [ParamInfo(f"p{i}", shape, wd) for i, (shape, wd) in enumerate(ps)])
+server_lists = st.integers(2, 6).map(lambda n: [f"ps-{i}" for i in range(n)])
+
+
+def shard(sid: str, numel: int, owner: str, backup: str = "") -> Shard:
+    return Shard(sid, sid, (numel,), 0, numel, owner, False, backup)
+
+
+def held(shards: list[Shard], servers: list[str]) -> dict[str, int]:
+    """Elements each server holds, owned plus backups."""
+    out = dict.fromkeys(servers, 0)
+    for s in shards:
+        out[s.server_id] += s.numel
+        if s.backup_server_id:
+            out[s.backup_server_id] += s.numel
+    return out
+
+
+# -- assign_backups ------------------------------------------------------------------------
+
+
+@FAST
+@given(params=param_lists, servers=server_lists, shard_bytes=st.integers(4, 200))
+def test_every_backup_is_another_server_and_owners_are_untouched(params, servers, shard_bytes):
+    owned = assign(split_params(params, shard_bytes), servers)
+    backed = assign_backups(owned, servers)
+
+    assert [dataclasses.replace(s, backup_server_id="") for s in backed] == owned
+    for s in backed:
+        assert s.backup_server_id in servers
+        assert s.backup_server_id != s.server_id
+
+
+@FAST
+@given(params=param_lists, servers=server_lists, shard_bytes=st.integers(4, 200))
+def test_held_bytes_stay_within_twice_the_largest_shard(params, servers, shard_bytes):
+    # What the greedy guarantees today; the tighter bound of `assign` (one largest shard)
+    # does not hold for backups, see test_equal_shards_are_held_equally below.
+    shards = plan_shards(params, servers, shard_bytes=shard_bytes, replication=2)
+    loads = held(shards, servers)
+    largest = max(s.numel for s in shards)
+    assert max(loads.values()) - min(loads.values()) <= 2 * largest
+    assert sum(loads.values()) == 2 * sum(s.numel for s in shards)
+
+
+def test_two_servers_hold_the_same():
+    shards = plan_shards(
+        [ParamInfo("a", (7, 3), True), ParamInfo("b", (5,), False)], ["x", "y"], 16, 2
+    )
+    assert len({s.server_id for s in shards}) == 2
+    assert held(shards, ["x", "y"]) == {"x": 26, "y": 26}  # each holds everything
+
+
+def test_backups_go_to_the_least_held_other_server():
+    # Owners hold 10, 6 and 2; backups largest-first onto the least-held non-owner.
+    owned = [shard("s0", 10, "a"), shard("s1", 6, "b"), shard("s2", 2, "c")]
+    backed = assign_backups(owned, ["a", "b", "c"])
+    # s0 -> c (2 < 6) makes c 12; s1 -> a (10 < 12) makes a 16; s2 -> b (6 < 16).
+    assert [s.backup_server_id for s in backed] == ["c", "a", "b"]
+    assert held(backed, ["a", "b", "c"]) == {"a": 16, "b": 8, "c": 12}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: assign_backups breaks held-load ties by server order, not around the ring: "
+    "three equal shards on three servers are held 3/2/1 instead of 2/2/2",
+)
+def test_equal_shards_are_held_equally():
+    params = [ParamInfo(f"p{i}", (1,), False) for i in range(3)]
+    servers = ["ps-0", "ps-1", "ps-2"]
+    shards = plan_shards(params, servers, replication=2)
+    loads = held(shards, servers)
+    assert max(loads.values()) - min(loads.values()) <= max(s.numel for s in shards)
+
+
+@FAST
+@given(params=param_lists, servers=server_lists, shard_bytes=st.integers(4, 200))
+def test_backups_are_deterministic(params, servers, shard_bytes):
+    first = plan_shards(params, servers, shard_bytes=shard_bytes, replication=2)
+    again = plan_shards(list(params), list(servers), shard_bytes=shard_bytes, replication=2)
+    assert first == again
+
+
+@pytest.mark.parametrize("servers", [[], ["ps-0"], ["ps-0", "ps-0"]])
+def test_fewer_than_two_servers_is_a_value_error(servers):
+    owned = [shard("s0", 4, "ps-0")]
+    with pytest.raises(ValueError, match="at least 2"):
+        assign_backups(owned, servers)
+
+
+# -- plan_shards ---------------------------------------------------------------------------
+
+
+@FAST
+@given(params=param_lists, servers=server_lists, shard_bytes=st.integers(4, 200))
+def test_replication_two_adds_backups_to_the_same_plan(params, servers, shard_bytes):
+    single = plan_shards(params, servers, shard_bytes=shard_bytes)
+    double = plan_shards(params, servers, shard_bytes=shard_bytes, replication=2)
+
+    assert all(s.backup_server_id == "" for s in single)
+    assert [dataclasses.replace(s, backup_server_id="") for s in double] == single
+    validate_cover(double, params)  # backups do not change what is covered
+
+
+@pytest.mark.parametrize("replication", [0, 3, -1])
+def test_other_replication_factors_are_rejected(replication):
+    with pytest.raises(ValueError, match="replication must be 1 or 2"):
+        plan_shards([ParamInfo("w", (4,), True)], ["a", "b", "c"], replication=replication)
+
+
+def test_replication_two_on_one_server_is_rejected():
+    with pytest.raises(ValueError, match="at least 2"):
+        plan_shards([ParamInfo("w", (4,), True)], ["a"], replication=2)
+
+
+# -- Shard.held_by -------------------------------------------------------------------------
+
+
+def test_held_by_owner_and_backup_only():
+    s = shard("s", 3, "a", "b")
+    assert s.held_by("a") and s.held_by("b")
+    assert not s.held_by("c")
+    unreplicated = shard("s", 3, "a")
+    assert unreplicated.held_by("a")
+    assert not unreplicated.held_by("b")
+
+
+# -- promote -------------------------------------------------------------------------------
+
+
+def test_promote_owner_lost_backup_takes_over():
+    out = promote([shard("s", 3, "a", "b")], {"a"})
+    assert (out[0].server_id, out[0].backup_server_id) == ("b", "")
+
+
+def test_promote_backup_lost_is_dropped():
+    out = promote([shard("s", 3, "a", "b")], {"b"})
+    assert (out[0].server_id, out[0].backup_server_id) == ("a", "")
+
+
+def test_promote_nothing_lost_changes_nothing():
+    shards = [shard("s0", 3, "a", "b"), shard("s1", 2, "b", "c"), shard("s2", 1, "c")]
+    assert promote(shards, set()) == shards
+    assert promote(shards, {"elsewhere"}) == shards
+
+
+@pytest.mark.parametrize(
+    "shards, lost",
+    [
+        ([shard("s", 3, "a", "b")], {"a", "b"}),  # both copies
+        ([shard("s", 3, "a")], {"a"}),  # an unreplicated owner
+    ],
+)
+def test_promote_every_copy_lost_is_a_value_error(shards, lost):
+    with pytest.raises(ValueError, match="lost every copy"):
+        promote(shards, lost)
+
+
+@FAST
+@given(
+    params=param_lists,
+    servers=server_lists,
+    shard_bytes=st.integers(4, 200),
+    lose=st.integers(0, 5),
+)
+def test_losing_one_server_keeps_every_shard_on_a_survivor(params, servers, shard_bytes, lose):
+    lost = servers[lose % len(servers)]
+    shards = plan_shards(params, servers, shard_bytes=shard_bytes, replication=2)
+    out = promote(shards, {lost})
+
+    validate_cover(out, params)
+    for before, after in zip(shards, out, strict=True):
+        assert after.server_id != lost and not after.held_by(lost)
+        assert before.held_by(after.server_id)  # the new owner already had the data
+        if lost not in (before.server_id, before.backup_server_id):
+            assert after == before  # shards the lost server did not hold are untouched
+        else:
+            assert after.backup_server_id == ""  # one copy left, until re-replicated

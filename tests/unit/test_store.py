@@ -1,0 +1,299 @@
+"""Unit tests for the parameter server's state (services/parameter_server/store.py).
+
+In-process: a `ParameterStore` object, no gRPC, no threads except where a wait is the point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import torch
+
+from lmps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from lmps.optim import OptimizerSettings
+from lmps.partition import ParamInfo, Shard, plan_shards
+from services.parameter_server.store import MAX_GRAD_ABS, MAX_WEIGHT, ParameterStore
+
+JOB = "job-1"
+SHARDS: list[Shard] = plan_shards(
+    [ParamInfo("w", (6, 5), True), ParamInfo("b", (5,), False)], ["ps-0"], shard_bytes=48
+)
+SGD = OptimizerSettings(kind="sgd", lr=1.0)
+ADAMW = OptimizerSettings(kind="adamw", lr=0.05, weight_decay=0.1, beta2=0.99)
+
+
+def randn(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(s.shard_id, torch.randn(s.numel, generator=g)) for s in SHARDS]
+
+
+def filled(value: float) -> list[tuple[str, torch.Tensor]]:
+    return [(s.shard_id, torch.full((s.numel,), value)) for s in SHARDS]
+
+
+def new_store(
+    settings: OptimizerSettings = SGD,
+    members: tuple[str, ...] = ("w0",),
+    **kwargs,
+) -> ParameterStore:
+    store = ParameterStore("ps-0")
+    store.load(JOB, settings, SHARDS, randn(0), members, **kwargs)
+    return store
+
+
+def values(store: ParameterStore) -> dict[str, torch.Tensor]:
+    _, out = store.pull(JOB, 0, [], timeout_s=0)
+    return dict(out)
+
+
+def version(store: ParameterStore) -> int:
+    return store.describe(JOB)[1]
+
+
+def pushed(store: ParameterStore) -> list[str]:
+    return store.describe(JOB)[4]
+
+
+def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def step(store: ParameterStore, seed: int, worker: str = "w0") -> None:
+    result = store.push(JOB, worker, version(store), 1.0, randn(seed))
+    assert result.applied
+
+
+# -- snapshots -----------------------------------------------------------------------------
+
+
+def test_snapshot_of_the_current_version_is_live_state():
+    store = new_store(ADAMW)
+    step(store, 1)
+    snap = store.snapshot(JOB, 1, timeout_s=0)
+
+    assert snap.version == 1
+    assert_equal(snap.values, values(store))
+    assert set(snap.state) == {s.shard_id for s in SHARDS}
+    for st in snap.state.values():
+        assert st["step"].dim() == 0 and float(st["step"]) == 1.0
+    step(store, 2)  # a copy: training on does not change it
+    assert not torch.equal(snap.values[SHARDS[0].shard_id], values(store)[SHARDS[0].shard_id])
+
+
+def test_held_snapshot_survives_until_the_next_multiple():
+    store = new_store(ADAMW, checkpoint_every=2)
+    step(store, 1)
+    step(store, 2)
+    at_2 = values(store)
+    state_2 = store.snapshot(JOB, 2, timeout_s=0).state
+    step(store, 3)  # the server moves on to 3
+
+    held = store.snapshot(JOB, 2, timeout_s=0)
+    assert held.version == 2
+    assert_equal(held.values, at_2)
+    for sid, st in state_2.items():
+        assert_equal(held.state[sid], st)
+    assert store.snapshot(JOB, 3, timeout_s=0).version == 3  # live
+
+    with pytest.raises(FailedPrecondition, match="version 1 is gone"):
+        store.snapshot(JOB, 1, timeout_s=0)  # not a multiple of 2: never held
+    step(store, 4)  # 4: a new snapshot replaces the one of 2
+    with pytest.raises(FailedPrecondition, match="version 2 is gone"):
+        store.snapshot(JOB, 2, timeout_s=0)
+    step(store, 5)
+    assert store.snapshot(JOB, 4, timeout_s=0).version == 4
+
+
+def test_no_held_snapshot_without_checkpoint_every():
+    store = new_store()
+    step(store, 1)
+    with pytest.raises(FailedPrecondition):
+        store.snapshot(JOB, 0, timeout_s=0)
+
+
+def test_snapshot_of_a_future_version_times_out():
+    store = new_store()
+    with pytest.raises(DeadlineExceeded):
+        store.snapshot(JOB, 1, timeout_s=0.05)
+    assert version(store) == 0
+
+
+def test_snapshot_waits_for_a_future_version():
+    store = new_store()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(store.snapshot(JOB, 1, timeout_s=10)))
+    waiter.start()
+    step(store, 1)
+    waiter.join(timeout=10)
+    assert [s.version for s in got] == [1]
+    assert_equal(got[0].values, values(store))
+
+
+# -- members and pending pushes ------------------------------------------------------------
+
+
+def test_set_members_discard_drops_only_that_workers_push():
+    store = new_store(members=("w0", "w1", "w2"))
+    store.push(JOB, "w0", 0, 1.0, randn(10))
+    store.push(JOB, "w1", 0, 1.0, randn(11))
+
+    assert store.set_members(JOB, ["w0", "w1", "w2"], discard=["w1"]) == (0, False)
+    assert pushed(store) == ["w0"]
+
+    store.push(JOB, "w1", 0, 1.0, randn(21))  # allowed again, with another gradient
+    assert store.push(JOB, "w2", 0, 1.0, randn(12)).applied
+
+    reference = new_store(members=("w0", "w1", "w2"))
+    for w, seed in [("w0", 10), ("w1", 21), ("w2", 12)]:
+        reference.push(JOB, w, 0, 1.0, randn(seed))
+    assert_equal(values(store), values(reference))
+
+
+def test_set_members_discard_pending_drops_every_push():
+    store = new_store(members=("w0", "w1", "w2"))
+    store.push(JOB, "w0", 0, 1.0, randn(10))
+    store.push(JOB, "w1", 0, 1.0, randn(11))
+    before = values(store)
+
+    assert store.set_members(JOB, ["w0", "w1", "w2"], discard_pending=True) == (0, False)
+
+    assert pushed(store) == []
+    assert_equal(values(store), before)
+    for w in ("w0", "w1", "w2"):
+        store.push(JOB, w, 0, 1.0, filled(0.0))
+    assert version(store) == 1
+    assert_equal(values(store), before)  # SGD with zero gradient: the old pushes are gone
+
+
+def test_removing_the_last_missing_member_applies_the_step():
+    store = new_store(members=("w0", "w1"))
+    store.push(JOB, "w0", 0, 1.0, randn(3))
+    assert store.set_members(JOB, ["w0"]) == (1, True)
+    assert version(store) == 1
+
+
+# -- the weighted mean ---------------------------------------------------------------------
+
+
+def test_weighted_mean_is_independent_of_push_order():
+    # Element 0 cancels: (1e17 - 1e17) + 1 = 1 in fp64, but (1e17 + 1) - 1e17 = 0, so a sum
+    # in arrival order would differ between these orders. The rest is ordinary data.
+    workers = {"w0": (1e17, 3.0, 30), "w1": (-1e17, 3.0, 31), "w2": (1.0, 2.0, 32)}
+
+    def grads(w: str) -> list[tuple[str, torch.Tensor]]:
+        first, _, seed = workers[w]
+        out = randn(seed)
+        out[0][1][0] = first
+        return out
+
+    results = []
+    for order in itertools.permutations(workers):
+        store = new_store(members=tuple(workers))
+        for w in order:
+            store.push(JOB, w, 0, workers[w][1], grads(w))
+        assert version(store) == 1
+        results.append(values(store))
+    for other in results[1:]:
+        assert_equal(other, results[0])
+
+
+def test_weighted_mean_weighs_by_samples():
+    store = new_store(members=("w0", "w1"))
+    before = values(store)
+    store.push(JOB, "w0", 0, 3.0, filled(1.0))
+    store.push(JOB, "w1", 0, 1.0, filled(5.0))
+    after = values(store)
+    for sid in before:  # SGD lr 1: minus the mean (3 * 1 + 1 * 5) / 4 = 2
+        assert torch.equal(after[sid], before[sid] - 2.0)
+
+
+# -- restoring optimizer state -------------------------------------------------------------
+
+
+def test_load_with_state_restores_adamw_moments():
+    first = new_store(ADAMW)
+    for seed in (1, 2, 3):
+        step(first, seed)
+    snap = first.snapshot(JOB, 3, timeout_s=0)
+
+    def from_snapshot(with_state: bool) -> ParameterStore:
+        store = ParameterStore("ps-0")
+        state = snap.state if with_state else None
+        store.load(JOB, ADAMW, SHARDS, list(snap.values.items()), ["w0"], 3, state)
+        return store
+
+    restored, cold = from_snapshot(True), from_snapshot(False)
+    for store in (first, restored, cold):
+        step(store, 4)
+
+    assert version(restored) == version(first) == 4
+    assert_equal(values(restored), values(first))
+    later = restored.snapshot(JOB, 4, timeout_s=0).state
+    for sid, st in first.snapshot(JOB, 4, timeout_s=0).state.items():
+        assert_equal(later[sid], st)
+    # Without the moments the same step lands elsewhere: the comparison above means something.
+    assert any(not torch.equal(values(cold)[k], v) for k, v in values(first).items())
+
+
+def test_restored_state_is_not_shared_with_the_snapshot():
+    first = new_store(ADAMW)
+    step(first, 1)
+    snap = first.snapshot(JOB, 1, timeout_s=0)
+    kept = {sid: {k: t.clone() for k, t in st.items()} for sid, st in snap.state.items()}
+    restored = ParameterStore("ps-0")
+    restored.load(JOB, ADAMW, SHARDS, list(snap.values.items()), ["w0"], 1, snap.state)
+    step(restored, 2)
+    for sid, st in kept.items():
+        assert_equal(snap.state[sid], st)
+
+
+# -- bounds on gradients and weights -------------------------------------------------------
+
+
+def big_at(shard_index: int, value: float) -> list[tuple[str, torch.Tensor]]:
+    grads = randn(5)
+    grads[shard_index][1][-1] = value
+    return grads
+
+
+@pytest.mark.parametrize(
+    "weight, grads",
+    [
+        (1.0, big_at(0, 2 * MAX_GRAD_ABS)),
+        (1.0, big_at(-1, -2 * MAX_GRAD_ABS)),
+        (MAX_WEIGHT * 2, randn(5)),
+        (float("inf"), randn(5)),
+        (float("nan"), randn(5)),
+        (0.0, randn(5)),
+        (-1.0, randn(5)),
+    ],
+    ids=["grad+", "grad-", "weight", "weight-inf", "weight-nan", "weight-0", "weight-neg"],
+)
+def test_out_of_range_push_is_invalid_and_changes_nothing(weight, grads):
+    store = new_store(members=("w0", "w1"))
+    store.push(JOB, "w1", 0, 1.0, randn(7))
+    before = values(store)
+
+    with pytest.raises(InvalidArgument):
+        store.push(JOB, "w0", 0, weight, grads)
+
+    assert version(store) == 0
+    assert pushed(store) == ["w1"]
+    assert_equal(values(store), before)
+    # The refused push left no trace: w0 may push again, and the step is w1's and this one.
+    store.push(JOB, "w0", 0, 1.0, randn(8))
+    reference = new_store(members=("w0", "w1"))
+    reference.push(JOB, "w1", 0, 1.0, randn(7))
+    reference.push(JOB, "w0", 0, 1.0, randn(8))
+    assert_equal(values(store), values(reference))
+
+
+def test_the_bounds_themselves_are_accepted():
+    store = new_store(members=("w0",))
+    result = store.push(JOB, "w0", 0, MAX_WEIGHT, big_at(0, MAX_GRAD_ABS))
+    assert result.applied
+    assert all(bool(torch.isfinite(t).all()) for t in values(store).values())
