@@ -8,6 +8,7 @@ container, network and volume of the project afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import random
@@ -194,11 +195,11 @@ class ComposeProject:
             print(f"compose down failed ({err}); removing with the SDK")
         label = {"label": f"{PROJECT_LABEL}={self.name}"}
         for c in self.client.containers.list(all=True, filters=label):
-            _quietly(lambda c=c: c.remove(force=True, v=True))
+            _quietly(functools.partial(c.remove, force=True, v=True))
         for n in self.client.networks.list(filters=label):
             _quietly(n.remove)
         for v in self.client.volumes.list(filters=label):
-            _quietly(lambda v=v: v.remove(force=True))
+            _quietly(functools.partial(v.remove, force=True))
 
 
 def _health(container: Container) -> str:
