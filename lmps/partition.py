@@ -165,7 +165,9 @@ def plan_shards(
 
 def assign_backups(shards: Sequence[Shard], servers: Sequence[str]) -> list[Shard]:
     """Give every shard a backup on a server other than its owner, balancing what each
-    server holds in total (owned + backups). Deterministic, like `assign`."""
+    server holds in total (owned + backups): greedy largest-first onto the least-loaded
+    other server, ties going to the next server after the owner around the ring. Held bytes
+    end up within about twice the largest shard of each other. Deterministic, like `assign`."""
     if len(set(servers)) < 2:
         raise ValueError("replication 2 needs at least 2 parameter servers")
     held = {s: 0 for s in servers}
@@ -175,7 +177,11 @@ def assign_backups(shards: Sequence[Shard], servers: Sequence[str]) -> list[Shar
     backup: dict[int, str] = {}
     for k in sorted(range(len(shards)), key=lambda k: (-shards[k].numel, k)):
         owner = shards[k].server_id
-        choice = min((s for s in servers if s != owner), key=lambda s: (held[s], index[s]))
+        n = len(servers)
+        choice = min(
+            (s for s in servers if s != owner),
+            key=lambda s: (held[s], (index[s] - index[owner]) % n),
+        )
         backup[k] = choice
         held[choice] += shards[k].numel
     return [replace(sh, backup_server_id=backup[k]) for k, sh in enumerate(shards)]

@@ -69,7 +69,9 @@ def _write_atomic_text(path: Path, text: str) -> None:
 def gather_state(
     shards: Sequence[Shard], state: StateByShard
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-shard optimizer state -> per-parameter state (vectors assembled, scalars shared)."""
+    """Per-shard optimizer state -> per-parameter state. Per-element state (1-D per shard)
+    is assembled and stored flat, (numel,), so that it stays 1-D even for a 0-d parameter;
+    per-shard scalars (0-d, like AdamW's `step`) are shared by the parameter's shards."""
     by_param: dict[str, dict[str, torch.Tensor]] = {}
     keys = {k for st in state.values() for k in st}
     for key in sorted(keys):
@@ -84,7 +86,7 @@ def gather_state(
                 by_param.setdefault(s.param, {})[key] = scalars[s.shard_id].clone()
         else:
             for name, full in assemble(shards, vectors).items():
-                by_param.setdefault(name, {})[key] = full
+                by_param.setdefault(name, {})[key] = full.reshape(-1)
     return by_param
 
 
@@ -105,7 +107,10 @@ def scatter_state(
         values[s.shard_id] = shard_view(full.contiguous(), s).clone()
         st = {}
         for key, t in state.get(s.param, {}).items():
-            st[key] = t.clone() if t.dim() == 0 else shard_view(t.contiguous(), s).clone()
+            if t.dim() == 0:
+                st[key] = t.clone()
+            else:  # flat (or, in older checkpoints, parameter-shaped) per-element state
+                st[key] = shard_view(t.reshape(s.param_shape).contiguous(), s).clone()
         if st:
             states[s.shard_id] = st
     return values, states
@@ -145,7 +150,13 @@ def write(
         }
         _write_atomic_text(tmp / "manifest.json", json.dumps(full_manifest, indent=2) + "\n")
         _fsync_dir(tmp)
-        if final.exists():  # the same version again (e.g. after a restart): replace it
+        if (final / "manifest.json").exists():
+            # The same version again (a mid-epoch checkpoint that is also the epoch's end, or
+            # a restart): the snapshot of a version is the same, so keep what is on disk
+            # rather than delete a complete checkpoint that LATEST may point at.
+            shutil.rmtree(tmp)
+            return final
+        if final.exists():  # an incomplete folder (no manifest) from a crash: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(job_dir)

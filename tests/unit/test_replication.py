@@ -88,11 +88,6 @@ def test_backups_go_to_the_least_held_other_server():
     assert held(backed, ["a", "b", "c"]) == {"a": 16, "b": 8, "c": 12}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: assign_backups breaks held-load ties by server order, not around the ring: "
-    "three equal shards on three servers are held 3/2/1 instead of 2/2/2",
-)
 def test_equal_shards_are_held_equally():
     params = [ParamInfo(f"p{i}", (1,), False) for i in range(3)]
     servers = ["ps-0", "ps-1", "ps-2"]
