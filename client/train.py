@@ -114,6 +114,8 @@ def submit_messages(
     evals: torch.Tensor,
     init: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[coordinator_pb2.SubmitJobRequest]:
+    spec = job_pb2.JobSpec.FromString(spec.SerializeToString())
+    spec.train_tokens, spec.eval_tokens = train.numel(), evals.numel()
     yield coordinator_pb2.SubmitJobRequest(spec=spec)
     for name, value in (init or {}).items():
         yield coordinator_pb2.SubmitJobRequest(

@@ -144,13 +144,24 @@ def _code_of(context: grpc.ServicerContext) -> str:
     return "OK" if code is None else code.name
 
 
+MAX_DETAILS = 1000  # error details travel in trailers: a 20 KB echoed id would overflow them
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_DETAILS else text[: MAX_DETAILS - 20] + "... (truncated)"
+
+
 def _abort(context: grpc.ServicerContext, err: Exception) -> None:
     if isinstance(err, LmpsError):
-        context.abort(getattr(grpc.StatusCode, err.code), str(err))
-    # A call this handler made to another member failed: pass its status on, not UNKNOWN.
+        context.abort(getattr(grpc.StatusCode, err.code), _short(str(err)))
     assert isinstance(err, grpc.RpcError)
+    if not callable(getattr(err, "code", None)):
+        # Raised by the request iterator when the client cancelled its stream: the call is
+        # over, there is nobody to tell; end it without an error log.
+        context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
+    # A call this handler made to another member failed: pass its status on, not UNKNOWN.
     code, details = err.code(), err.details()
-    context.abort(code, f"downstream call failed: {details}")
+    context.abort(code, _short(f"downstream call failed: {details}"))
 
 
 class _Interceptor(grpc.ServerInterceptor):

@@ -137,6 +137,10 @@ class Driver:
             raise InvalidArgument("job spec: wire_dtype must be a float type")
         if spec.batch_size <= 0:
             raise InvalidArgument("job spec: batch_size must be > 0")
+        if not (math.isfinite(spec.wait_for_members_s) and 0 <= spec.wait_for_members_s <= 3600):
+            raise InvalidArgument("job spec: wait_for_members_s must be in [0, 3600] seconds")
+        if spec.replication > 2:
+            raise InvalidArgument("job spec: replication must be 1 or 2")
         for name, tokens in (("train", train_tokens), ("eval", eval_tokens)):
             if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size):
                 raise InvalidArgument(f"{name} data has token ids outside [0, {config.vocab_size})")
@@ -172,7 +176,14 @@ class Driver:
             parameters=sum(p.numel() for p in params.values()),
             created=time.time(),
         )
-        self.deploy(job, params, {}, version=0, wait_s=spec.wait_for_members_s or 60.0)
+        try:
+            self.deploy(job, params, {}, version=0, wait_s=spec.wait_for_members_s or 60.0)
+        except BaseException:
+            # Some servers may already hold the refused job: the others' state there is gone,
+            # so they come back from their checkpoints when next used.
+            for other in self.jobs.values():
+                other.needs_restore = self.state_dir is not None
+            raise
         with self._lock:
             self.jobs[job.job_id] = job
             self.latest = job.job_id
@@ -398,7 +409,8 @@ def _initial_params(model: GPT, init: Mapping[str, torch.Tensor]) -> dict[str, t
             raise InvalidArgument(
                 f"init: {name} must be float {tuple(p.shape)}, got {t.dtype} {tuple(t.shape)}"
             )
-        if not bool(torch.isfinite(t).all()):
-            raise InvalidArgument(f"init: {name} has NaN or Inf")
-        out[name] = t.to(torch.float32)
+        t32 = t.to(torch.float32)  # check after the cast: 1e39 in fp64 becomes Inf here
+        if not bool(torch.isfinite(t32).all()):
+            raise InvalidArgument(f"init: {name} has NaN or Inf (in float32)")
+        out[name] = t32
     return out

@@ -10,7 +10,7 @@ import torch
 
 from lmps import codec, wire
 from lmps.codec import CodecError
-from lmps.errors import InvalidArgument
+from lmps.errors import Aborted, InvalidArgument
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 from services.coordinator.driver import Driver
 from services.coordinator.jobs import Job
@@ -99,9 +99,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 raise InvalidArgument(f"submit: {err}") from None
             if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64, torch.int16):
                 raise InvalidArgument("submit: dataset parts must be 1-D integer token tensors")
+            # Check the range before narrowing: 2**32 + k would wrap to k in int32.
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) > torch.iinfo(torch.int32).max):
+                raise InvalidArgument("submit: token ids must be in [0, 2**31)")
             parts[msg.data.split].append(t.to(torch.int32))
+        if not context.is_active():
+            raise Aborted("submit: the client cancelled the stream")
         train = torch.cat(parts["train"]) if parts["train"] else torch.empty(0, dtype=torch.int32)
         evals = torch.cat(parts["eval"]) if parts["eval"] else torch.empty(0, dtype=torch.int32)
+        spec = first.spec
+        if (spec.train_tokens, spec.eval_tokens) != (train.numel(), evals.numel()):
+            raise InvalidArgument(
+                f"submit: the stream carried {train.numel()} train and {evals.numel()} eval "
+                f"tokens, the spec announced {spec.train_tokens} and {spec.eval_tokens} "
+                "(a truncated upload?)"
+            )
         job = self.driver.submit(first.spec, train, evals, init or None)
         return coordinator_pb2.SubmitJobResponse(job_id=job.job_id, status=job_status(job))
 

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     store.server_id = member.register()
     member.start()
     running.on_stop.append(member.stop)
+    running.on_stop.append(store.close)  # wake waiting pulls so shutdown takes seconds
     return run_until_signal(running)
 
 

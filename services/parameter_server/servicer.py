@@ -10,7 +10,7 @@ import torch
 
 from lmps import codec, wire
 from lmps.codec import CodecError
-from lmps.errors import InvalidArgument
+from lmps.errors import Aborted, InvalidArgument
 from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
 from services.parameter_server.store import ParameterStore, stats_of
 
@@ -27,6 +27,13 @@ def _decode(msg: tensor_pb2.Tensor, what: str) -> torch.Tensor:
         return codec.decode(msg)
     except CodecError as err:
         raise InvalidArgument(f"{what}: {err}") from None
+
+
+def _complete(context: grpc.ServicerContext, what: str) -> None:
+    """A client that cancels its stream can make the request iterator simply stop: that is
+    a truncated request, never a complete one."""
+    if not context.is_active():
+        raise Aborted(f"{what}: the client cancelled the stream")
 
 
 class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
@@ -59,6 +66,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
                     states[sid] = opt
             else:
                 raise InvalidArgument("load: only one LoadHeader is allowed")
+        _complete(context, "load")
         held = self.store.load(
             h.job_id,
             settings,
@@ -83,7 +91,11 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         if not dtype.is_floating_point:
             raise InvalidArgument(f"pull: wire dtype must be a float type, got {dtype}")
         version, values = self.store.pull(
-            request.job_id, request.min_version, list(request.shard_ids), context.time_remaining()
+            request.job_id,
+            request.min_version,
+            list(request.shard_ids),
+            context.time_remaining(),
+            context.is_active,
         )
         for sid, t in values:
             msg = tensor_pb2.ShardTensor(
@@ -106,6 +118,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
                 raise InvalidArgument("push: only one PushHeader is allowed")
             nbytes += len(msg.grad.tensor.data)
             grads.append((msg.grad.shard_id, _decode(msg.grad.tensor, msg.grad.shard_id)))
+        _complete(context, "push")
         result = self.store.push(h.job_id, h.worker_id, h.step, h.weight, grads)
         PUSHES.inc()
         PUSHED_BYTES.inc(nbytes)
@@ -130,7 +143,9 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
     def Snapshot(
         self, request: parameter_pb2.SnapshotRequest, context: grpc.ServicerContext
     ) -> Iterator[parameter_pb2.ShardState]:
-        snap = self.store.snapshot(request.job_id, request.version, context.time_remaining())
+        snap = self.store.snapshot(
+            request.job_id, request.version, context.time_remaining(), context.is_active
+        )
         for sid, value in snap.values.items():
             state = {k: codec.encode(v) for k, v in snap.state.get(sid, {}).items()}
             yield parameter_pb2.ShardState(

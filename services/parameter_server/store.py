@@ -10,18 +10,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from lmps.errors import (
+    Aborted,
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutOfRange,
+    Unavailable,
 )
 from lmps.optim import OptimizerSettings, ShardOptimizer
 from lmps.partition import Shard
@@ -76,6 +78,7 @@ class _Job:
 # and the weighted sum runs in fp64. Larger values are rejected as INVALID_ARGUMENT.
 MAX_GRAD_ABS = 1e18
 MAX_WEIGHT = 1e12
+MAX_WAIT_S = 3600.0  # longest a pull or snapshot waits for a version, whatever the deadline
 
 
 def stats_of(t: torch.Tensor) -> ShardStats:
@@ -129,6 +132,7 @@ class ParameterStore:
         self.server_id = server_id
         self._cond = threading.Condition()
         self._job: _Job | None = None
+        self._closed = False
         self.applied_steps = 0  # updates applied since start (for metrics)
         self.last_apply_s = 0.0
 
@@ -179,6 +183,40 @@ class ParameterStore:
             self._cond.notify_all()
         return sum(t.numel() * 4 for t in masters.values())
 
+    def close(self) -> None:
+        """Shutting down: wake every waiting pull/snapshot so it ends now (UNAVAILABLE)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _wait_for(
+        self,
+        job_id: str,
+        version: int,
+        timeout_s: float | None,
+        active: Callable[[], bool] | None,
+    ) -> _Job:
+        """Wait (holding the lock between naps) until the job reaches `version`.
+
+        Waits in short slices so that a client that went away, a shutdown, or the deadline
+        ends the wait promptly instead of pinning a handler thread.
+        """
+        if timeout_s is None or not math.isfinite(timeout_s) or timeout_s > MAX_WAIT_S:
+            timeout_s = MAX_WAIT_S  # no deadline (or an absurd one): still bounded
+        deadline = time.monotonic() + timeout_s
+        job = self._require(job_id)
+        while job.version < version:
+            if self._closed:
+                raise Unavailable("the parameter server is shutting down")
+            if active is not None and not active():
+                raise Aborted("the client went away")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"version {job.version} did not reach {version} in time")
+            self._cond.wait(timeout=min(remaining, 0.5))
+            job = self._require(job_id)  # a Load may have replaced the job meanwhile
+        return job
+
     def _require(self, job_id: str) -> _Job:
         job = self._job
         if job is None:
@@ -190,23 +228,20 @@ class ParameterStore:
     # -- reads -----------------------------------------------------------------------------
 
     def pull(
-        self, job_id: str, min_version: int, shard_ids: Sequence[str], timeout_s: float | None
+        self,
+        job_id: str,
+        min_version: int,
+        shard_ids: Sequence[str],
+        timeout_s: float | None,
+        active: Callable[[], bool] | None = None,
     ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         """Copies of the shards at one version >= min_version (waits up to timeout_s)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             job = self._require(job_id)
             for sid in shard_ids:
                 if sid not in job.specs:
                     raise NotFound(f"pull: unknown shard {sid!r}")
-            while job.version < min_version:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(
-                        f"version {job.version} did not reach {min_version} in time"
-                    )
-                self._cond.wait(timeout=remaining)
-                job = self._require(job_id)  # a Load may have replaced the job meanwhile
+            job = self._wait_for(job_id, min_version, timeout_s, active)
             values = job.optimizer.values
             wanted = shard_ids or list(job.specs)
             return job.version, [(sid, values[sid].clone()) for sid in wanted]
@@ -234,17 +269,16 @@ class ParameterStore:
                 raise NotFound(f"unknown shard {shard_id!r}")
             return spec, job.version, job.optimizer.values[shard_id].clone(), 0
 
-    def snapshot(self, job_id: str, version: int, timeout_s: float | None) -> Snapshot:
+    def snapshot(
+        self,
+        job_id: str,
+        version: int,
+        timeout_s: float | None,
+        active: Callable[[], bool] | None = None,
+    ) -> Snapshot:
         """Values and optimizer state at exactly `version` (live, or the held snapshot)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            job = self._require(job_id)
-            while job.version < version:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(f"version {job.version} did not reach {version} in time")
-                self._cond.wait(timeout=remaining)
-                job = self._require(job_id)
+            job = self._wait_for(job_id, version, timeout_s, active)
             if job.version == version:
                 return job.take_snapshot()
             if job.snapshot is not None and job.snapshot.version == version:

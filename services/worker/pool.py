@@ -71,7 +71,9 @@ class ServerPool:
         for ch in self.channels.values():
             ch.close()
 
-    def _pull_one(self, server_id: str, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
+    def _pull_one(
+        self, server_id: str, min_version: int, timeout_s: float | None = None
+    ) -> tuple[int, dict[str, torch.Tensor]]:
         # Only the shards this server owns (it may also hold backups of others). No
         # wait_for_ready: a dead server must fail the step now, not in ten minutes.
         owned = self.owned[server_id]
@@ -82,7 +84,7 @@ class ServerPool:
                 wire_dtype=codec.to_proto_dtype(self.wire_dtype),
                 shard_ids=[] if owned == self.by_server[server_id] else owned,
             ),
-            timeout=self.timeout_s,
+            timeout=timeout_s or self.timeout_s,
         )
         values: dict[str, torch.Tensor] = {}
         versions = set()
@@ -97,9 +99,13 @@ class ServerPool:
             raise RuntimeError(f"server {server_id} sent mixed versions {sorted(versions)}")
         return versions.pop(), values
 
-    def pull(self, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
+    def pull(
+        self, min_version: int, timeout_s: float | None = None
+    ) -> tuple[int, dict[str, torch.Tensor]]:
         """All shards from all servers at a version >= min_version; one version everywhere."""
-        futures = [self.executor.submit(self._pull_one, s, min_version) for s in self.owned]
+        futures = [
+            self.executor.submit(self._pull_one, s, min_version, timeout_s) for s in self.owned
+        ]
         values: dict[str, torch.Tensor] = {}
         versions = set()
         for f in futures:

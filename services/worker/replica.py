@@ -27,11 +27,14 @@ class Replica:
     def __init__(self, config: GPTConfig, shards: Sequence[Shard], device: torch.device) -> None:
         self.config = config
         self.device = device
+        # Check the map on a weightless model first: a bad request must cost no memory.
+        with torch.device("meta"):
+            meta = GPT(config).named_parameters()
+            infos = [ParamInfo(n, tuple(p.shape), decay_mask(n, p)) for n, p in meta]
+        validate_cover(shards, infos)  # ValueError if the map doesn't cover the model exactly
         # Values are overwritten by the first pull, so init cost is all we care about here.
         self.model = GPT(config).to(device)
         self.params = dict(self.model.named_parameters())
-        infos = [ParamInfo(n, tuple(p.shape), decay_mask(n, p)) for n, p in self.params.items()]
-        validate_cover(shards, infos)  # ValueError if the map doesn't cover the model exactly
         self.shards = {s.shard_id: s for s in shards}
 
     @property

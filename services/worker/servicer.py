@@ -187,10 +187,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         vocab = job.replica.config.vocab_size
         if sequences.numel() and (int(sequences.min()) < 0 or int(sequences.max()) >= vocab):
             raise InvalidArgument(f"evaluate: token ids must be in [0, {vocab})")
+        context_len = job.replica.config.block_size + 1
+        if sequences.shape[1] > context_len:
+            raise InvalidArgument(
+                f"evaluate: sequences of {sequences.shape[1]} tokens exceed block_size + 1 = "
+                f"{context_len}"
+            )
         with self._lock:
             if self._training:
                 raise FailedPrecondition("evaluate: an epoch is running on this worker")
-            version, values = job.pool.pull(request.min_version)
+            # Bounded by the caller's deadline and cancelled with it: a pull waiting for a
+            # version that never comes must not hold this worker's lock.
+            remaining = context.time_remaining()
+            timeout = 600.0 if remaining is None else max(0.1, min(remaining, 600.0))
+            context.add_callback(job.pool.cancel)
+            version, values = job.pool.pull(request.min_version, timeout_s=timeout)
             job.replica.load(values)
             loss_sum, count = job.replica.evaluate(sequences)
         return worker_pb2.EvaluateResponse(loss_sum=loss_sum, tokens=count, version=version)

@@ -67,23 +67,7 @@ class KnownBug:
 
 
 KNOWN_BUGS: list[KnownBug] = [
-    # B1: error details quote ids in full, so a huge id makes the trailers exceed the
-    # client's metadata limit and the client gets RESOURCE_EXHAUSTED instead of the real code.
-    KnownBug("B1", "*", "RESOURCE_EXHAUSTED", "received metadata size exceeds"),
-    # B2: codes the code returns but the RPC's proto comment does not document.
-    KnownBug("B2", "ParameterService/Pull", "INVALID_ARGUMENT", "wire dtype"),
-    KnownBug("B2", "ParameterService/SetMembers", "NOT_FOUND", "unknown job"),
-    KnownBug("B2", "ParameterService/GetShard", "INVALID_ARGUMENT", "shard_id is required"),
-    KnownBug("B2", "ParameterService/Snapshot", "NOT_FOUND", "unknown job"),
-    KnownBug("B2", "CoordinatorService/LeaseData", "NOT_FOUND", "unknown job"),
-    KnownBug("B2", "CoordinatorService/LeaseData", "NOT_FOUND", "is not part of job"),
-    KnownBug("B2", "CoordinatorService/LeaseData", "FAILED_PRECONDITION", "is not running"),
-    KnownBug("B2", "CoordinatorService/GetShardMap", "NOT_FOUND", "unknown job"),
-    KnownBug("B2", "CoordinatorService/ExportModel", "NOT_FOUND", "unknown job"),
-    KnownBug("B2", "WorkerService/Evaluate", "NOT_FOUND", "unknown job"),
-    KnownBug("B2", "WorkerService/Evaluate", "INVALID_ARGUMENT", "evaluate: "),
-    # B4: sequences longer than the model's context crash the handler.
-    KnownBug("B4", "WorkerService/Evaluate", "UNKNOWN", "exceeds block_size"),
+    # Empty: every bug the fuzz run found is fixed (tests/fuzz/test_bug_reproducers.py).
 ]
 
 

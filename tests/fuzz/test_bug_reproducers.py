@@ -108,6 +108,8 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victim]:
         train = random_tokens(40 * 2 * SMALL.block_size + 1, SMALL.vocab_size, 5)
         driver.submit(spec, train, random_tokens(2 * SMALL.block_size + 1, SMALL.vocab_size, 6))
         channels = {p.name: open_channel(p.address) for p in cluster.procs[1:]}
+        # The reproducers send `spec` + the train tokens only: announce exactly those.
+        spec.train_tokens, spec.eval_tokens = train.numel(), 0
         yield Victim(cluster, driver, spec, train, channels)
         driver.close()
     finally:
@@ -119,10 +121,6 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victim]:
 # -- B1: huge ids ------------------------------------------------------------------------------
 
 
-@bug(
-    "B1: error details quote the id in full; a 20 KB job id makes the trailers exceed the "
-    "client's metadata limit, so the client gets RESOURCE_EXHAUSTED, not NOT_FOUND"
-)
 def test_b1_huge_unknown_id_gets_not_found(victim: Victim) -> None:
     out = unary(victim.coord.GetJob, coordinator_pb2.GetJobRequest(job_id="x" * 20_000))
     assert out.code == Code.NOT_FOUND, (out.code, out.details[:120])
@@ -204,7 +202,7 @@ def _b2_cases() -> list[Any]:
             rpc,
             call,
             id=f"{rpc.split('/')[1]}-{what.split()[0]}-{i}",
-            marks=bug(f"B2: {rpc} answers {what}, a code its proto comment does not document"),
+            marks=(),
         )
         for i, (rpc, what, call) in enumerate(cases)
     ]
@@ -222,10 +220,6 @@ def test_b2_every_code_is_documented(
 # -- B4: long sequences --------------------------------------------------------------------------
 
 
-@bug(
-    "B4: WorkerService/Evaluate with sequences longer than block_size + 1 raises ValueError "
-    "in the model: UNKNOWN instead of INVALID_ARGUMENT"
-)
 def test_b4_worker_evaluate_refuses_long_sequences(victim: Victim) -> None:
     tokens = codec.encode(torch.zeros((1, SMALL.block_size + 2), dtype=torch.int32))
     out = unary(
@@ -237,10 +231,6 @@ def test_b4_worker_evaluate_refuses_long_sequences(victim: Victim) -> None:
 # -- B6: a pull without a deadline ------------------------------------------------------------
 
 
-@bug(
-    "B6: ParameterService/Pull without a deadline for a future version fails at once with "
-    "UNKNOWN 'timestamp out of range' (time_remaining() is huge); it should wait"
-)
 def test_b6_pull_without_deadline_waits(victim: Victim) -> None:
     request = parameter_pb2.PullRequest(job_id=victim.job(), min_version=2**62)
     call = victim.ps.Pull(request)  # no deadline, as grpcurl or a careless client sends it
@@ -255,10 +245,6 @@ def test_b6_pull_without_deadline_waits(victim: Victim) -> None:
 # -- B9, B10, B13: SubmitJob accepts or chokes on bad specs ------------------------------------
 
 
-@bug(
-    "B10: SubmitJob casts INT64 token ids to int32 before the vocabulary check: ids of "
-    "2**32 + k wrap to k and the job is accepted with corrupted data"
-)
 def test_b10_submit_refuses_token_ids_beyond_int32(victim: Victim) -> None:
     wrapped = victim.train.to(torch.int64) + 2**32
     messages = [
@@ -271,13 +257,6 @@ def test_b10_submit_refuses_token_ids_beyond_int32(victim: Victim) -> None:
     assert out.code == Code.INVALID_ARGUMENT, (out.code, out.details)
 
 
-@bug(
-    "B14: a SubmitJob refused after it began loading the servers leaves them half-loaded: "
-    "the servers that took their Load now hold the refused job, and the previous job can no "
-    "longer train (NOT_FOUND). Shown with initial parameters (--init-from) in float64 beyond "
-    "the fp32 range: the coordinator checks them for Inf before the cast to float32, so only "
-    "the server owning that shard refuses them"
-)
 def test_b14_refused_submit_leaves_the_servers_alone(victim: Victim) -> None:
     previous = victim.held()
     assert len(previous) == 1
@@ -316,11 +295,6 @@ def test_b13_submit_refuses_tiny_shard_bytes(victim: Victim) -> None:
     assert out.code == Code.INVALID_ARGUMENT, (out.code, out.details)
 
 
-@bug(
-    "B3: a SubmitJob stream the client cancels mid-way can be taken for complete (grpc "
-    "ends a cancelled stream's request iterator like a normal end): the coordinator creates "
-    "a job from the truncated dataset"
-)
 def test_b3_cancelled_submit_creates_no_job(victim: Victim) -> None:
     parts = [
         coordinator_pb2.SubmitJobRequest(
@@ -354,11 +328,6 @@ def settle(victim: Victim, quiet_s: float = 3.0, limit_s: float = 30.0) -> None:
             count, since = now, time.monotonic()
 
 
-@bug(
-    "B9: SubmitJob with wait_for_members_s = NaN and too few members never times out "
-    "(time.monotonic() >= NaN is always false): the handler spins forever, past the client's "
-    "deadline, and holds a coordinator thread"
-)
 def test_b9_submit_refuses_nan_wait(victim: Victim) -> None:
     spec = job_pb2.JobSpec()
     spec.CopyFrom(victim.spec)
@@ -376,11 +345,6 @@ def test_b9_submit_refuses_nan_wait(victim: Victim) -> None:
 # -- B11: cancelled streams log a crash ---------------------------------------------------------
 
 
-@bug(
-    "B11: when a client cancels a client stream, lmps.bootstrap._abort calls .code() on the "
-    "server-side grpc.RpcError, which has none: AttributeError logged as 'Exception calling "
-    "application' on every cancelled Push/Load/SubmitJob"
-)
 def test_b11_cancelled_push_logs_no_crash(victim: Victim) -> None:
     header = parameter_pb2.PushRequest(
         header=parameter_pb2.PushHeader(job_id=victim.job(), worker_id="nobody", weight=1.0)
@@ -396,11 +360,6 @@ def test_b11_cancelled_push_logs_no_crash(victim: Victim) -> None:
 # -- B5, B7, B8: waits that nothing can end -------------------------------------------------------
 
 
-@bug(
-    "B5: WorkerService/Evaluate with a future min_version holds the worker's lock while its "
-    "pull waits up to 600 s, past the client's deadline: every later Evaluate (and "
-    "Configure, TrainEpoch) of the worker blocks"
-)
 def test_b5_worker_evaluate_future_version_does_not_wedge_the_worker(victim: Victim) -> None:
     tokens = codec.encode(torch.zeros((1, 4), dtype=torch.int32))
     evals = random_tokens(2 * SMALL.block_size + 1, SMALL.vocab_size, 6)
@@ -413,11 +372,6 @@ def test_b5_worker_evaluate_future_version_does_not_wedge_the_worker(victim: Vic
     assert out.ok, (out.code, out.details)
 
 
-@bug(
-    "B7: a cancelled Pull that waits for a future version keeps its handler thread until "
-    "its deadline (nothing wakes store.pull on cancellation); enough of them exhaust the "
-    "server's 64 threads and even health checks time out"
-)
 def test_b7_cancelled_pulls_free_their_threads(victim: Victim) -> None:
     request = parameter_pb2.PullRequest(job_id=victim.job(), min_version=2**62)
     for _ in range(3):  # 3 x 30: more than the pool, under the per-client stream limit
@@ -431,11 +385,6 @@ def test_b7_cancelled_pulls_free_their_threads(victim: Victim) -> None:
     assert out.ok, (out.code, out.details)
 
 
-@bug(
-    "B8: SIGTERM does not stop a parameter server while a Pull waits for a future version: "
-    "server.stop() returns but the process waits for the blocked handler thread (until the "
-    "pull's deadline) before it exits"
-)
 def test_b8_sigterm_stops_a_server_with_a_waiting_pull(victim: Victim) -> None:
     channel = open_channel(next(p for p in victim.cluster.procs if p.name == "ps-0").address)
     stub = parameter_pb2_grpc.ParameterServiceStub(channel)
