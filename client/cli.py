@@ -14,15 +14,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from rich.console import Console
 
-from client.train import TrainOptions
 from lmps.flags import env
+
+if TYPE_CHECKING:
+    from client.train import TrainOptions
 
 CLUSTER_FILE = Path(".lmps/cluster.json")
 console = Console()
@@ -111,6 +115,13 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=d.workers, help="workers to use; 0 = all registered"
     )
     g.add_argument(
+        "--wait-members",
+        dest="wait_members_s",
+        type=float,
+        default=float(env("LMPS_WAIT_MEMBERS_S", str(d.wait_members_s))),
+        help="seconds to wait for enough servers and workers to register (LMPS_WAIT_MEMBERS_S)",
+    )
+    g.add_argument(
         "--wire-dtype",
         choices=("float32", "bfloat16", "float16"),
         default=d.wire_dtype,
@@ -159,6 +170,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_options(args: argparse.Namespace, **overrides: object) -> TrainOptions:
+    from client.train import TrainOptions
+
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(overrides)
@@ -415,8 +428,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _health_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmps health", description="exit 0 iff ADDRESS answers SERVING on grpc.health.v1"
+    )
+    p.add_argument("address", nargs="?", default=f"127.0.0.1:{env('LMPS_PORT', '50051')}")
+    p.add_argument("--service", default="", help="service name; empty = the whole server")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
+    return p
+
+
+def _stop_on_sigterm() -> None:
+    """`lmps train` in a container is PID 1: without a handler SIGTERM would be ignored."""
+
+    def handle(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handle)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["health"]:
+        # Probes run this every few seconds: no torch, no full parser (0.1 s, not 3 s).
+        args = _health_parser().parse_args(argv[1:])
+        return int(cmd_health(args))
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "demo", "generate"):
+        _stop_on_sigterm()
     try:
         code: int = args.func(args)
         return code

@@ -59,6 +59,7 @@ class TrainOptions:
     init_from: str = ""  # saved model folder to fine-tune
     checkpoint_every: int = 0  # steps between checkpoints; 0 = epoch ends only
     retry_s: float = 300.0  # how long to wait for a restarted coordinator
+    wait_members_s: float = 60.0  # how long the coordinator waits for servers and workers
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -105,6 +106,7 @@ def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_
         wire_dtype=codec.to_proto_dtype(codec.dtype_from_name(opts.wire_dtype)),
         tokenizer_json=tokenizer_json,
         checkpoint_every=opts.checkpoint_every,
+        wait_for_members_s=opts.wait_members_s,
     )
 
 
