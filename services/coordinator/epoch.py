@@ -300,18 +300,28 @@ class EpochRun:
     # -- workers ---------------------------------------------------------------------------
 
     def _refresh_workers(self) -> None:
-        """Use the workers alive now: configure newcomers, forget the dead."""
+        """Use the workers alive now (heartbeating and answering): configure newcomers,
+        forget the dead. A worker killed a moment ago still looks alive in the registry."""
         job, d = self.job, self.driver
-        alive = {r.id: r.address for r in d.registry.alive(WORKER)}
+        alive = {r.id: r.address for r in d.registry.alive(WORKER) if d.fleet.reachable(r.address)}
         if job.spec.num_workers:
             alive = dict(sorted(alive.items())[: job.spec.num_workers])
         if not alive:
             alive = d.wait_members(
                 WORKER, job.spec.num_workers, job.spec.wait_for_members_s or 60.0
             )
-        new = {w: a for w, a in alive.items() if job.workers.get(w) != a}
-        if new:
-            d.fleet.configure(job.job_id, job.spec, job.shards, job.servers, new)
+        for wid, address in sorted(alive.items()):
+            if job.workers.get(wid) == address:
+                continue
+            try:
+                d.fleet.configure(
+                    job.job_id, job.spec, job.shards, job.servers, {wid: address}, timeout_s=60.0
+                )
+            except grpc.RpcError as err:
+                log.warning("epoch %d: worker %s left out: %s", self.epoch_no, wid, err)
+                del alive[wid]
+        if not alive:
+            raise Unavailable("no worker could be configured for the epoch")
         job.workers = alive
 
     def _start_worker(self, wid: str, start_step: int) -> None:
