@@ -12,7 +12,7 @@ import pytest
 
 from tests.docker.compose import ComposeProject
 
-pytestmark = [pytest.mark.docker, pytest.mark.chaos]
+pytestmark = [pytest.mark.docker, pytest.mark.chaos, pytest.mark.timeout(2400)]
 
 TRAIN_TIMEOUT_S = 1200
 
