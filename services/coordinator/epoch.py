@@ -25,6 +25,7 @@ from lmps.data import plan_data_shards
 from lmps.errors import LmpsError, Unavailable
 from lmps.partition import promote
 from lmps.v1 import job_pb2, worker_pb2
+from services.coordinator.fleet import Diverged
 from services.coordinator.jobs import Job
 from services.coordinator.leases import EpochLeases
 from services.coordinator.members import WORKER
@@ -252,7 +253,7 @@ class EpochRun:
         try:
             summary = self._finish(leases)
         except (grpc.RpcError, LmpsError) as err:
-            if d.servers_intact(job):
+            if d.servers_intact(job) and not isinstance(err, Diverged):
                 raise
             raise ServerLost(
                 f"a parameter server was lost at the end of the epoch: {err}"

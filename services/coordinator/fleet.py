@@ -28,6 +28,10 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
+class Diverged(Unavailable):
+    """The job's servers hold states that do not belong together: roll back."""
+
+
 class Fleet:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -139,18 +143,20 @@ class Fleet:
         return min(int(r.version) - int(r.applied) for r in results)
 
     def version(self, job_id: str, servers: Mapping[str, str]) -> int:
-        """The servers' common version; UNAVAILABLE if they disagree."""
+        """The servers' common version. Diverged if they disagree on it, or on the history
+        of which workers made each step (a step applied differently on different shards)."""
 
-        def one(address: str) -> int:
+        def one(address: str) -> tuple[int, str]:
             resp = self.ps(address).ListShards(
                 parameter_pb2.ListShardsRequest(job_id=job_id), timeout=DEFAULT_TIMEOUT_S
             )
-            return int(resp.version)
+            return int(resp.version), str(resp.history)
 
-        versions = set(self.fanout(one, list(servers.values())))
-        if len(versions) != 1:
-            raise Unavailable(f"parameter servers disagree on the version: {sorted(versions)}")
-        return versions.pop()
+        seen = set(self.fanout(one, list(servers.values())))
+        if len(seen) != 1:
+            versions = sorted({v for v, _ in seen})
+            raise Diverged(f"parameter servers diverged: versions {versions}, {len(seen)} states")
+        return seen.pop()[0]
 
     def snapshot(
         self, job_id: str, servers: Mapping[str, str], version: int, timeout_s: float = 600.0
@@ -165,7 +171,10 @@ class Fleet:
 
         values: dict[str, torch.Tensor] = {}
         states: dict[str, dict[str, torch.Tensor]] = {}
-        for part in self.fanout(one, list(servers.values())):
+        parts = self.fanout(one, list(servers.values()))
+        if len({msg.history for part in parts for msg in part}) > 1:
+            raise Diverged(f"version {version} was made of different steps on different servers")
+        for part in parts:
             for msg in part:
                 values[msg.shard_id] = codec.decode(msg.value)
                 if msg.state:

@@ -76,6 +76,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             h.version,
             state=states,
             checkpoint_every=h.checkpoint_every,
+            history=h.history,
         )
         VERSION.set(h.version)
         HELD_BYTES.set(held)
@@ -149,7 +150,11 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         for sid, value in snap.values.items():
             state = {k: codec.encode(v) for k, v in snap.state.get(sid, {}).items()}
             yield parameter_pb2.ShardState(
-                shard_id=sid, version=snap.version, value=codec.encode(value), state=state
+                shard_id=sid,
+                version=snap.version,
+                value=codec.encode(value),
+                state=state,
+                history=snap.history,
             )
 
     def ListShards(
@@ -177,6 +182,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             members=members,
             pushed=pushed,
             total_bytes=sum(s.numel * 4 for s in specs),
+            history=self.store.history(job_id) if job_id else "",
         )
 
     def GetShard(

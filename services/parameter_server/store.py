@@ -7,6 +7,7 @@ lock, so a rejected push or load leaves the server exactly as it was.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -53,6 +54,7 @@ class Snapshot:
     version: int
     values: dict[str, torch.Tensor]
     state: OptState
+    history: str = ""  # the step-composition digest at `version`
 
 
 @dataclass
@@ -68,10 +70,14 @@ class _Job:
     contrib: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     pushed: dict[str, float] = field(default_factory=dict)  # worker_id -> weight
     snapshot: Snapshot | None = None
+    # Digest of which workers (with which weights) made every step since the load. Servers
+    # whose digests differ applied different steps to their shards: a worker that died
+    # between its pushes to two servers counted on one only. The coordinator compares them.
+    history: str = ""
 
     def take_snapshot(self) -> Snapshot:
         values = {sid: t.clone() for sid, t in self.optimizer.values.items()}
-        return Snapshot(self.version, values, self.optimizer.state_dict())
+        return Snapshot(self.version, values, self.optimizer.state_dict(), self.history)
 
 
 # Bounds that keep every update finite in fp32: AdamW squares gradients (1e18**2 < 3.4e38)
@@ -148,6 +154,7 @@ class ParameterStore:
         version: int = 0,
         state: OptState | None = None,
         checkpoint_every: int = 0,
+        history: str = "",
     ) -> int:
         """Install a job. Returns fp32 bytes held. Validates fully before replacing anything.
 
@@ -178,6 +185,7 @@ class ParameterStore:
         except ValueError as err:
             raise InvalidArgument(f"load: {err}") from None
         job = _Job(job_id, specs, optimizer, version, set(members), checkpoint_every)
+        job.history = history or hashlib.sha256(f"{job_id}|{version}".encode()).hexdigest()
         with self._cond:
             self._job = job
             self._cond.notify_all()
@@ -245,6 +253,10 @@ class ParameterStore:
             values = job.optimizer.values
             wanted = shard_ids or list(job.specs)
             return job.version, [(sid, values[sid].clone()) for sid in wanted]
+
+    def history(self, job_id: str = "") -> str:
+        with self._cond:
+            return self._require(job_id).history
 
     def describe(self, job_id: str = "") -> tuple[str, int, list[Shard], list[str], list[str]]:
         """(job_id, version, shard specs, members, pushed-for-pending-step); empty if no job."""
@@ -357,6 +369,8 @@ class ParameterStore:
                 acc.add_(job.contrib[w][sid], alpha=job.pushed[w])
             mean[sid] = acc.div_(total).to(torch.float32)
         job.optimizer.step(mean, job.version)
+        made_of = ",".join(f"{w}:{job.pushed[w]!r}" for w in workers)
+        job.history = hashlib.sha256(f"{job.history}|{job.version}|{made_of}".encode()).hexdigest()
         job.version += 1
         job.contrib = {}
         job.pushed = {}
