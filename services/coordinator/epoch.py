@@ -368,14 +368,16 @@ class EpochRun:
             job.job_id, job.spec, job.shards, job.servers, {wid: address}, timeout_s=20.0
         )
         with job.lock:
+            # Mid-step the servers may be one version apart: any will do, the worker
+            # follows the version it pulls.
+            version = d.fleet.lowest_version(job.job_id, job.servers)
+            # Member first, then the stream: its first push must find it in the barrier.
+            d.fleet.set_members(job.job_id, job.servers, job.active | {wid})
+            job.active = job.active | {wid}
             job.workers[wid] = address
             assert job.epoch is not None
             job.epoch.lost.discard(wid)
             job.epoch.rebalance([*self.calls, wid])
-            version = d.fleet.version(job.job_id, job.servers)
-            # Member first, then the stream: its first push must find it in the barrier.
-            job.active = job.active | {wid}
-            d.fleet.set_members(job.job_id, job.servers, job.active)
         self._start_worker(wid, version)
         self.totals.joined.append(wid)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -142,9 +143,20 @@ class Fleet:
         results = self.fanout(send, list(servers.values()))
         return min(int(r.version) - int(r.applied) for r in results)
 
-    def version(self, job_id: str, servers: Mapping[str, str]) -> int:
+    def version(self, job_id: str, servers: Mapping[str, str], settle_s: float = 3.0) -> int:
         """The servers' common version. Diverged if they disagree on it, or on the history
-        of which workers made each step (a step applied differently on different shards)."""
+        of which workers made each step (a step applied differently on different shards),
+        for longer than `settle_s` (pushes still in flight can finish a step meanwhile)."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            try:
+                return self._version_once(job_id, servers)
+            except Diverged:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.25)
+
+    def _version_once(self, job_id: str, servers: Mapping[str, str]) -> int:
 
         def one(address: str) -> tuple[int, str]:
             resp = self.ps(address).ListShards(
@@ -157,6 +169,17 @@ class Fleet:
             versions = sorted({v for v, _ in seen})
             raise Diverged(f"parameter servers diverged: versions {versions}, {len(seen)} states")
         return seen.pop()[0]
+
+    def lowest_version(self, job_id: str, servers: Mapping[str, str]) -> int:
+        """The lowest version among the servers (they may be a step apart mid-epoch)."""
+
+        def one(address: str) -> int:
+            resp = self.ps(address).ListShards(
+                parameter_pb2.ListShardsRequest(job_id=job_id), timeout=DEFAULT_TIMEOUT_S
+            )
+            return int(resp.version)
+
+        return min(self.fanout(one, list(servers.values())))
 
     def snapshot(
         self, job_id: str, servers: Mapping[str, str], version: int, timeout_s: float = 600.0
