@@ -20,7 +20,7 @@ from lmps.codec import CodecError
 from lmps.data import to_sequences
 from lmps.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from lmps.model import GPT, decay_mask, init_model
-from lmps.partition import DEFAULT_SHARD_BYTES, ParamInfo, plan_shards
+from lmps.partition import DEFAULT_SHARD_BYTES, ParamInfo, assemble, plan_shards
 from lmps.v1 import coordinator_pb2, job_pb2
 from services.coordinator import checkpoint, jobs
 from services.coordinator.fleet import Fleet
@@ -258,7 +258,7 @@ class Driver:
         if latest is not None and checkpoint.version_of(latest) > version:
             raise FailedPrecondition(f"checkpoint {version} is older than {latest.name}")
         values, states = self.fleet.snapshot(job.job_id, job.servers, version, timeout_s=120.0)
-        params = {n: t for n, t in _assemble(job, values).items()}
+        params = assemble(job.shards, values)
         state = checkpoint.gather_state(job.shards, states) if states else {}
         manifest = {
             "epochs_done": job.epochs_done,
@@ -387,12 +387,6 @@ class Driver:
         )
         for msg in self.fleet.pull(job.job_id, job.shards, job.servers, version):
             yield coordinator_pb2.ExportModelResponse(shard=msg)
-
-
-def _assemble(job: Job, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from lmps.partition import assemble
-
-    return assemble(job.shards, values)
 
 
 def _initial_params(model: GPT, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

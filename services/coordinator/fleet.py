@@ -156,7 +156,8 @@ class Fleet:
                     raise
             time.sleep(0.25)
 
-    def _version_once(self, job_id: str, servers: Mapping[str, str]) -> int:
+    def _states(self, job_id: str, servers: Mapping[str, str]) -> list[tuple[int, str]]:
+        """(version, step-composition digest) of every server, from ListShards."""
 
         def one(address: str) -> tuple[int, str]:
             resp = self.ps(address).ListShards(
@@ -164,7 +165,10 @@ class Fleet:
             )
             return int(resp.version), str(resp.history)
 
-        seen = set(self.fanout(one, list(servers.values())))
+        return self.fanout(one, list(servers.values()))
+
+    def _version_once(self, job_id: str, servers: Mapping[str, str]) -> int:
+        seen = set(self._states(job_id, servers))
         if len(seen) != 1:
             versions = sorted({v for v, _ in seen})
             raise Diverged(f"parameter servers diverged: versions {versions}, {len(seen)} states")
@@ -172,14 +176,7 @@ class Fleet:
 
     def lowest_version(self, job_id: str, servers: Mapping[str, str]) -> int:
         """The lowest version among the servers (they may be a step apart mid-epoch)."""
-
-        def one(address: str) -> int:
-            resp = self.ps(address).ListShards(
-                parameter_pb2.ListShardsRequest(job_id=job_id), timeout=DEFAULT_TIMEOUT_S
-            )
-            return int(resp.version)
-
-        return min(self.fanout(one, list(servers.values())))
+        return min(v for v, _ in self._states(job_id, servers))
 
     def snapshot(
         self, job_id: str, servers: Mapping[str, str], version: int, timeout_s: float = 600.0
