@@ -40,7 +40,7 @@ lint: proto  ## ruff
 	$(BIN)/ruff format --check .
 
 typecheck: proto  ## mypy
-	$(BIN)/mypy lmps services client
+	$(BIN)/mypy lmps tests bench
 
 bench: proto  ## Benchmarks: ratios against baselines on this machine
 	$(BIN)/python -m bench

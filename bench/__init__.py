@@ -9,7 +9,7 @@ always a ratio between two things timed side by side, never an absolute.
 from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
-    "codec": "lmps.codec round trip vs torch.save and protobuf `repeated float`",
+    "codec": "lmps.rpc.codec round trip vs torch.save and protobuf `repeated float`",
     "shards": "pull+push rounds against 2 real parameter servers per shard size",
     "training": "tokens/s of a 2-server, 2-worker cluster vs one torch process",
     "wire_dtype": "pull+push rounds with bfloat16 vs float32 on the wire",

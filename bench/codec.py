@@ -1,4 +1,4 @@
-"""`codec`: throughput of lmps.codec vs two baselines, fp32 tensors of 64 KiB .. 16 MiB.
+"""`codec`: throughput of lmps.rpc.codec vs two baselines, fp32 tensors of 64 KiB .. 16 MiB.
 
 Every method does the whole trip a tensor makes over gRPC: tensor -> bytes (encode and
 serialize) and bytes -> a new tensor (parse and decode). Methods:
@@ -11,7 +11,7 @@ serialize) and bytes -> a new tensor (parse and decode). Methods:
   `msg.values.extend(t.tolist())` (the fastest of extend(list) / slice assignment /
   extend(array.array) tried here), decode is `np.array(msg.values, dtype=float32)`.
 - `memcpy`: `t.numpy().tobytes()` and `torch.frombuffer(bytearray(b))`: the two copies any
-  byte-based codec needs; the floor lmps.codec is measured against.
+  byte-based codec needs; the floor lmps.rpc.codec is measured against.
 
 Methods are interleaved within each repeat so that a noisy moment hits all of them.
 """
@@ -37,7 +37,7 @@ from bench.common import (
     time_per_call,
     write_result,
 )
-from lmps import codec
+from lmps.rpc import codec
 from lmps.v1 import tensor_pb2
 
 NAME = "codec"

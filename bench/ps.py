@@ -20,13 +20,13 @@ from types import TracebackType
 import torch
 
 from bench.common import Context
-from client.launcher import ClusterSpec, LocalCluster
-from lmps import codec, wire
-from lmps.channel import open_channel
-from lmps.model import GPTConfig, decay_mask, init_model, preset
-from lmps.partition import ParamInfo, Shard, plan_shards, server_loads, shard_view
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.core.model import GPTConfig, decay_mask, init_model, preset
+from lmps.core.partition import ParamInfo, Shard, plan_shards, server_loads, shard_view
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
+from lmps.services.worker.pool import ServerPool
 from lmps.v1 import job_pb2, parameter_pb2, parameter_pb2_grpc, tensor_pb2
-from services.worker.pool import ServerPool
 
 WORKER_ID = "bench-worker"
 SGD = job_pb2.OptimizerConfig(kind=job_pb2.SGD, lr=1e-4, schedule=job_pb2.CONSTANT)
@@ -155,7 +155,7 @@ def _load_messages(
         header=parameter_pb2.LoadHeader(
             job_id=job_id,
             optimizer=SGD,
-            shards=[wire.shard_to_proto(s) for s in shards],
+            shards=[codec.shard_to_proto(s) for s in shards],
             members=[WORKER_ID],
             version=0,
             consistency=job_pb2.SYNC,

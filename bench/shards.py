@@ -25,7 +25,7 @@ from rich.table import Table
 
 from bench.common import Context, environment, human_bytes, mb_per_s, median, spread, write_result
 from bench.ps import Loaded, ModelParams, PSRig, Round, model_params, shared_rig
-from lmps.partition import DEFAULT_SHARD_BYTES
+from lmps.core.partition import DEFAULT_SHARD_BYTES
 
 NAME = "shards"
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]

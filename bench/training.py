@@ -38,13 +38,13 @@ import torch
 from rich.table import Table
 
 from bench.common import Context, environment, median, spread, write_result
-from client.launcher import ClusterSpec, LocalCluster
-from client.train import TrainOptions, build_spec, submit_messages
-from lmps import wire
-from lmps.channel import open_channel
-from lmps.data import PreparedCorpus, prepare_corpus, to_sequences
-from lmps.model import GPTConfig, decay_mask, init_model, preset
-from lmps.optim import OptimizerSettings, lr_at
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.client.train import TrainOptions, build_spec, submit_messages
+from lmps.core.data import PreparedCorpus, prepare_corpus, to_sequences
+from lmps.core.model import GPTConfig, decay_mask, init_model, preset
+from lmps.core.optim import OptimizerSettings, lr_at
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 
 NAME = "training"
@@ -126,7 +126,7 @@ class Baseline:
         self, config: GPTConfig, spec: job_pb2.JobSpec, train: torch.Tensor, threads: int
     ) -> None:
         self.threads = threads
-        self.settings: OptimizerSettings = wire.optimizer_from_proto(spec.optimizer)
+        self.settings: OptimizerSettings = codec.optimizer_from_proto(spec.optimizer)
         self.model = init_model(config, int(spec.seed))
         self.sequences = to_sequences(train, config.block_size)
         named = list(self.model.named_parameters())
@@ -213,7 +213,7 @@ def run(ctx: Context) -> dict[str, Any]:
     block = preset(opts.preset).block_size
     corpus, train = _corpus(ctx.quick, block, opts.batch_size)
     spec = build_spec(opts, corpus.vocab_size, corpus.tokenizer_json)
-    config = wire.model_from_proto(spec.model)
+    config = codec.model_from_proto(spec.model)
     n_seq = to_sequences(train, block).shape[0]
     spec.optimizer.total_steps = opts.epochs * math.ceil(n_seq // opts.batch_size / WORKERS)
     evals = corpus.eval[: 4 * block + 1]  # a few sequences: the epoch-end eval stays cheap

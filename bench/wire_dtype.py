@@ -16,7 +16,7 @@ from rich.table import Table
 
 from bench.common import Context, environment, median, spread, write_result
 from bench.ps import Round, model_params, shared_rig
-from lmps.partition import DEFAULT_SHARD_BYTES
+from lmps.core.partition import DEFAULT_SHARD_BYTES
 
 NAME = "wire_dtype"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

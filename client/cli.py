@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import grpc
 from rich.console import Console
 
-from lmps.flags import env
+from lmps.rpc.flags import env
 
 if TYPE_CHECKING:
-    from client.train import TrainOptions
+    from lmps.client.train import TrainOptions
 
 CLUSTER_FILE = Path(".lmps/cluster.json")
 console = Console()
@@ -41,7 +41,7 @@ def _coordinator_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
-    from client.train import TrainOptions
+    from lmps.client.train import TrainOptions
 
     d = TrainOptions()
     g = p.add_argument_group("data")
@@ -170,7 +170,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_options(args: argparse.Namespace, **overrides: object) -> TrainOptions:
-    from client.train import TrainOptions
+    from lmps.client.train import TrainOptions
 
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
@@ -183,23 +183,23 @@ def _train_options(args: argparse.Namespace, **overrides: object) -> TrainOption
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.role == "coordinator":
-        from services.coordinator.main import main
+        from lmps.services.coordinator.main import main
     elif args.role == "ps":
-        from services.parameter_server.main import main
+        from lmps.services.parameter_server.main import main
     else:
-        from services.worker.main import main
+        from lmps.services.worker.main import main
     return main(args=args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from client.train import train
+    from lmps.client.train import train
 
     train(_train_options(args), console)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from client import model_io
+    from lmps.client import model_io
 
     if args.model:
         trained = model_io.load(Path(args.model))
@@ -221,7 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from client.launcher import ClusterSpec, LocalCluster, stop_saved
+    from lmps.client.launcher import ClusterSpec, LocalCluster, stop_saved
 
     if args.action == "down":
         stopped = stop_saved(CLUSTER_FILE)
@@ -252,21 +252,21 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from client import inspect
+    from lmps.client import inspect
 
     inspect.show_status(args.coordinator, console)
     return 0
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from client import inspect
+    from lmps.client import inspect
 
     inspect.show_shards(args.coordinator, args.job, console, stats=not args.no_stats)
     return 0
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from client.launcher import wait_healthy
+    from lmps.client.launcher import wait_healthy
 
     try:
         wait_healthy(args.address, timeout_s=args.timeout, service=args.service)
@@ -278,7 +278,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from client.certs import make_dev_pki, usage
+    from lmps.client.certs import make_dev_pki, usage
 
     try:
         pki = make_dev_pki(Path(args.out), args.hosts, days=args.days, force=args.force)
@@ -290,7 +290,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from lmps.data import prepare_corpus
+    from lmps.core.data import prepare_corpus
 
     corpus = prepare_corpus(args.data, args.vocab_size, args.eval_fraction, Path(args.cache_dir))
     console.print(
@@ -301,8 +301,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from client.launcher import ClusterSpec, LocalCluster
-    from client.train import train
+    from lmps.client.launcher import ClusterSpec, LocalCluster
+    from lmps.client.train import train
 
     out = args.out or "runs/demo"
     spec = ClusterSpec(servers=2, workers=2, run_dir=str(Path(out) / "logs"))
@@ -413,9 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run one service: coordinator, ps (parameter server) or worker"
     )
     roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
-    from services.coordinator.main import build_parser as coordinator_parser
-    from services.parameter_server.main import build_parser as ps_parser
-    from services.worker.main import build_parser as worker_parser
+    from lmps.services.coordinator.main import build_parser as coordinator_parser
+    from lmps.services.parameter_server.main import build_parser as ps_parser
+    from lmps.services.worker.main import build_parser as worker_parser
 
     builders: dict[str, Callable[[argparse.ArgumentParser], argparse.ArgumentParser]] = {
         "coordinator": coordinator_parser,

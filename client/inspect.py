@@ -8,7 +8,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from lmps.channel import DEFAULT_TIMEOUT_S, open_channel
+from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, parameter_pb2, parameter_pb2_grpc
 
 _ROLE = {coordinator_pb2.PARAMETER_SERVER: "ps", coordinator_pb2.WORKER: "worker"}

@@ -17,7 +17,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lmps.channel import open_channel
+from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -83,7 +83,7 @@ class LocalCluster:
         cmd = [
             sys.executable,
             "-m",
-            f"services.{role}.main",
+            f"lmps.services.{role}.main",
             "--host",
             self.spec.host,
             "--port",

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
-from lmps import codec, wire
-from lmps.channel import open_channel
-from lmps.model import GPT, GPTConfig, decay_mask
-from lmps.partition import ParamInfo, assemble, validate_cover
+from lmps.core.model import GPT, GPTConfig, decay_mask
+from lmps.core.partition import ParamInfo, assemble, validate_cover
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -41,8 +41,8 @@ def fetch_model(coordinator: str, job_id: str = "") -> TrainedModel:
         first = next(stream)
         header = first.header
         values = {msg.shard.shard_id: codec.decode(msg.shard.tensor) for msg in stream}
-    config = wire.model_from_proto(header.model)
-    shards = [wire.shard_from_proto(s) for s in header.shards]
+    config = codec.model_from_proto(header.model)
+    shards = [codec.shard_from_proto(s) for s in header.shards]
     model = GPT(config)
     params = dict(model.named_parameters())
     validate_cover(
@@ -89,7 +89,7 @@ def sample(
     top_k: int | None = 40,
     seed: int = 0,
 ) -> str:
-    from lmps.model import generate
+    from lmps.core.model import generate
 
     if trained.tokenizer is None:
         raise ValueError("this model has no tokenizer to encode the prompt with")

@@ -15,11 +15,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from client import model_io
-from lmps import codec, wire
-from lmps.channel import open_channel
-from lmps.data import encode_corpus, load_corpus, prepare_corpus, split_tokens
-from lmps.model import preset
+from lmps.client import model_io
+from lmps.core.data import encode_corpus, load_corpus, prepare_corpus, split_tokens
+from lmps.core.model import preset
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 
 PART_TOKENS = 1 << 20  # tokens per DatasetPart message (4 MiB of int32)
@@ -93,7 +93,7 @@ def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_
     )
     return job_pb2.JobSpec(
         name=opts.name,
-        model=wire.model_to_proto(config),
+        model=codec.model_to_proto(config),
         optimizer=optimizer,
         batch_size=opts.batch_size,
         batches_per_lease=opts.batches_per_lease,
@@ -143,7 +143,7 @@ def _prepare(
             tokens = encode_corpus(base.tokenizer, load_corpus(opts.data))
             train_tokens, eval_tokens = split_tokens(tokens, opts.eval_fraction)
         spec = build_spec(opts, base.config.vocab_size, base.tokenizer.to_str())
-        spec.model.CopyFrom(wire.model_to_proto(base.config))
+        spec.model.CopyFrom(codec.model_to_proto(base.config))
         init = {n: p.detach() for n, p in base.model.named_parameters()}
         console.print(
             f"fine-tuning {opts.init_from} ({sum(p.numel() for p in init.values()):,} parameters)"

@@ -13,11 +13,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.launcher import ClusterSpec, LocalCluster
-from lmps import codec, wire
-from lmps.channel import open_channel
-from lmps.optim import OptimizerSettings
-from lmps.partition import Shard
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.core.optim import OptimizerSettings
+from lmps.core.partition import Shard
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
 from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
 
 LoadJob = Callable[..., parameter_pb2.LoadResponse]
@@ -71,8 +71,8 @@ def load_messages(
     """The Load stream the coordinator sends: a header, then one value per shard."""
     header = parameter_pb2.LoadHeader(
         job_id=job_id,
-        optimizer=wire.optimizer_to_proto(settings),
-        shards=[wire.shard_to_proto(s) for s in shards],
+        optimizer=codec.optimizer_to_proto(settings),
+        shards=[codec.shard_to_proto(s) for s in shards],
         members=list(members),
         version=version,
     )

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmps.partition import Shard, assemble, shard_view
+from lmps.core.partition import Shard, assemble, shard_view
 
 SEP = "::"
 StateByShard = Mapping[str, Mapping[str, torch.Tensor]]

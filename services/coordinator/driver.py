@@ -15,17 +15,17 @@ from pathlib import Path
 import grpc
 import torch
 
-from lmps import codec, wire
-from lmps.codec import CodecError
-from lmps.data import to_sequences
-from lmps.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from lmps.model import GPT, decay_mask, init_model
-from lmps.partition import DEFAULT_SHARD_BYTES, ParamInfo, assemble, plan_shards
+from lmps.core.data import to_sequences
+from lmps.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from lmps.core.model import GPT, decay_mask, init_model
+from lmps.core.partition import DEFAULT_SHARD_BYTES, ParamInfo, assemble, plan_shards
+from lmps.rpc import codec
+from lmps.rpc.codec import CodecError
+from lmps.services.coordinator import checkpoint, jobs
+from lmps.services.coordinator.fleet import Fleet
+from lmps.services.coordinator.jobs import Job
+from lmps.services.coordinator.registry import PS, WORKER, Registry
 from lmps.v1 import coordinator_pb2, job_pb2
-from services.coordinator import checkpoint, jobs
-from services.coordinator.fleet import Fleet
-from services.coordinator.jobs import Job
-from services.coordinator.members import PS, WORKER, Registry
 
 log = logging.getLogger("lmps.coordinator")
 
@@ -129,7 +129,7 @@ class Driver:
         init: Mapping[str, torch.Tensor] | None = None,
     ) -> Job:
         try:
-            config = wire.model_from_proto(spec.model)
+            config = codec.model_from_proto(spec.model)
             wire_dtype = codec.wire_dtype(spec.wire_dtype)
         except (ValueError, CodecError) as err:
             raise InvalidArgument(f"job spec: {err}") from None
@@ -158,7 +158,7 @@ class Driver:
             workers_hint = spec.num_workers or max(1, len(self.registry.alive(WORKER)))
             spec.optimizer.total_steps = max(1, spec.epochs) * math.ceil(batches / workers_hint)
         try:
-            wire.optimizer_from_proto(spec.optimizer)
+            codec.optimizer_from_proto(spec.optimizer)
         except ValueError as err:
             raise InvalidArgument(f"job spec: optimizer: {err}") from None
         spec.batches_per_lease = spec.batches_per_lease or DEFAULT_BATCHES_PER_LEASE
@@ -338,7 +338,7 @@ class Driver:
     def run_epoch(
         self, job_id: str, epoch_no: int, context: grpc.ServicerContext
     ) -> Iterator[job_pb2.ProgressEvent]:
-        from services.coordinator.epoch import EpochRun
+        from lmps.services.coordinator.epoch import EpochRun
 
         job = self.job(job_id)
         with job.lock:
@@ -381,7 +381,7 @@ class Driver:
                 job_id=job.job_id,
                 model=job.spec.model,
                 tokenizer_json=job.spec.tokenizer_json,
-                shards=[wire.shard_to_proto(s) for s in job.shards],
+                shards=[codec.shard_to_proto(s) for s in job.shards],
                 version=version,
             )
         )

@@ -21,14 +21,14 @@ from typing import Any
 
 import grpc
 
-from lmps.data import plan_data_shards
-from lmps.errors import LmpsError, Unavailable
-from lmps.partition import promote
+from lmps.core.data import plan_data_shards
+from lmps.core.errors import LmpsError, Unavailable
+from lmps.core.partition import promote
+from lmps.services.coordinator.fleet import Diverged
+from lmps.services.coordinator.jobs import Job
+from lmps.services.coordinator.leases import EpochLeases
+from lmps.services.coordinator.registry import WORKER
 from lmps.v1 import job_pb2, worker_pb2
-from services.coordinator.fleet import Diverged
-from services.coordinator.jobs import Job
-from services.coordinator.leases import EpochLeases
-from services.coordinator.members import WORKER
 
 log = logging.getLogger("lmps.epoch")
 LONG_TIMEOUT_S = 24 * 3600.0  # an epoch stream may legitimately run for hours

@@ -12,10 +12,10 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lmps import codec, wire
-from lmps.channel import DEFAULT_TIMEOUT_S, open_channel
-from lmps.errors import Unavailable
-from lmps.partition import Shard
+from lmps.core.errors import Unavailable
+from lmps.core.partition import Shard
+from lmps.rpc import codec
+from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
 from lmps.v1 import (
     job_pb2,
     parameter_pb2,
@@ -87,7 +87,7 @@ class Fleet:
             header = parameter_pb2.LoadHeader(
                 job_id=job_id,
                 optimizer=spec.optimizer,
-                shards=[wire.shard_to_proto(s) for s in mine],
+                shards=[codec.shard_to_proto(s) for s in mine],
                 members=sorted(members),
                 version=version,
                 consistency=spec.consistency,
@@ -232,7 +232,7 @@ class Fleet:
         request = worker_pb2.ConfigureRequest(
             job_id=job_id,
             spec=light,
-            shards=[wire.shard_to_proto(s) for s in shards],
+            shards=[codec.shard_to_proto(s) for s in shards],
             servers=[
                 worker_pb2.ServerAddress(server_id=k, address=v) for k, v in sorted(servers.items())
             ],

@@ -19,12 +19,12 @@ import torch
 from google.protobuf import json_format
 from safetensors.torch import load_file, save_file
 
-from lmps import wire
-from lmps.model import GPTConfig
-from lmps.partition import Shard
+from lmps.core.model import GPTConfig
+from lmps.core.partition import Shard
+from lmps.rpc import codec
+from lmps.services.coordinator import checkpoint
+from lmps.services.coordinator.leases import EpochLeases
 from lmps.v1 import job_pb2
-from services.coordinator import checkpoint
-from services.coordinator.leases import EpochLeases
 
 
 @dataclass
@@ -89,7 +89,7 @@ def load_all(root: Path) -> list[Job]:
         job = Job(
             job_id=meta["job_id"],
             spec=spec,
-            config=wire.model_from_proto(spec.model),
+            config=codec.model_from_proto(spec.model),
             train=data["train"],
             eval=data["eval"],
             parameters=int(meta["parameters"]),

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lmps.errors import FailedPrecondition, NotFound
+from lmps.core.errors import FailedPrecondition, NotFound
 
 
 @dataclass

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmps.bootstrap import Service, run_until_signal, start_server
-from lmps.flags import add_serve_flags, env, serve_options, setup_logging
+from lmps.rpc.bootstrap import Service, run_until_signal, start_server
+from lmps.rpc.flags import add_serve_flags, env, serve_options, setup_logging
+from lmps.services.coordinator.driver import Driver
+from lmps.services.coordinator.registry import Registry
+from lmps.services.coordinator.servicer import CoordinatorServicer
 from lmps.v1 import coordinator_pb2_grpc
-from services.coordinator.driver import Driver
-from services.coordinator.members import Registry
-from services.coordinator.servicer import CoordinatorServicer
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

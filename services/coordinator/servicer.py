@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import grpc
 import torch
 
-from lmps import codec, wire
-from lmps.codec import CodecError
-from lmps.errors import Aborted, InvalidArgument
+from lmps.core.errors import Aborted, InvalidArgument
+from lmps.rpc import codec
+from lmps.rpc.codec import CodecError
+from lmps.services.coordinator.driver import Driver
+from lmps.services.coordinator.jobs import Job
+from lmps.services.coordinator.registry import PS, WORKER, Registry
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
-from services.coordinator.driver import Driver
-from services.coordinator.jobs import Job
-from services.coordinator.members import PS, WORKER, Registry
 
 _ROLES = {coordinator_pb2.PARAMETER_SERVER: PS, coordinator_pb2.WORKER: WORKER}
 _ROLE_ENUM = {v: k for k, v in _ROLES.items()}
@@ -149,7 +149,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 )
             )
         return coordinator_pb2.ShardMap(
-            job_id=job.job_id, shards=[wire.shard_to_proto(s) for s in job.shards], servers=entries
+            job_id=job.job_id, shards=[codec.shard_to_proto(s) for s in job.shards], servers=entries
         )
 
     def GetClusterStatus(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lmps.bootstrap import Service, advertised_address, run_until_signal, start_server
-from lmps.flags import add_serve_flags, serve_options, setup_logging
-from lmps.membership import Membership
+from lmps.rpc.bootstrap import Service, advertised_address, run_until_signal, start_server
+from lmps.rpc.flags import add_serve_flags, serve_options, setup_logging
+from lmps.rpc.registration import Registration
+from lmps.services.parameter_server.servicer import ParameterServicer
+from lmps.services.parameter_server.store import ParameterStore
 from lmps.v1 import coordinator_pb2, parameter_pb2_grpc
-from services.parameter_server.servicer import ParameterServicer
-from services.parameter_server.store import ParameterStore
 
 log = logging.getLogger("lmps.ps")
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         ],
     )
     address = advertised_address(args.host, running.port, args.advertise)
-    member = Membership(args.coordinator, coordinator_pb2.PARAMETER_SERVER, address, args.id)
+    member = Registration(args.coordinator, coordinator_pb2.PARAMETER_SERVER, address, args.id)
     store.server_id = member.register()
     member.start()
     running.on_stop.append(member.stop)

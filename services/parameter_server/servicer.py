@@ -8,11 +8,11 @@ import grpc
 import prometheus_client
 import torch
 
-from lmps import codec, wire
-from lmps.codec import CodecError
-from lmps.errors import Aborted, InvalidArgument
+from lmps.core.errors import Aborted, InvalidArgument
+from lmps.rpc import codec
+from lmps.rpc.codec import CodecError
+from lmps.services.parameter_server.store import ParameterStore, stats_of
 from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
-from services.parameter_server.store import ParameterStore, stats_of
 
 VERSION = prometheus_client.Gauge("lmps_ps_version", "Parameter version (optimizer steps applied)")
 PUSHES = prometheus_client.Counter("lmps_ps_pushes_total", "Accepted gradient pushes")
@@ -48,10 +48,10 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             raise InvalidArgument("load: the first message must be a LoadHeader")
         h = header.header
         try:
-            settings = wire.optimizer_from_proto(h.optimizer)
+            settings = codec.optimizer_from_proto(h.optimizer)
         except ValueError as err:
             raise InvalidArgument(f"load: {err}") from None
-        shards = [wire.shard_from_proto(s) for s in h.shards]
+        shards = [codec.shard_from_proto(s) for s in h.shards]
         values = []
         states: dict[str, dict[str, torch.Tensor]] = {}
         for msg in request_iterator:
@@ -164,7 +164,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         infos = []
         for spec in specs:
             info = parameter_pb2.ShardInfo(
-                spec=wire.shard_to_proto(spec),
+                spec=codec.shard_to_proto(spec),
                 dtype="float32",
                 shape=[spec.numel],
                 version=version,
@@ -192,7 +192,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             raise InvalidArgument("get shard: shard_id is required")
         spec, version, value, _ = self.store.shard(request.job_id, request.shard_id)
         return parameter_pb2.ShardInfo(
-            spec=wire.shard_to_proto(spec),
+            spec=codec.shard_to_proto(spec),
             dtype="float32",
             shape=[spec.numel],
             version=version,

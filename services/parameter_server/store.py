@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmps.errors import (
+from lmps.core.errors import (
     Aborted,
     AlreadyExists,
     DeadlineExceeded,
@@ -26,8 +26,8 @@ from lmps.errors import (
     OutOfRange,
     Unavailable,
 )
-from lmps.optim import OptimizerSettings, ShardOptimizer
-from lmps.partition import Shard
+from lmps.core.optim import OptimizerSettings, ShardOptimizer
+from lmps.core.partition import Shard
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from lmps.bootstrap import Service, advertised_address, run_until_signal, start_server
-from lmps.flags import add_serve_flags, env, serve_options, setup_logging
-from lmps.membership import Membership
+from lmps.rpc.bootstrap import Service, advertised_address, run_until_signal, start_server
+from lmps.rpc.flags import add_serve_flags, env, serve_options, setup_logging
+from lmps.rpc.registration import Registration
+from lmps.services.worker.servicer import WorkerServicer
 from lmps.v1 import coordinator_pb2, worker_pb2_grpc
-from services.worker.servicer import WorkerServicer
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         ],
     )
     address = advertised_address(args.host, running.port, args.advertise)
-    member = Membership(args.coordinator, coordinator_pb2.WORKER, address, args.id)
+    member = Registration(args.coordinator, coordinator_pb2.WORKER, address, args.id)
     servicer.worker_id = member.register()
     member.start()
     running.on_stop.append(member.stop)

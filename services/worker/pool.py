@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from lmps import codec
-from lmps.channel import open_channel
-from lmps.partition import Shard
+from lmps.core.partition import Shard
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
 from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
 
 

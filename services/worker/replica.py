@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from lmps.model import GPT, GPTConfig, decay_mask
-from lmps.partition import ParamInfo, Shard, shard_view, validate_cover
+from lmps.core.model import GPT, GPTConfig, decay_mask
+from lmps.core.partition import ParamInfo, Shard, shard_view, validate_cover
 
 
 def pick_device(requested: str) -> torch.device:

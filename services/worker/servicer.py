@@ -12,13 +12,13 @@ import grpc
 import prometheus_client
 import torch
 
-from lmps import codec, wire
-from lmps.channel import DEFAULT_TIMEOUT_S, open_channel
-from lmps.codec import CodecError
-from lmps.errors import FailedPrecondition, InvalidArgument, NotFound
+from lmps.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from lmps.rpc import codec
+from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
+from lmps.rpc.codec import CodecError
+from lmps.services.worker.pool import ServerPool
+from lmps.services.worker.replica import Replica, pick_device
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, worker_pb2, worker_pb2_grpc
-from services.worker.pool import ServerPool
-from services.worker.replica import Replica, pick_device
 
 log = logging.getLogger("lmps.worker")
 
@@ -62,8 +62,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ConfigureRequest, context: grpc.ServicerContext
     ) -> worker_pb2.ConfigureResponse:
         try:
-            config = wire.model_from_proto(request.spec.model)
-            shards = [wire.shard_from_proto(s) for s in request.shards]
+            config = codec.model_from_proto(request.spec.model)
+            shards = [codec.shard_from_proto(s) for s in request.shards]
             dtype = codec.wire_dtype(request.spec.wire_dtype)
             with torch.random.fork_rng(devices=[]):
                 replica = Replica(config, shards, self.device)

@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client.launcher import ClusterSpec, LocalCluster
-from lmps.data import plan_data_shards
-from lmps.model import GPTConfig
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.core.data import plan_data_shards
+from lmps.core.model import GPTConfig
 from lmps.v1 import coordinator_pb2, job_pb2
 from tests.cluster.jobs import Driver, make_spec, random_tokens
 

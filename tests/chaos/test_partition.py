@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client.launcher import ClusterSpec, LocalCluster, free_port, wait_healthy
+from lmps.client.launcher import ClusterSpec, LocalCluster, free_port, wait_healthy
 from lmps.v1 import coordinator_pb2, job_pb2
 from tests.chaos.test_failures import BATCH, BATCHES, assert_every_batch_trained, submit
 from tests.cluster.jobs import Driver
@@ -89,7 +89,7 @@ def test_partitioned_worker_is_dropped_and_its_stale_pushes_refused(
         ns,
         sys.executable,
         "-m",
-        "services.worker.main",
+        "lmps.services.worker.main",
         "--host",
         ns_ip,
         "--port",

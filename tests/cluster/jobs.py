@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import torch
 
-from client.train import submit_messages
-from lmps import wire
-from lmps.channel import open_channel
-from lmps.model import GPTConfig
+from lmps.client.train import submit_messages
+from lmps.core.model import GPTConfig
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
@@ -34,7 +34,7 @@ def make_spec(
 ) -> job_pb2.JobSpec:
     return job_pb2.JobSpec(
         name="test",
-        model=wire.model_to_proto(config),
+        model=codec.model_to_proto(config),
         optimizer=optimizer,
         batch_size=batch_size,
         batches_per_lease=batches_per_lease,

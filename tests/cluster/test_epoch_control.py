@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from client.launcher import ClusterSpec, LocalCluster
+from lmps.client.launcher import ClusterSpec, LocalCluster
 from lmps.v1 import coordinator_pb2, job_pb2
 from tests.cluster.jobs import SMALL, Driver, make_spec, random_tokens
 

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from client import model_io
-from client.launcher import ClusterSpec, LocalCluster
-from lmps import wire
-from lmps.data import plan_data_shards, to_sequences
-from lmps.model import GPT, decay_mask, init_model
-from lmps.optim import lr_at
+from lmps.client import model_io
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.core.data import plan_data_shards, to_sequences
+from lmps.core.model import GPT, decay_mask, init_model
+from lmps.core.optim import lr_at
+from lmps.rpc import codec
 from lmps.v1 import job_pb2
 from tests.cluster.jobs import SMALL, Driver, make_spec, random_tokens
 
@@ -42,7 +42,7 @@ def reference(
     epoch_of: dict[int, int],
 ) -> GPT:
     """Single-process torch: each step's batch is the union of the workers' batches."""
-    settings = wire.optimizer_from_proto(optimizer)
+    settings = codec.optimizer_from_proto(optimizer)
     model = init_model(SMALL, SEED)
     params = list(model.named_parameters())
     groups = [
@@ -141,7 +141,7 @@ def test_cluster_matches_single_process_torch(cluster: LocalCluster, name: str) 
     got = dict(trained.model.named_parameters())
     worst = 0.0
     for n, p in expected.named_parameters():
-        torch.testing.assert_close(got[n], p, msg=lambda m, n=n: f"{name} {n}: {m}")
+        torch.testing.assert_close(got[n], p, msg=lambda m, n=n: f"{name} {n}: {m}")  # type: ignore[misc]
         worst = max(worst, float((got[n] - p).detach().abs().max()))
     # Training moved the parameters: the comparison is not trivially init == init.
     init = dict(init_model(SMALL, SEED).named_parameters())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from client.launcher import ClusterSpec, LocalCluster, free_port
+from lmps.client.launcher import ClusterSpec, LocalCluster, free_port
 from lmps.v1 import job_pb2
 from tests.cluster.jobs import SMALL, Driver, make_spec, random_tokens
 

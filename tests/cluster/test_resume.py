@@ -10,12 +10,12 @@ import grpc
 import pytest
 import torch
 
-from client import model_io
-from client.launcher import ClusterSpec, LocalCluster
-from client.train import submit_messages
-from lmps.model import init_model
+from lmps.client import model_io
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.client.train import submit_messages
+from lmps.core.model import init_model
+from lmps.services.coordinator import checkpoint
 from lmps.v1 import coordinator_pb2, job_pb2
-from services.coordinator import checkpoint
 from tests.cluster.jobs import SMALL, Driver, make_spec, random_tokens
 
 pytestmark = pytest.mark.cluster
@@ -96,7 +96,7 @@ def test_resume_on_a_new_cluster_with_more_servers_matches_an_uninterrupted_run(
         c.stop()
     worst = 0.0
     for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(got[name], value, msg=lambda m, n=name: f"{n}: {m}")  # type: ignore[misc]
         worst = max(worst, float((got[name] - value).abs().max()))
     print(f"\nresume parity (2 -> 3 servers, AdamW state restored): max abs diff {worst:.3e}")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from client import model_io
-from client.launcher import ClusterSpec, LocalCluster
-from client.train import TrainOptions, train
+from lmps.client import model_io
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.client.train import TrainOptions, train
 
 pytestmark = pytest.mark.cluster
 

@@ -14,10 +14,10 @@ from typing import Any, cast
 import torch
 from hypothesis import strategies as st
 
-from lmps import codec, wire
-from lmps.codec import CodecError
-from lmps.model import GPT, decay_mask
-from lmps.partition import ParamInfo, validate_cover
+from lmps.core.model import GPT, decay_mask
+from lmps.core.partition import ParamInfo, validate_cover
+from lmps.rpc import codec
+from lmps.rpc.codec import CodecError
 from lmps.v1 import coordinator_pb2, job_pb2, parameter_pb2, tensor_pb2, worker_pb2
 
 FLOAT_DTYPES: tuple[Any, ...] = (
@@ -301,7 +301,7 @@ def with_job(case: Case, job_id: str) -> Case:
     return case
 
 
-# Optimizer configs the contract rejects (checked against wire.optimizer_from_proto).
+# Optimizer configs the contract rejects (checked against codec.optimizer_from_proto).
 BAD_OPTIMIZERS = (
     job_pb2.OptimizerConfig(kind=job_pb2.OPTIMIZER_UNSPECIFIED, lr=0.1),
     job_pb2.OptimizerConfig(kind=cast(Any, 7), lr=0.1),
@@ -326,7 +326,7 @@ COSINE_WITHOUT_TOTAL = job_pb2.OptimizerConfig(kind=job_pb2.ADAMW, lr=0.1, sched
 
 def optimizer_ok(m: job_pb2.OptimizerConfig) -> bool:
     try:
-        wire.optimizer_from_proto(m)
+        codec.optimizer_from_proto(m)
     except ValueError:
         return False
     return True
@@ -488,7 +488,7 @@ BAD_MODELS = (
 
 def model_ok(m: job_pb2.ModelConfig) -> bool:
     try:
-        wire.model_from_proto(m)
+        codec.model_from_proto(m)
     except ValueError:
         return False
     return True
@@ -571,7 +571,7 @@ def partial_init(draw: st.DrawFn, model: job_pb2.ModelConfig) -> list[Any]:
     try:
         with torch.device("meta"):
             shapes = {
-                n: tuple(p.shape) for n, p in GPT(wire.model_from_proto(model)).named_parameters()
+                n: tuple(p.shape) for n, p in GPT(codec.model_from_proto(model)).named_parameters()
             }
     except ValueError:
         shapes = {"transformer.wte.weight": (4, 4)}
@@ -626,9 +626,9 @@ def submit_cancel_cases(draw: st.DrawFn, spec: job_pb2.JobSpec, train: torch.Ten
 def configure_ok(req: worker_pb2.ConfigureRequest) -> bool:
     """What the worker would accept, computed here (on the meta device: no allocation)."""
     try:
-        config = wire.model_from_proto(req.spec.model)
+        config = codec.model_from_proto(req.spec.model)
         codec.wire_dtype(req.spec.wire_dtype)
-        shards = [wire.shard_from_proto(s) for s in req.shards]
+        shards = [codec.shard_from_proto(s) for s in req.shards]
         with torch.device("meta"):
             model = GPT(config)
         infos = [

@@ -27,10 +27,10 @@ import grpc
 import pytest
 import torch
 
-from client.launcher import ClusterSpec, LocalCluster
-from lmps import codec
-from lmps.channel import open_channel
-from lmps.model import init_model
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.core.model import init_model
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
 from lmps.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,

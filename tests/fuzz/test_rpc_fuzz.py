@@ -40,7 +40,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmps import codec
+from lmps.rpc import codec
 from lmps.v1 import coordinator_pb2, parameter_pb2, tensor_pb2, worker_pb2
 from tests.cluster.jobs import SMALL
 from tests.fuzz import harness

@@ -26,9 +26,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.launcher import ClusterSpec, LocalCluster
-from lmps import codec
-from lmps.channel import open_channel
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
 from lmps.v1 import job_pb2, parameter_pb2, parameter_pb2_grpc, tensor_pb2
 
 pytestmark = pytest.mark.cluster

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from client.certs import DevPki, make_dev_pki
-from lmps import security
+from lmps.client.certs import DevPki, make_dev_pki
+from lmps.rpc import security
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.certs import DevPki
-from lmps import security
+from lmps.client.certs import DevPki
+from lmps.rpc import security
 
 
 def server_security(pki: DevPki, **limits: int) -> security.Security:

@@ -11,11 +11,11 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from client.certs import DevPki, make_dev_pki
-from client.cli import main as lmps_main
-from lmps import security
-from lmps.flags import add_serve_flags, serve_options
-from lmps.guard import PeerSlots, peer_host
+from lmps.client.certs import DevPki, make_dev_pki
+from lmps.client.cli import main as lmps_main
+from lmps.rpc import security
+from lmps.rpc.flags import add_serve_flags, serve_options
+from lmps.rpc.guard import PeerSlots, peer_host
 
 
 def test_defaults_are_plaintext_without_token_and_keep_256_mib() -> None:

@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client.certs import DevPki, issue, pem_cert, pem_key
-from lmps import codec, security
-from lmps.bootstrap import RunningServer, ServeOptions, Service, start_server
-from lmps.channel import open_channel
+from lmps.client.certs import DevPki, issue, pem_cert, pem_key
+from lmps.rpc import codec, security
+from lmps.rpc.bootstrap import RunningServer, ServeOptions, Service, start_server
+from lmps.rpc.channel import open_channel
+from lmps.services.parameter_server.servicer import ParameterServicer
+from lmps.services.parameter_server.store import ParameterStore
 from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
-from services.parameter_server.servicer import ParameterServicer
-from services.parameter_server.store import ParameterStore
 from tests.security.helpers import client_security, server_security
 
 LIMITS = {

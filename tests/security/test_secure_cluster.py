@@ -18,12 +18,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.certs import DevPki
-from client.cli import main as lmps_main
-from client.launcher import ClusterSpec, LocalCluster
-from client.train import submit_messages
-from lmps import codec, security
-from lmps.channel import open_channel
+from lmps.client.certs import DevPki
+from lmps.client.cli import main as lmps_main
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.client.train import submit_messages
+from lmps.rpc import codec, security
+from lmps.rpc.channel import open_channel
 from lmps.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,

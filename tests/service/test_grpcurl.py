@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.launcher import ClusterSpec, LocalCluster
-from client.train import submit_messages
-from lmps.channel import open_channel
+from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.client.train import submit_messages
+from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 
 pytestmark = pytest.mark.cluster

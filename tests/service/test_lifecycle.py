@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.launcher import ClusterSpec, LocalCluster, free_port, wait_healthy
-from lmps.channel import open_channel
+from lmps.client.launcher import ClusterSpec, LocalCluster, free_port, wait_healthy
+from lmps.rpc.channel import open_channel
 from lmps.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -39,7 +39,7 @@ def lmps(*argvs: list[str], timeout: float = 60) -> list[tuple[int, str, str]]:
     Returns (exit code, stdout, stderr) per argv.
     """
     script = Path(sys.executable).parent / "lmps"
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "client.cli"]
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "lmps.client.cli"]
     procs = [
         subprocess.Popen([*cmd, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for argv in argvs

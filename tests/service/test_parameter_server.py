@@ -19,9 +19,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
-from lmps import codec
-from lmps.optim import OptimizerSettings
-from lmps.partition import Shard
+from lmps.core.optim import OptimizerSettings
+from lmps.core.partition import Shard
+from lmps.rpc import codec
 from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
 from tests.conftest import LoadJob, health_status, load_messages
 

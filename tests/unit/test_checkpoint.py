@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmps.optim import OptimizerSettings
-from lmps.partition import ParamInfo, Shard, assemble, plan_shards, shard_view
-from services.coordinator import checkpoint
-from services.parameter_server.store import ParameterStore
+from lmps.core.optim import OptimizerSettings
+from lmps.core.partition import ParamInfo, Shard, assemble, plan_shards, shard_view
+from lmps.services.coordinator import checkpoint
+from lmps.services.parameter_server.store import ParameterStore
 
 JOB = "job-1"
 PARAMS = [

@@ -1,4 +1,4 @@
-"""lmps.codec: tensors <-> `lmps.v1.Tensor` (raw little-endian bytes, dtype, shape)."""
+"""lmps.rpc.codec: tensors <-> `lmps.v1.Tensor` (raw little-endian bytes, dtype, shape)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from lmps import codec
-from lmps.codec import CodecError
+from lmps.rpc import codec
+from lmps.rpc.codec import CodecError
 from lmps.v1 import tensor_pb2
 
 # Every row of the codec's table: proto enum value, torch dtype.

@@ -1,4 +1,4 @@
-"""Unit tests for lmps.data: loaders, tokenizer, sequences, epoch order, shards, cache."""
+"""Unit tests for lmps.core.data: loaders, tokenizer, sequences, epoch order, shards, cache."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from lmps import data
-from lmps.data import (
+from lmps.core import data
+from lmps.core.data import (
     EOT,
     encode_corpus,
     epoch_order,
@@ -136,7 +136,7 @@ def test_tokenizer_training_is_reproducible_in_a_new_process(tokenizer: Tokenize
     # Fresh process = fresh hash seeds and thread pool: the coordinator and the workers must
     # still agree on the tokenizer.
     code = (
-        "import json, sys; from lmps.data import train_tokenizer; "
+        "import json, sys; from lmps.core.data import train_tokenizer; "
         "print(train_tokenizer(json.loads(sys.stdin.read()), 400).to_str())"
     )
     result = subprocess.run(

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from lmps.optim import OptimizerSettings
-from lmps.partition import ParamInfo, plan_shards
-from services.parameter_server.store import ParameterStore
+from lmps.core.optim import OptimizerSettings
+from lmps.core.partition import ParamInfo, plan_shards
+from lmps.services.parameter_server.store import ParameterStore
 
 SHARDS = plan_shards([ParamInfo("w", (8,), True)], ["ps"])
 SGD = OptimizerSettings(kind="sgd", lr=0.1)

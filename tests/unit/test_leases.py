@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmps.errors import FailedPrecondition, NotFound
-from services.coordinator.leases import EpochLeases, Lease
+from lmps.core.errors import FailedPrecondition, NotFound
+from lmps.services.coordinator.leases import EpochLeases, Lease
 
 
 def drain(leases: EpochLeases, worker: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Unit tests for lmps.model: config validation, presets, forward, init, generation."""
+"""Unit tests for lmps.core.model: config validation, presets, forward, init, generation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lmps.model import (
+from lmps.core.model import (
     GPT,
     PRESETS,
     GPTConfig,

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from lmps.optim import OptimizerSettings, ShardOptimizer, lr_at
-from lmps.partition import ParamInfo, Shard, assemble, plan_shards, shard_view
+from lmps.core.optim import OptimizerSettings, ShardOptimizer, lr_at
+from lmps.core.partition import ParamInfo, Shard, assemble, plan_shards, shard_view
 
 SERVERS = ["ps-0", "ps-1"]
 # Shapes of a small GPT: an embedding and a projection big enough to be split at 512-byte

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmps.partition import (
+from lmps.core.partition import (
     DEFAULT_SHARD_BYTES,
     ParamInfo,
     Shard,
@@ -114,7 +114,7 @@ def test_plan_is_the_same_in_another_process():
     # The coordinator and the servers may compute or check a map in different processes;
     # string hashing differs between them, so nothing may depend on set or hash order.
     script = (
-        "from lmps.partition import ParamInfo, plan_shards\n"
+        "from lmps.core.partition import ParamInfo, plan_shards\n"
         "ps = [ParamInfo(f'h.{i}.w', (i % 5 + 1, 37), i % 2 == 0) for i in range(40)]\n"
         "print(repr(plan_shards(ps, [f'ps-{j}' for j in range(7)], shard_bytes=400)))\n"
     )

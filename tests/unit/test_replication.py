@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmps.partition import (
+from lmps.core.partition import (
     ParamInfo,
     Shard,
     assign,

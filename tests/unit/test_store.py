@@ -11,10 +11,10 @@ import threading
 import pytest
 import torch
 
-from lmps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from lmps.optim import OptimizerSettings
-from lmps.partition import ParamInfo, Shard, plan_shards
-from services.parameter_server.store import MAX_GRAD_ABS, MAX_WEIGHT, ParameterStore
+from lmps.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from lmps.core.optim import OptimizerSettings
+from lmps.core.partition import ParamInfo, Shard, plan_shards
+from lmps.services.parameter_server.store import MAX_GRAD_ABS, MAX_WEIGHT, ParameterStore
 
 JOB = "job-1"
 SHARDS: list[Shard] = plan_shards(

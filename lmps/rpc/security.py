@@ -1,9 +1,9 @@
 """Process-wide transport security and limits: TLS / mutual TLS, a bearer token, message and
 stream limits. One `Security` value describes both sides of a process: how its server listens
-(`lmps.bootstrap`) and how its channels dial (`lmps.channel`).
+(`lmps.rpc.bootstrap`) and how its channels dial (`lmps.rpc.channel`).
 
 Every setting is an LMPS_* environment variable; a service's command-line flag of the same
-name (`lmps.flags`) overrides it for the whole process, so the channels a service opens to its
+name (`lmps.rpc.flags`) overrides it for the whole process, so the channels a service opens to its
 peers (membership, fan-out, pulls and pushes) follow the flags too. See docs/security.md.
 
   LMPS_TLS_CERT, LMPS_TLS_KEY   this server's certificate chain and key (PEM): TLS on
@@ -30,12 +30,12 @@ from typing import Any
 
 import grpc
 
-log = logging.getLogger("lmps.security")
+log = logging.getLogger("lmps.rpc.security")
 
 MIB = 1024 * 1024
 CLIENT_AUTH_MODES = ("none", "require")
 
-# Set by command-line flags (lmps.flags): a flag beats its environment variable, process-wide.
+# Set by command-line flags (lmps.rpc.flags): a flag beats its environment variable, process-wide.
 _overrides: dict[str, str] = {}
 
 

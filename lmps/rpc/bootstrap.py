@@ -5,9 +5,9 @@ reflection (so `grpcurl -plaintext HOST:PORT list` works), a Prometheus `/metric
 endpoint, RPC metrics and error mapping by interceptor, raised message limits, and a
 graceful SIGTERM: health flips to NOT_SERVING, in-flight RPCs get `grace_s`, exit 0.
 
-Security (`lmps.security`, docs/security.md): TLS or mutual TLS on the port when a
+Security (`lmps.rpc.security`, docs/security.md): TLS or mutual TLS on the port when a
 certificate is configured, the bearer token and per-client limits by interceptor
-(`lmps.guard`), and optionally a plaintext health-only port for probes that cannot do TLS.
+(`lmps.rpc.guard`), and optionally a plaintext health-only port for probes that cannot do TLS.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lmps.channel import KEEPALIVE_OPTIONS, message_options
-from lmps.errors import LmpsError
-from lmps.guard import Guard
-from lmps.security import Security
-from lmps.security import load as load_security
+from lmps.core.errors import LmpsError
+from lmps.rpc.channel import KEEPALIVE_OPTIONS, message_options
+from lmps.rpc.guard import Guard
+from lmps.rpc.security import Security
+from lmps.rpc.security import load as load_security
 
 log = logging.getLogger("lmps.server")
 
@@ -64,7 +64,7 @@ class ServeOptions:
     """Extra plaintext port serving only grpc.health.v1 (for probes that cannot do TLS);
     -1 = none, 0 = any free port."""
     security: Security | None = None
-    """TLS, token and limits; None = this process's settings (`lmps.security.load()`)."""
+    """TLS, token and limits; None = this process's settings (`lmps.rpc.security.load()`)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

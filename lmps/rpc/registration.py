@@ -8,13 +8,13 @@ import uuid
 
 import grpc
 
-from lmps.channel import DEFAULT_TIMEOUT_S, open_channel
+from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-log = logging.getLogger("lmps.membership")
+log = logging.getLogger("lmps.rpc.registration")
 
 
-class Membership:
+class Registration:
     """Registers `address` under `role`; a daemon thread heartbeats and re-registers as needed."""
 
     def __init__(

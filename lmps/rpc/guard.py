@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import prometheus_client
 
-from lmps.security import Limits
+from lmps.rpc.security import Limits
 
 EXEMPT_PREFIX = "/grpc.health.v1.Health/"
 

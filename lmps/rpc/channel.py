@@ -6,9 +6,9 @@ import logging
 
 import grpc
 
-from lmps import security
+from lmps.rpc import security
 
-log = logging.getLogger("lmps.channel")
+log = logging.getLogger("lmps.rpc.channel")
 
 # Parameter shards and data leases are far larger than gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = security.Limits().max_message_bytes

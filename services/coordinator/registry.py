@@ -1,4 +1,4 @@
-"""Membership registry: who is in the cluster and when we last heard from them. Pure."""
+"""Registration registry: who is in the cluster and when we last heard from them. Pure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from lmps.errors import InvalidArgument, NotFound
+from lmps.core.errors import InvalidArgument, NotFound
 
 PS, WORKER = "ps", "worker"
 

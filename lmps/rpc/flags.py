@@ -10,8 +10,8 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from lmps import security
-from lmps.bootstrap import ServeOptions
+from lmps.rpc import security
+from lmps.rpc.bootstrap import ServeOptions
 
 
 def env(name: str, default: str) -> str:
@@ -23,7 +23,7 @@ def add_serve_flags(
 ) -> None:
     """--host/--port/--metrics-port/--grace, security flags (+ --coordinator/--id/--advertise).
 
-    Security flags beat their LMPS_* variables process-wide (`lmps.security`).
+    Security flags beat their LMPS_* variables process-wide (`lmps.rpc.security`).
     """
     g = parser.add_argument_group("listening")
     g.add_argument(
