@@ -233,6 +233,12 @@ def init_model(config: GPTConfig, seed: int) -> GPT:
         return GPT(config)
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy), capped so that a diverged loss gives a huge finite
+    number instead of an OverflowError (exp(700) ~ 1e304 still fits a double)."""
+    return math.exp(min(loss, 700.0))
+
+
 def decay_mask(name: str, param: Tensor) -> bool:
     """Whether weight decay applies: matrices and embeddings (ndim >= 2) yes; biases and
     LayerNorm gains no (nanoGPT's convention). `name` is accepted for future rules."""

@@ -17,7 +17,14 @@ import torch
 
 from lmps.core.model import GPTConfig
 from lmps.core.optim import OptimizerSettings
-from lmps.core.partition import Shard
+from lmps.core.partition import DEFAULT_SHARD_BYTES, Shard
+from lmps.core.settings import (
+    DEFAULT_BATCHES_PER_LEASE,
+    DEFAULT_KEEP_CHECKPOINTS,
+    DEFAULT_WAIT_FOR_MEMBERS_S,
+    Consistency,
+    JobSettings,
+)
 from lmps.v1 import job_pb2, parameter_pb2, tensor_pb2
 
 # proto enum value <-> torch dtype. Keep both directions in one table.
@@ -212,4 +219,82 @@ def optimizer_to_proto(s: OptimizerSettings) -> job_pb2.OptimizerConfig:
         warmup_steps=s.warmup_steps,
         total_steps=s.total_steps,
         min_lr=s.min_lr,
+    )
+
+
+_CONSISTENCY: dict[int, Consistency] = {
+    job_pb2.CONSISTENCY_UNSPECIFIED: "sync",
+    job_pb2.SYNC: "sync",
+}
+
+
+def consistency_from_proto(value: int) -> Consistency:
+    """Raises ValueError for a mode this build does not know."""
+    try:
+        return _CONSISTENCY[value]
+    except KeyError:
+        raise ValueError(f"unknown consistency {value}; this server knows SYNC") from None
+
+
+def consistency_to_proto(mode: Consistency) -> job_pb2.Consistency:
+    return {"sync": job_pb2.SYNC}[mode]
+
+
+def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSettings:
+    """The one place a `JobSpec` is read: every "0 means default" resolved here.
+
+    `total_steps` is used when the spec's optimizer leaves it at 0. Raises ValueError (with
+    the field named) on anything invalid.
+    """
+    model = model_from_proto(spec.model)
+    optimizer = job_pb2.OptimizerConfig()
+    optimizer.CopyFrom(spec.optimizer)
+    optimizer.total_steps = optimizer.total_steps or total_steps
+    try:
+        optim = optimizer_from_proto(optimizer)
+    except ValueError as err:
+        raise ValueError(f"optimizer: {err}") from None
+    return JobSettings(
+        name=spec.name,
+        model=model,
+        optimizer=optim,
+        batch_size=int(spec.batch_size),
+        seed=int(spec.seed),
+        epochs=int(spec.epochs),
+        batches_per_lease=int(spec.batches_per_lease) or DEFAULT_BATCHES_PER_LEASE,
+        num_servers=int(spec.num_servers),
+        num_workers=int(spec.num_workers),
+        consistency=consistency_from_proto(spec.consistency),
+        max_staleness=int(spec.max_staleness),
+        shard_bytes=int(spec.shard_bytes) or DEFAULT_SHARD_BYTES,
+        wire_dtype=wire_dtype(spec.wire_dtype),
+        tokenizer_json=spec.tokenizer_json,
+        wait_for_members_s=float(spec.wait_for_members_s) or DEFAULT_WAIT_FOR_MEMBERS_S,
+        checkpoint_every=int(spec.checkpoint_every),
+        keep_checkpoints=int(spec.keep_checkpoints) or DEFAULT_KEEP_CHECKPOINTS,
+        replication=int(spec.replication) or 1,
+    )
+
+
+def job_settings_to_proto(s: JobSettings) -> job_pb2.JobSpec:
+    """Every field explicit: `job_settings_from_proto(job_settings_to_proto(s)) == s`."""
+    return job_pb2.JobSpec(
+        name=s.name,
+        model=model_to_proto(s.model),
+        optimizer=optimizer_to_proto(s.optimizer),
+        batch_size=s.batch_size,
+        batches_per_lease=s.batches_per_lease,
+        seed=s.seed,
+        epochs=s.epochs,
+        num_servers=s.num_servers,
+        num_workers=s.num_workers,
+        consistency=consistency_to_proto(s.consistency),
+        max_staleness=s.max_staleness,
+        shard_bytes=s.shard_bytes,
+        wire_dtype=to_proto_dtype(s.wire_dtype),
+        tokenizer_json=s.tokenizer_json,
+        wait_for_members_s=s.wait_for_members_s,
+        checkpoint_every=s.checkpoint_every,
+        keep_checkpoints=s.keep_checkpoints,
+        replication=s.replication,
     )

@@ -1,0 +1,131 @@
+"""A job's settings, typed and resolved once.
+
+`JobSettings` is built from the wire's `lmps.v1.JobSpec` exactly once, at submit
+(`lmps.rpc.codec.job_settings_from_proto`), with every default filled in there; nothing else
+reads `JobSpec` fields or applies "0 means default" (that convention lives on the wire only).
+Frozen and validated in `__post_init__`, as torchtitan's job config: a `JobSettings` that
+exists is a job that can run. Pure: no grpc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal, get_args
+
+import torch
+
+from lmps.core.model import GPTConfig
+from lmps.core.optim import OptimizerSettings
+from lmps.core.partition import DEFAULT_SHARD_BYTES
+
+Consistency = Literal["sync"]
+"""How workers and servers agree on a version (the consistency seam's modes).
+
+"sync": bulk synchronous (BSP): step s is applied once every active worker's gradient for s
+has arrived (weighted mean), and pulls for s + 1 see exactly that version. Asynchronous and
+bounded-staleness modes (Petuum SSP, ps-lite's bounded delay) are siblings to come.
+"""
+CONSISTENCIES: tuple[str, ...] = get_args(Consistency)
+
+DEFAULT_BATCHES_PER_LEASE = 8
+DEFAULT_KEEP_CHECKPOINTS = 3
+DEFAULT_WAIT_FOR_MEMBERS_S = 60.0
+MAX_WAIT_FOR_MEMBERS_S = 3600.0
+MIN_SHARD_BYTES = 4  # one fp32 element
+WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class JobState(StrEnum):
+    """Where a job is. READY between epochs; RUNNING during one; FAILED for good (its
+    `error` says why; nothing more runs)."""
+
+    READY = "READY"
+    RUNNING = "RUNNING"
+    FAILED = "FAILED"
+
+
+def default_total_steps(epochs: int, train_sequences: int, batch_size: int, workers: int) -> int:
+    """Steps of a whole job when the spec leaves it open: each epoch's batches spread over
+    the workers (one step = one batch from every worker), at least one step."""
+    batches = train_sequences // batch_size
+    return max(1, epochs) * max(1, math.ceil(batches / max(1, workers)))
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything a job was submitted with, every default resolved. Mirrors `lmps.v1.JobSpec`."""
+
+    name: str
+    """Human-readable label."""
+    model: GPTConfig
+    """Shape of the model."""
+    optimizer: OptimizerSettings
+    """The update rule the servers run; `total_steps` is always resolved (> 0)."""
+    batch_size: int
+    """Sequences per worker per step; > 0."""
+    seed: int
+    """Seeds initialisation and every epoch's data order."""
+    epochs: int
+    """Planned epochs (sizes the LR schedule when total_steps was left open)."""
+    batches_per_lease: int = DEFAULT_BATCHES_PER_LEASE
+    """Batches in one data lease (one data shard of an epoch); > 0."""
+    num_servers: int = 0
+    """Parameter servers to use; 0 = every registered one."""
+    num_workers: int = 0
+    """Workers to use; 0 = every registered one."""
+    consistency: Consistency = "sync"
+    """The consistency model between workers and servers (see `Consistency`)."""
+    max_staleness: int = 0
+    """Staleness bound of bounded-staleness modes; must be 0 under "sync"."""
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    """Largest parameter shard in fp32 bytes; larger tensors are split (BytePS)."""
+    wire_dtype: torch.dtype = torch.float32
+    """Dtype of parameters and gradients on the wire: float32, bfloat16 or float16."""
+    tokenizer_json: str = ""
+    """The `tokenizers` JSON of the job's tokenizer (kept for export; workers get "")."""
+    wait_for_members_s: float = DEFAULT_WAIT_FOR_MEMBERS_S
+    """How long a submit or restore waits for enough servers and workers, in [0, 3600]."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many steps (and at every epoch end); 0 = epoch ends only."""
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
+    """Newest checkpoints kept on disk; > 0."""
+    replication: int = 1
+    """Copies of every shard: 1, or 2 (a backup server takes over with no step lost)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError("batch_size must be > 0")
+        if self.batches_per_lease <= 0:
+            raise ValueError("batches_per_lease must be > 0")
+        if self.epochs < 0 or self.num_servers < 0 or self.num_workers < 0 or self.seed < 0:
+            raise ValueError("epochs, num_servers, num_workers and seed must be >= 0")
+        if self.consistency not in CONSISTENCIES:
+            raise ValueError(
+                f"unknown consistency {self.consistency!r}; expected one of {CONSISTENCIES}"
+            )
+        if self.consistency == "sync" and self.max_staleness:
+            raise ValueError("max_staleness is for bounded-staleness modes; SYNC needs 0")
+        if self.shard_bytes < MIN_SHARD_BYTES:
+            raise ValueError(f"shard_bytes must be >= {MIN_SHARD_BYTES}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError("wire_dtype must be a float type (float32, bfloat16 or float16)")
+        if not (
+            math.isfinite(self.wait_for_members_s)
+            and 0 <= self.wait_for_members_s <= MAX_WAIT_FOR_MEMBERS_S
+        ):
+            raise ValueError("wait_for_members_s must be in [0, 3600] seconds")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0")
+        if self.keep_checkpoints <= 0:
+            raise ValueError("keep_checkpoints must be > 0")
+        if self.replication not in (1, 2):
+            raise ValueError("replication must be 1 or 2")
+        if self.optimizer.total_steps <= 0:
+            raise ValueError("optimizer.total_steps must be resolved (> 0)")
+
+    def for_workers(self) -> JobSettings:
+        """The same settings without what workers never use (the tokenizer can be MBs)."""
+        return dataclasses.replace(self, tokenizer_json="")
