@@ -19,6 +19,7 @@ from lmps.core.model import GPTConfig
 from lmps.core.optim import OptimizerSettings
 from lmps.core.partition import DEFAULT_SHARD_BYTES, Shard
 from lmps.core.settings import (
+    CONSISTENCIES,
     DEFAULT_BATCHES_PER_LEASE,
     DEFAULT_KEEP_CHECKPOINTS,
     DEFAULT_WAIT_FOR_MEMBERS_S,
@@ -222,22 +223,21 @@ def optimizer_to_proto(s: OptimizerSettings) -> job_pb2.OptimizerConfig:
     )
 
 
-_CONSISTENCY: dict[int, Consistency] = {
-    job_pb2.CONSISTENCY_UNSPECIFIED: "sync",
-    job_pb2.SYNC: "sync",
-}
-
-
 def consistency_from_proto(value: int) -> Consistency:
-    """Raises ValueError for a mode this build does not know."""
-    try:
-        return _CONSISTENCY[value]
-    except KeyError:
-        raise ValueError(f"unknown consistency {value}; this server knows SYNC") from None
+    """`lmps.v1.Consistency` -> its mode name in `lmps.core.settings.CONSISTENCIES`, by the
+    enum's name (SYNC -> "sync"; UNSPECIFIED means SYNC), so a new mode needs no edit here.
+    Raises ValueError for a value this build does not know."""
+    if value == job_pb2.CONSISTENCY_UNSPECIFIED:
+        return "sync"
+    name = job_pb2.Consistency.Name(value).lower() if value in job_pb2.Consistency.values() else ""
+    if name not in CONSISTENCIES:
+        known = ", ".join(m.upper() for m in CONSISTENCIES)
+        raise ValueError(f"unknown consistency {value}; this build knows {known}")
+    return cast(Consistency, name)
 
 
 def consistency_to_proto(mode: Consistency) -> job_pb2.Consistency:
-    return {"sync": job_pb2.SYNC}[mode]
+    return cast(job_pb2.Consistency, job_pb2.Consistency.Value(mode.upper()))
 
 
 def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSettings:
