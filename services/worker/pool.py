@@ -1,4 +1,8 @@
-"""Talk to every parameter server in parallel: pull all shards, push all gradients."""
+"""Talk to every parameter server in parallel: pull all shards, push all gradients.
+
+`ServerPool` is the trainer's `ParameterClient` over gRPC. As in BytePS (OSDI'20), each
+worker talks to every server directly and each link is used once per direction per step.
+"""
 
 from __future__ import annotations
 
@@ -112,6 +116,7 @@ class ServerPool:
             v, part = f.result()
             versions.add(v)
             values.update(part)
+        # SYNC: every server answers at the same version (a step is one version everywhere).
         if len(versions) != 1:
             raise RuntimeError(f"servers are at different versions {sorted(versions)}")
         return versions.pop(), values

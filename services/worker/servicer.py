@@ -1,10 +1,14 @@
-"""gRPC face of a worker: configure a replica, train epochs on leased data, evaluate."""
+"""gRPC face of a worker: configure a replica, train epochs on leased data, evaluate.
+
+Thin: the loop itself is `services/worker/trainer.py`; this file unpacks requests, builds
+the trainer's collaborators (replica, `ServerPool`, `CoordinatorLeases`) and packs its step
+results into `ProgressEvent`s.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,11 +18,13 @@ import torch
 
 from lmps.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from lmps.rpc import codec
-from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
+from lmps.rpc.channel import open_channel
 from lmps.rpc.codec import CodecError
+from lmps.services.worker.leases import CoordinatorLeases
 from lmps.services.worker.pool import ServerPool
 from lmps.services.worker.replica import Replica, pick_device
-from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, worker_pb2, worker_pb2_grpc
+from lmps.services.worker.trainer import StepResult, Trainer, check_eval_tokens
+from lmps.v1 import coordinator_pb2_grpc, job_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("lmps.worker")
 
@@ -33,13 +39,37 @@ PHASE = prometheus_client.Histogram(
 )
 
 
+def _observe(r: StepResult) -> None:
+    STEPS.inc()
+    TOKENS.inc(r.tokens)
+    LOSS.set(r.loss)
+    PHASE.labels("pull").observe(r.pull_s)
+    PHASE.labels("compute").observe(r.compute_s)
+    PHASE.labels("push").observe(r.push_s)
+
+
+def _step_event(r: StepResult) -> job_pb2.StepEvent:
+    return job_pb2.StepEvent(
+        worker_id=r.worker_id,
+        step=r.step,
+        loss=r.loss,
+        tokens=r.tokens,
+        tokens_per_s=r.tokens_per_s,
+        compute_s=r.compute_s,
+        pull_s=r.pull_s,
+        push_s=r.push_s,
+        lease_id=r.lease_id,
+        data_shard=r.data_shard,
+        batch_index=r.batch_index,
+    )
+
+
 @dataclass
 class _Job:
     job_id: str
-    spec: job_pb2.JobSpec
     replica: Replica
     pool: ServerPool
-    step: int = 0
+    trainer: Trainer
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -83,7 +113,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise FailedPrecondition("configure: an epoch is running on this worker")
             if self._job is not None:
                 self._job.pool.close()
-            self._job = _Job(request.job_id, request.spec, replica, pool)
+            leases = CoordinatorLeases(self._coordinator, request.job_id, self.worker_id)
+            trainer = Trainer(
+                worker_id=self.worker_id,
+                model=replica,
+                params=pool,
+                leases=leases,
+                batch_size=request.spec.batch_size,
+            )
+            self._job = _Job(request.job_id, replica, pool, trainer)
         log.info(
             "configured for job %s: %d parameters on %s", request.job_id, replica.numel, self.device
         )
@@ -98,79 +136,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise FailedPrecondition("an epoch is already running on this worker")
             self._training = True
         # A cancelled epoch must not leave pulls blocked on the barrier for minutes.
-        context.add_callback(job.pool.cancel)
+        context.add_callback(job.trainer.cancel)
         try:
-            job.step = request.start_step
-            yield from self._train(job, request.epoch, context)
+            for r in job.trainer.run_epoch(request.epoch, request.start_step, context.is_active):
+                _observe(r)
+                self.steps_done += 1
+                yield job_pb2.ProgressEvent(
+                    job_id=job.job_id, epoch=request.epoch, step=_step_event(r)
+                )
         finally:
             with self._lock:
                 self._training = False
                 self._lock.notify_all()
-
-    def _train(
-        self, job: _Job, epoch: int, context: grpc.ServicerContext
-    ) -> Iterator[job_pb2.ProgressEvent]:
-        batch_size = job.spec.batch_size
-        while context.is_active():
-            resp = self._coordinator.LeaseData(
-                coordinator_pb2.LeaseDataRequest(
-                    job_id=job.job_id, worker_id=self.worker_id, epoch=epoch, next_step=job.step
-                ),
-                timeout=DEFAULT_TIMEOUT_S,
-                wait_for_ready=True,
-            )
-            if resp.done:
-                return
-            lease = resp.lease
-            tokens = codec.decode(lease.tokens)  # (batches * B, T+1)
-            for b in range(lease.batches):
-                if not context.is_active():
-                    return
-                batch = tokens[b * batch_size : (b + 1) * batch_size]
-                t0 = time.perf_counter()
-                version, values = job.pool.pull(job.step)
-                # A worker that joined mid-epoch (or lagged) follows the servers' version;
-                # its gradient is then computed at, and pushed for, that version.
-                job.step = version
-                job.replica.load(values)
-                t1 = time.perf_counter()
-                loss, grads = job.replica.train_step(batch)
-                t2 = time.perf_counter()
-                job.pool.push(job.step, float(batch.shape[0]), grads)
-                t3 = time.perf_counter()
-                n_tokens = batch.shape[0] * (batch.shape[1] - 1)
-                STEPS.inc()
-                TOKENS.inc(n_tokens)
-                LOSS.set(loss)
-                PHASE.labels("pull").observe(t1 - t0)
-                PHASE.labels("compute").observe(t2 - t1)
-                PHASE.labels("push").observe(t3 - t2)
-                self.steps_done += 1
-                yield job_pb2.ProgressEvent(
-                    job_id=job.job_id,
-                    epoch=epoch,
-                    step=job_pb2.StepEvent(
-                        worker_id=self.worker_id,
-                        step=job.step,
-                        loss=loss,
-                        tokens=n_tokens,
-                        tokens_per_s=n_tokens / max(t3 - t0, 1e-9),
-                        compute_s=t2 - t1,
-                        pull_s=t1 - t0,
-                        push_s=t3 - t2,
-                        lease_id=lease.lease_id,
-                        data_shard=lease.data_shard,
-                        batch_index=lease.first_batch + b,
-                    ),
-                )
-                job.step += 1
-            self._coordinator.CompleteLease(
-                coordinator_pb2.CompleteLeaseRequest(
-                    job_id=job.job_id, worker_id=self.worker_id, lease_id=lease.lease_id
-                ),
-                timeout=DEFAULT_TIMEOUT_S,
-                wait_for_ready=True,
-            )
 
     def Evaluate(
         self, request: worker_pb2.EvaluateRequest, context: grpc.ServicerContext
@@ -180,19 +157,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             sequences = codec.decode(request.tokens)
         except CodecError as err:
             raise InvalidArgument(f"evaluate: {err}") from None
-        if sequences.dim() != 2 or sequences.shape[1] < 2 or sequences.is_floating_point():
-            raise InvalidArgument(
-                f"evaluate: tokens must be an int tensor (N, T+1), got {list(sequences.shape)}"
-            )
-        vocab = job.replica.config.vocab_size
-        if sequences.numel() and (int(sequences.min()) < 0 or int(sequences.max()) >= vocab):
-            raise InvalidArgument(f"evaluate: token ids must be in [0, {vocab})")
-        context_len = job.replica.config.block_size + 1
-        if sequences.shape[1] > context_len:
-            raise InvalidArgument(
-                f"evaluate: sequences of {sequences.shape[1]} tokens exceed block_size + 1 = "
-                f"{context_len}"
-            )
+        check_eval_tokens(sequences, job.replica.config)
         with self._lock:
             if self._training:
                 raise FailedPrecondition("evaluate: an epoch is running on this worker")
@@ -215,6 +180,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             job_id=job.job_id if job else "",
             device=str(self.device),
             training=self._training,
-            step=job.step if job else 0,
+            step=job.trainer.step if job else 0,
             steps_done=self.steps_done,
         )

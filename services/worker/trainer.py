@@ -1,0 +1,210 @@
+"""The worker's training loop: lease -> pull -> step -> push, one epoch at a time.
+
+This is the worker side of the Parameter Server (Li et al., OSDI'14, Algorithm 1): for each
+data shard it is given, a worker pulls the current weights from the servers, computes a
+gradient on one batch and pushes it back; the servers aggregate and update. Run here in
+bulk synchronous (BSP) mode: every pull waits for the version the last step produced, and the
+worker follows whatever version it pulled, so all workers of a step compute at the same
+weights and the servers apply their weighted mean once per step.
+
+Plain Python + torch: no gRPC and no protobuf. The loop talks to its collaborators through
+the small Protocols below; `ServerPool` (gRPC to every parameter server) is a
+`ParameterClient`, `services/worker/leases.py` is the coordinator's `LeaseSource`, and the
+in-process tests plug a `ParameterStore` and a fake lease queue into the same loop.
+Lines marked `# SYNC:` are where a new consistency mode (async, bounded staleness, local
+steps) would branch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from lmps.core.errors import InvalidArgument
+from lmps.core.model import GPTConfig
+
+# -- collaborators -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A run of batches of one data shard, handed to one worker for one epoch."""
+
+    lease_id: str
+    data_shard: int
+    """Index of the data shard in the epoch's order."""
+    first_batch: int
+    """Index (within the data shard) of the first batch in `tokens`."""
+    batches: int
+    """Batches in `tokens`."""
+    tokens: torch.Tensor
+    """Int tokens (batches * batch_size, block_size + 1), batch-major."""
+
+
+class LeaseSource(Protocol):
+    """Hands out the epoch's data; the coordinator in the cluster."""
+
+    def next_lease(self, epoch: int, next_step: int) -> Lease | None:
+        """The next lease of `epoch` for a worker about to compute `next_step`; None when the
+        epoch has no data left (the worker is then released from the barrier)."""
+        ...
+
+    def complete(self, lease: Lease) -> None:
+        """Report every batch of `lease` trained."""
+        ...
+
+
+class ParameterClient(Protocol):
+    """Every parameter server of the job, seen as one; `ServerPool` in the cluster."""
+
+    def pull(
+        self, min_version: int, timeout_s: float | None = None
+    ) -> tuple[int, dict[str, torch.Tensor]]:
+        """All shard values at one version >= `min_version`: (version, {shard_id: value})."""
+        ...
+
+    def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
+        """This worker's gradient for `step`, weighted by `weight` (its batch's sequences)."""
+        ...
+
+    def cancel(self) -> None:
+        """Abort pulls and pushes in flight (the epoch that needed them was cancelled)."""
+        ...
+
+
+class StepModel(Protocol):
+    """A model replica filled from shards; `Replica` in the cluster."""
+
+    def load(self, values: Mapping[str, torch.Tensor]) -> None: ...
+
+    def train_step(self, batch: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]: ...
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One batch trained: what the worker reports for it."""
+
+    worker_id: str
+    step: int
+    """The version the gradient was computed at and pushed for."""
+    loss: float
+    """Mean cross-entropy of the batch."""
+    tokens: int
+    """Target tokens in the batch."""
+    tokens_per_s: float
+    """`tokens` over the whole step (pull + compute + push)."""
+    pull_s: float
+    compute_s: float
+    push_s: float
+    lease_id: str
+    data_shard: int
+    batch_index: int
+    """Index of the batch within its data shard."""
+
+
+class Trainer:
+    """One worker's loop over one model replica. Not thread-safe: one epoch at a time.
+
+    `step` is the step the worker computes next (read by status calls while training).
+    """
+
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        model: StepModel,
+        params: ParameterClient,
+        leases: LeaseSource,
+        batch_size: int,
+        step: int = 0,
+    ) -> None:
+        self.worker_id = worker_id
+        self.model = model
+        self.params = params
+        self.leases = leases
+        self.batch_size = batch_size
+        self.step = step
+
+    def cancel(self) -> None:
+        """Unblock a pull waiting on the barrier (the epoch was cancelled)."""
+        self.params.cancel()
+
+    def run_epoch(
+        self, epoch: int, start_step: int, active: Callable[[], bool] = lambda: True
+    ) -> Iterator[StepResult]:
+        """Train on leases of `epoch` until none is left or `active()` turns false.
+
+        Yields one result per batch. A lease is completed once all its batches are trained;
+        a lease cut short by `active()` is not (the coordinator gives it to someone else).
+        """
+        self.step = start_step
+        while active():
+            lease = self.leases.next_lease(epoch, self.step)
+            if lease is None:
+                # SYNC: out of data; the source has released this worker from the barrier,
+                # so the others' next steps no longer wait for its push.
+                return
+            for b in range(lease.batches):
+                if not active():
+                    return
+                batch = lease.tokens[b * self.batch_size : (b + 1) * self.batch_size]
+                yield self._train_batch(lease, b, batch)
+                self.step += 1  # SYNC: one push per version; the next step is the next version
+            self.leases.complete(lease)
+
+    def _train_batch(self, lease: Lease, b: int, batch: torch.Tensor) -> StepResult:
+        t0 = time.perf_counter()
+        # SYNC: pull before every step, waiting for the version the last step produced.
+        version, values = self.params.pull(self.step)
+        # SYNC: a worker that joined mid-epoch (or lagged) follows the servers' version; its
+        # gradient is then computed at, and pushed for, that version.
+        self.step = version
+        self.model.load(values)
+        t1 = time.perf_counter()
+        loss, grads = self.model.train_step(batch)
+        t2 = time.perf_counter()
+        # SYNC: push the plain gradient of this step, weighted by the batch's sequences.
+        self.params.push(self.step, float(batch.shape[0]), grads)
+        t3 = time.perf_counter()
+        n_tokens = batch.shape[0] * (batch.shape[1] - 1)
+        return StepResult(
+            worker_id=self.worker_id,
+            step=self.step,
+            loss=loss,
+            tokens=n_tokens,
+            tokens_per_s=n_tokens / max(t3 - t0, 1e-9),
+            pull_s=t1 - t0,
+            compute_s=t2 - t1,
+            push_s=t3 - t2,
+            lease_id=lease.lease_id,
+            data_shard=lease.data_shard,
+            batch_index=lease.first_batch + b,
+        )
+
+
+# -- evaluation ----------------------------------------------------------------------------
+
+
+def check_eval_tokens(sequences: torch.Tensor, config: GPTConfig) -> None:
+    """Raise InvalidArgument unless `sequences` is an int (N, T+1) tensor of token ids the
+    model can score (ids in the vocabulary, T at most block_size)."""
+    if sequences.dim() != 2 or sequences.shape[1] < 2 or sequences.is_floating_point():
+        raise InvalidArgument(
+            f"evaluate: tokens must be an int tensor (N, T+1), got {list(sequences.shape)}"
+        )
+    vocab = config.vocab_size
+    if sequences.numel() and (int(sequences.min()) < 0 or int(sequences.max()) >= vocab):
+        raise InvalidArgument(f"evaluate: token ids must be in [0, {vocab})")
+    context_len = config.block_size + 1
+    if sequences.shape[1] > context_len:
+        raise InvalidArgument(
+            f"evaluate: sequences of {sequences.shape[1]} tokens exceed block_size + 1 = "
+            f"{context_len}"
+        )
