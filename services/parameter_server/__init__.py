@@ -1,1 +1,1 @@
-"""Parameter server: holds fp32 shards and optimizer state, applies the update (SYNC barrier)."""
+"""Parameter server: shards and optimizer (store); when pushes become updates (consistency)."""

@@ -17,6 +17,7 @@ log = logging.getLogger("lmps.ps")
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="lmps serve ps")
+    # SYNC: the description says when updates run; a new mode words it from the job's mode.
     parser.description = (
         "Run a parameter server: holds fp32 parameter shards and optimizer state, applies "
         "updates when every worker has pushed. Registers with the coordinator."

@@ -49,6 +49,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         h = header.header
         try:
             settings = codec.optimizer_from_proto(h.optimizer)
+            consistency = codec.consistency_from_proto(h.consistency)
         except ValueError as err:
             raise InvalidArgument(f"load: {err}") from None
         shards = [codec.shard_from_proto(s) for s in h.shards]
@@ -77,6 +78,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             state=states,
             checkpoint_every=h.checkpoint_every,
             history=h.history,
+            consistency=consistency,
         )
         VERSION.set(h.version)
         HELD_BYTES.set(held)
@@ -161,6 +163,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         self, request: parameter_pb2.ListShardsRequest, context: grpc.ServicerContext
     ) -> parameter_pb2.ListShardsResponse:
         job_id, version, specs, members, pushed = self.store.describe(request.job_id)
+        state_bytes = self.store.shard_state_bytes(job_id) if job_id else {}
         infos = []
         for spec in specs:
             info = parameter_pb2.ShardInfo(
@@ -169,6 +172,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
                 shape=[spec.numel],
                 version=version,
                 byte_size=spec.numel * 4,
+                optimizer_state_bytes=state_bytes.get(spec.shard_id, 0),
             )
             if request.with_stats:
                 _, _, value, _ = self.store.shard(job_id, spec.shard_id)
@@ -190,7 +194,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
     ) -> parameter_pb2.ShardInfo:
         if not request.shard_id:
             raise InvalidArgument("get shard: shard_id is required")
-        spec, version, value, _ = self.store.shard(request.job_id, request.shard_id)
+        spec, version, value, state_bytes = self.store.shard(request.job_id, request.shard_id)
         return parameter_pb2.ShardInfo(
             spec=codec.shard_to_proto(spec),
             dtype="float32",
@@ -198,6 +202,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             version=version,
             byte_size=spec.numel * 4,
             stats=_stats(value),
+            optimizer_state_bytes=state_bytes,
         )
 
 

@@ -1,4 +1,10 @@
-"""The state of one parameter server: shards, optimizer, and the SYNC barrier.
+"""The state of one parameter server: shards, their optimizer, versions and snapshots.
+
+The update runs on the server (MXNet KVStore's `set_optimizer`): `ShardOptimizer` over the
+fp32 master shards. When pushes become an update, and which version a pull may see, is the
+job's `Barrier` (`consistency.py`, ps-lite's settable request handle from Parameter Server,
+OSDI'14); the store applies what the barrier hands it, bumps the version, keeps the digest of
+which workers made each step and the checkpoint snapshots.
 
 Pure torch + threading; the gRPC servicer is a thin wrapper around `ParameterStore`.
 Every mutating call validates everything first and only then changes state under the
@@ -12,22 +18,22 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from lmps.core.errors import (
     Aborted,
-    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     Unavailable,
 )
 from lmps.core.optim import OptimizerSettings, ShardOptimizer
 from lmps.core.partition import Shard
+from lmps.core.settings import Consistency
+from lmps.services.parameter_server.consistency import Barrier, Update, make_barrier
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,8 @@ class _Job:
     specs: dict[str, Shard]  # shard_id -> placement, in load order
     optimizer: ShardOptimizer
     version: int
-    members: set[str]
+    barrier: Barrier  # membership and pending pushes: when they become an update
     checkpoint_every: int = 0
-    # Barrier state for step `version`: each worker's weighted gradient, kept apart so a
-    # lost worker's contribution can be dropped and the sum runs in a fixed order.
-    contrib: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    pushed: dict[str, float] = field(default_factory=dict)  # worker_id -> weight
     snapshot: Snapshot | None = None
     # Digest of which workers (with which weights) made every step since the load. Servers
     # whose digests differ applied different steps to their shards: a worker that died
@@ -139,8 +141,6 @@ class ParameterStore:
         self._cond = threading.Condition()
         self._job: _Job | None = None
         self._closed = False
-        self.applied_steps = 0  # updates applied since start (for metrics)
-        self.last_apply_s = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -155,10 +155,12 @@ class ParameterStore:
         state: OptState | None = None,
         checkpoint_every: int = 0,
         history: str = "",
+        consistency: Consistency = "sync",
     ) -> int:
         """Install a job. Returns fp32 bytes held. Validates fully before replacing anything.
 
         `state` restores optimizer state (checkpoints); it must then cover every shard.
+        `consistency` picks the job's barrier (`consistency.BARRIERS`).
         """
         if not job_id:
             raise InvalidArgument("load: empty job id")
@@ -182,9 +184,15 @@ class ParameterStore:
             )
             if state:
                 optimizer.load_state_dict(state)
+            barrier = make_barrier(
+                consistency,
+                job_id=job_id,
+                numel={sid: s.numel for sid, s in specs.items()},
+                members=members,
+            )
         except ValueError as err:
             raise InvalidArgument(f"load: {err}") from None
-        job = _Job(job_id, specs, optimizer, version, set(members), checkpoint_every)
+        job = _Job(job_id, specs, optimizer, version, barrier, checkpoint_every)
         job.history = history or hashlib.sha256(f"{job_id}|{version}".encode()).hexdigest()
         with self._cond:
             self._job = job
@@ -203,8 +211,11 @@ class ParameterStore:
         version: int,
         timeout_s: float | None,
         active: Callable[[], bool] | None,
+        *,
+        pull: bool = False,
     ) -> _Job:
-        """Wait (holding the lock between naps) until the job reaches `version`.
+        """Wait (holding the lock between naps) until the job reaches `version`, or with
+        `pull`, until its barrier lets a pull for `version` see the job's version.
 
         Waits in short slices so that a client that went away, a shutdown, or the deadline
         ends the wait promptly instead of pinning a handler thread.
@@ -213,7 +224,7 @@ class ParameterStore:
             timeout_s = MAX_WAIT_S  # no deadline (or an absurd one): still bounded
         deadline = time.monotonic() + timeout_s
         job = self._require(job_id)
-        while job.version < version:
+        while not (job.barrier.readable(job.version, version) if pull else job.version >= version):
             if self._closed:
                 raise Unavailable("the parameter server is shutting down")
             if active is not None and not active():
@@ -249,7 +260,7 @@ class ParameterStore:
             for sid in shard_ids:
                 if sid not in job.specs:
                     raise NotFound(f"pull: unknown shard {sid!r}")
-            job = self._wait_for(job_id, min_version, timeout_s, active)
+            job = self._wait_for(job_id, min_version, timeout_s, active, pull=True)
             values = job.optimizer.values
             wanted = shard_ids or list(job.specs)
             return job.version, [(sid, values[sid].clone()) for sid in wanted]
@@ -268,8 +279,8 @@ class ParameterStore:
                 job.job_id,
                 job.version,
                 list(job.specs.values()),
-                sorted(job.members),
-                sorted(job.pushed),
+                sorted(job.barrier.members),
+                sorted(job.barrier.pushed),
             )
 
     def shard(self, job_id: str, shard_id: str) -> tuple[Shard, int, torch.Tensor, int]:
@@ -279,7 +290,13 @@ class ParameterStore:
             spec = job.specs.get(shard_id)
             if spec is None:
                 raise NotFound(f"unknown shard {shard_id!r}")
-            return spec, job.version, job.optimizer.values[shard_id].clone(), 0
+            state_bytes = job.optimizer.shard_state_bytes()[shard_id]
+            return spec, job.version, job.optimizer.values[shard_id].clone(), state_bytes
+
+    def shard_state_bytes(self, job_id: str = "") -> dict[str, int]:
+        """Optimizer state bytes of every shard (0 before its first step, or for plain SGD)."""
+        with self._cond:
+            return self._require(job_id).optimizer.shard_state_bytes()
 
     def snapshot(
         self,
@@ -290,6 +307,7 @@ class ParameterStore:
     ) -> Snapshot:
         """Values and optimizer state at exactly `version` (live, or the held snapshot)."""
         with self._cond:
+            # SYNC: every version is one whole step, so "exactly `version`" is a wait for it.
             job = self._wait_for(job_id, version, timeout_s, active)
             if job.version == version:
                 return job.take_snapshot()
@@ -319,22 +337,11 @@ class ParameterStore:
             raise InvalidArgument(f"push: weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
         with self._cond:
             job = self._require(job_id)
-            if worker_id not in job.members:
-                raise NotFound(f"push: worker {worker_id!r} is not a member of job {job.job_id!r}")
-            if step < job.version:
-                raise FailedPrecondition(
-                    f"push: stale step {step}; server is at version {job.version}"
-                )
-            if step > job.version:
-                raise OutOfRange(f"push: future step {step}; server is at version {job.version}")
-            if worker_id in job.pushed:
-                raise AlreadyExists(f"push: worker {worker_id!r} already pushed step {step}")
+            job.barrier.admit(worker_id, step, job.version)
             checked = _check_values(job.specs, grads, "push", max_abs=MAX_GRAD_ABS)
             # All checks passed: from here on nothing can fail half-way.
-            job.contrib[worker_id] = {sid: g.to(torch.float32) for sid, g in checked.items()}
-            job.pushed[worker_id] = weight
-            applied = self._maybe_apply(job)
-            pending = 0 if applied else len(job.members - job.pushed.keys())
+            applied = self._apply(job, job.barrier.push(worker_id, step, weight, checked))
+            pending = 0 if applied else job.barrier.pending
             return PushResult(job.version, applied, pending)
 
     def set_members(
@@ -346,37 +353,22 @@ class ParameterStore:
     ) -> tuple[int, bool]:
         with self._cond:
             job = self._require(job_id)
-            job.members = set(members)
-            drop = set(job.pushed) if discard_pending else set(discard)
-            for worker_id in drop:
-                job.contrib.pop(worker_id, None)
-                job.pushed.pop(worker_id, None)
-            applied = self._maybe_apply(job)
+            drop = job.barrier.pushed if discard_pending else discard
+            applied = self._apply(job, job.barrier.set_members(members, drop))
             return job.version, applied
 
-    def _maybe_apply(self, job: _Job) -> bool:
-        """Run the optimizer if every member pushed for the pending step. Holds the lock."""
-        if not job.pushed or not job.members <= job.pushed.keys():
+    def _apply(self, job: _Job, update: Update | None) -> bool:
+        """Run the optimizer on the barrier's update, if it made one. Holds the lock."""
+        if update is None:
             return False
-        start = time.perf_counter()
-        total = sum(job.pushed.values())
-        workers = sorted(job.contrib)  # a fixed summation order: results don't depend on timing
-        mean = {}
-        for sid in job.specs:
-            # fp64: weight * grad sums cannot overflow, and the mean is back in fp32 range.
-            acc = torch.zeros(job.specs[sid].numel, dtype=torch.float64)
-            for w in workers:
-                acc.add_(job.contrib[w][sid], alpha=job.pushed[w])
-            mean[sid] = acc.div_(total).to(torch.float32)
-        job.optimizer.step(mean, job.version)
-        made_of = ",".join(f"{w}:{job.pushed[w]!r}" for w in workers)
+        # SYNC: an update is the step at `version`: its lr, then exactly one version up.
+        job.optimizer.step(update.grads, job.version)
+        made_of = ",".join(f"{w}:{weight!r}" for w, weight in update.made_of)
         job.history = hashlib.sha256(f"{job.history}|{job.version}|{made_of}".encode()).hexdigest()
         job.version += 1
-        job.contrib = {}
-        job.pushed = {}
+        # SYNC: every server of the job passes through the same versions, so the snapshots
+        # they hold at one multiple make one consistent checkpoint.
         if job.checkpoint_every and job.version % job.checkpoint_every == 0:
             job.snapshot = job.take_snapshot()
-        self.applied_steps += 1
-        self.last_apply_s = time.perf_counter() - start
         self._cond.notify_all()
         return True

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from lmps.core.optim import OptimizerSettings
 from lmps.core.partition import Shard
 from lmps.rpc import codec
-from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
+from lmps.v1 import job_pb2, parameter_pb2, parameter_pb2_grpc, tensor_pb2
 from tests.conftest import LoadJob, health_status, load_messages
 
 pytestmark = pytest.mark.cluster
@@ -341,6 +341,7 @@ def test_bad_call_is_rejected_and_changes_nothing(
         "no-header",
         "header-twice",
         "bad-optimizer",
+        "bad-consistency",
         "empty-job-id",
     ],
 )
@@ -373,6 +374,8 @@ def test_bad_load_is_rejected_and_keeps_the_old_job(
         msgs.insert(1, msgs[0])
     elif case == "bad-optimizer":
         msgs[0].header.optimizer.lr = 0.0
+    elif case == "bad-consistency":
+        msgs[0].header.consistency = 99  # type: ignore[assignment]  # proto3 enums are open
     elif case == "empty-job-id":
         msgs[0].header.job_id = ""
     with pytest.raises(grpc.RpcError) as info:
@@ -592,6 +595,41 @@ def test_list_and_get_shard_describe_the_current_values(ps_stub: Stub, job: Job)
         )
         _check_info(info, spec, version=1)
         _check_stats(info.stats, values[spec.shard_id])
+
+
+def test_shards_report_their_optimizer_state_bytes(ps_stub: Stub, load_job: LoadJob) -> None:
+    """AdamW keeps two fp32 moments per element and an fp32 step counter per shard, once the
+    first step has run; ListShards and GetShard both say so."""
+    job_id = f"test-{uuid.uuid4().hex[:8]}"
+    load_job(job_id, SHARDS, random_values(0), ["w0"], OptimizerSettings(kind="adamw", lr=0.01))
+
+    def reported() -> tuple[list[int], list[int]]:
+        listing = ps_stub.ListShards(parameter_pb2.ListShardsRequest(job_id=job_id), timeout=10)
+        infos = [
+            ps_stub.GetShard(
+                parameter_pb2.GetShardRequest(job_id=job_id, shard_id=s.shard_id), timeout=10
+            )
+            for s in SHARDS
+        ]
+        return [i.optimizer_state_bytes for i in listing.shards], [
+            i.optimizer_state_bytes for i in infos
+        ]
+
+    assert reported() == ([0] * len(SHARDS), [0] * len(SHARDS))  # no step yet: no state
+    assert push(ps_stub, job_id, "w0", 0, random_values(1)).applied
+    want = [2 * 4 * s.numel + 4 for s in SHARDS]
+    assert reported() == (want, want)
+
+
+def test_load_with_explicit_sync_consistency(ps_stub: Stub, job: Job) -> None:
+    msgs = list(load_messages("explicit-sync", SHARDS, job.init, MEMBERS, SGD))
+    msgs[0].header.consistency = job_pb2.SYNC
+    assert ps_stub.Load(iter(msgs), timeout=10).shards == len(SHARDS)
+    push(ps_stub, "explicit-sync", "w0", 0, random_values(1))
+    assert push(ps_stub, "explicit-sync", "w1", 0, random_values(2)).applied
+    version, values = pull_all(ps_stub, "explicit-sync")
+    assert version == 1
+    assert_identical(values, sgd(job.init, [(1.0, random_values(1)), (1.0, random_values(2))]))
 
 
 def test_get_shard_without_id_is_invalid(ps_stub: Stub, job: Job) -> None:

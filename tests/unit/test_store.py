@@ -5,6 +5,7 @@ In-process: a `ParameterStore` object, no gRPC, no threads except where a wait i
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 
@@ -297,3 +298,77 @@ def test_the_bounds_themselves_are_accepted():
     result = store.push(JOB, "w0", 0, MAX_WEIGHT, big_at(0, MAX_GRAD_ABS))
     assert result.applied
     assert all(bool(torch.isfinite(t).all()) for t in values(store).values())
+
+
+# -- the store with its barrier ------------------------------------------------------------
+
+
+def test_load_with_an_unknown_consistency_is_invalid_and_keeps_the_old_job():
+    store = new_store(members=("w0", "w1"))
+    store.push(JOB, "w0", 0, 1.0, randn(1))
+    before = values(store)
+
+    with pytest.raises(InvalidArgument, match="unknown consistency"):
+        store.load("job-2", SGD, SHARDS, randn(9), ["w2"], consistency="async")  # type: ignore[arg-type]
+
+    assert store.describe() == (JOB, 0, SHARDS, ["w0", "w1"], ["w0"])
+    assert_equal(values(store), before)
+
+
+def test_sync_is_the_default_consistency():
+    explicit = new_store(ADAMW, members=("w0", "w1"), consistency="sync")
+    default = new_store(ADAMW, members=("w0", "w1"))
+    for store in (explicit, default):
+        for seed in (1, 2):
+            store.push(JOB, "w1", version(store), 2.0, randn(10 + seed))
+            store.push(JOB, "w0", version(store), 1.0, randn(20 + seed))
+    assert version(explicit) == version(default) == 2
+    assert_equal(values(explicit), values(default))
+    assert explicit.history(JOB) == default.history(JOB)
+
+
+def test_history_is_the_digest_of_each_steps_composition():
+    store = new_store(members=("w0", "w1"), history="h0")
+    store.push(JOB, "w1", 0, 3.0, randn(1))
+    store.push(JOB, "w0", 0, 0.5, randn(2))
+    store.set_members(JOB, ["w1"])
+    store.push(JOB, "w1", 1, 1.0, randn(3))
+
+    h1 = hashlib.sha256(b"h0|0|w0:0.5,w1:3.0").hexdigest()  # sorted workers, repr weights
+    assert store.history(JOB) == hashlib.sha256(f"{h1}|1|w1:1.0".encode()).hexdigest()
+    assert new_store().history(JOB) == hashlib.sha256(f"{JOB}|0".encode()).hexdigest()
+
+
+def test_pull_waits_for_the_barrier_to_complete_the_step():
+    store = new_store(members=("w0", "w1"))
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(store.pull(JOB, 1, [], timeout_s=10)))
+    waiter.start()
+    store.push(JOB, "w0", 0, 1.0, randn(1))
+    waiter.join(timeout=0.2)
+    assert waiter.is_alive() and not got  # one member short: version 1 is not there yet
+    store.push(JOB, "w1", 0, 1.0, randn(2))
+    waiter.join(timeout=10)
+    assert [v for v, _ in got] == [1]
+    assert_equal(dict(got[0][1]), values(store))
+
+
+@pytest.mark.parametrize(
+    "settings, per_element, extra",
+    [
+        (SGD, 0, 0),  # plain SGD keeps no state
+        (OptimizerSettings(kind="sgd", lr=0.1, momentum=0.9), 4, 0),  # momentum buffer
+        (ADAMW, 8, 4),  # exp_avg + exp_avg_sq (fp32), and a scalar fp32 step
+    ],
+    ids=["sgd", "momentum", "adamw"],
+)
+def test_optimizer_state_bytes_per_shard(settings: OptimizerSettings, per_element, extra):
+    store = new_store(settings)
+    assert store.shard_state_bytes(JOB) == {s.shard_id: 0 for s in SHARDS}  # before a step
+    step(store, 1)
+
+    want = {s.shard_id: s.numel * per_element + extra for s in SHARDS}
+    assert store.shard_state_bytes(JOB) == want
+    for s in SHARDS:
+        assert store.shard(JOB, s.shard_id)[3] == want[s.shard_id]
+    assert store.optimizer_state_bytes() == sum(want.values())

@@ -1,0 +1,222 @@
+"""Unit tests for the consistency seam (services/parameter_server/consistency.py) on its own.
+
+A `SyncBarrier` object and plain tensors: no store, no optimizer, no gRPC, no threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmps.core.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange
+from lmps.core.settings import CONSISTENCIES
+from lmps.services.parameter_server.consistency import (
+    BARRIERS,
+    Barrier,
+    SyncBarrier,
+    Update,
+    make_barrier,
+)
+
+NUMEL = {"w#0": 7, "w#1": 5, "b#0": 3}  # load order, deliberately not sorted
+Grads = dict[str, torch.Tensor]
+
+
+def grads(seed: int, dtype: torch.dtype = torch.float32) -> Grads:
+    g = torch.Generator().manual_seed(seed)
+    return {sid: torch.randn(n, generator=g).to(dtype) for sid, n in NUMEL.items()}
+
+
+def barrier(*members: str) -> Barrier:
+    return make_barrier("sync", job_id="job", numel=NUMEL, members=members)
+
+
+def push(b: Barrier, worker: str, weight: float, g: Grads, version: int = 0) -> Update | None:
+    b.admit(worker, version, version)
+    return b.push(worker, version, weight, g)
+
+
+def reference_mean(contributions: dict[str, tuple[float, Grads]]) -> Grads:
+    """fp64 sum of weight * fp32 grad over sorted worker ids, divided by the total weight."""
+    total = sum(w for w, _ in contributions.values())
+    out = {}
+    for sid, n in NUMEL.items():
+        acc = torch.zeros(n, dtype=torch.float64)
+        for worker in sorted(contributions):
+            weight, g = contributions[worker]
+            acc.add_(g[sid].to(torch.float32), alpha=weight)
+        out[sid] = (acc / total).to(torch.float32)
+    return out
+
+
+def assert_equal(a: Grads, b: Grads) -> None:
+    assert list(a) == list(b)
+    for sid in a:
+        assert a[sid].dtype == torch.float32
+        assert torch.equal(a[sid], b[sid]), sid
+
+
+# -- the table -----------------------------------------------------------------------------
+
+
+def test_every_consistency_mode_has_a_barrier():
+    assert sorted(BARRIERS) == sorted(CONSISTENCIES)
+    assert isinstance(barrier("w0"), SyncBarrier)
+
+
+def test_an_unknown_mode_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown consistency"):
+        make_barrier("async", job_id="job", numel=NUMEL, members=["w0"])  # type: ignore[arg-type]
+
+
+def test_the_seam_and_the_store_import_without_grpc():
+    code = (
+        "import sys; sys.modules['grpc'] = None\n"
+        "import lmps.services.parameter_server.consistency, lmps.services.parameter_server.store\n"
+        "assert not [m for m in sys.modules if m.endswith('_pb2')], 'generated code imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- completing a step ---------------------------------------------------------------------
+
+
+def test_the_step_completes_once_every_member_pushed():
+    b = barrier("w0", "w1", "w2")
+    assert (b.members, b.pushed, b.pending) == (frozenset({"w0", "w1", "w2"}), frozenset(), 3)
+    assert push(b, "w1", 1.0, grads(1)) is None
+    assert push(b, "w0", 1.0, grads(0)) is None
+    assert (b.pushed, b.pending) == (frozenset({"w0", "w1"}), 1)
+
+    update = push(b, "w2", 1.0, grads(2))
+
+    assert update is not None
+    assert update.made_of == (("w0", 1.0), ("w1", 1.0), ("w2", 1.0))
+    assert (b.pushed, b.pending) == (frozenset(), 3)  # a fresh pending step
+    assert push(b, "w0", 1.0, grads(3), version=1) is None  # the next step starts empty
+
+
+def test_the_update_is_the_weighted_fp64_mean_in_sorted_order():
+    contributions = {"w1": (3.0, grads(1)), "w0": (0.5, grads(0, torch.bfloat16))}
+    b = barrier(*contributions)
+    for worker, (weight, g) in contributions.items():
+        update = push(b, worker, weight, g)
+    assert update is not None
+    assert update.made_of == (("w0", 0.5), ("w1", 3.0))
+    assert_equal(update.grads, reference_mean(contributions))  # shards in load order
+
+
+def test_the_mean_does_not_depend_on_push_order():
+    # Element 0 cancels: (3e17 - 3e17) + 2 = 2 in fp64, but (3e17 + 2) - 3e17 = 0, so a sum
+    # in arrival order would differ between these orders.
+    firsts = {"w0": (1e17, 3.0), "w1": (-1e17, 3.0), "w2": (1.0, 2.0)}
+    contributions = {}
+    for i, (worker, (first, weight)) in enumerate(firsts.items()):
+        g = grads(10 + i)
+        g["w#0"][0] = first
+        contributions[worker] = (weight, g)
+    updates = []
+    for order in itertools.permutations(contributions):
+        b = barrier(*contributions)
+        for worker in order:
+            update = push(b, worker, *contributions[worker])
+        assert update is not None
+        updates.append(update)
+    for other in updates[1:]:
+        assert other.made_of == updates[0].made_of
+        assert_equal(other.grads, updates[0].grads)
+    assert float(updates[0].grads["w#0"][0]) == 0.25  # 2 / (3 + 3 + 2)
+    assert_equal(updates[0].grads, reference_mean(contributions))
+
+
+# -- membership ----------------------------------------------------------------------------
+
+
+def test_discarding_drops_only_that_workers_contribution():
+    b = barrier("w0", "w1", "w2")
+    push(b, "w0", 1.0, grads(0))
+    push(b, "w1", 1.0, grads(1))
+
+    assert b.set_members(["w0", "w1", "w2"], discard=["w1"]) is None
+
+    assert (b.pushed, b.pending) == (frozenset({"w0"}), 2)
+    assert push(b, "w1", 2.0, grads(21)) is None  # w1 may push again, another gradient
+    update = push(b, "w2", 1.0, grads(2))
+    assert update is not None
+    want = {"w0": (1.0, grads(0)), "w1": (2.0, grads(21)), "w2": (1.0, grads(2))}
+    assert_equal(update.grads, reference_mean(want))
+
+
+def test_discarding_everything_empties_the_step():
+    b = barrier("w0", "w1")
+    push(b, "w0", 1.0, grads(0))
+    assert b.set_members(["w0", "w1"], discard=b.pushed) is None
+    assert (b.pushed, b.pending) == (frozenset(), 2)
+
+
+def test_removing_the_last_missing_member_completes_the_step():
+    b = barrier("w0", "w1")
+    push(b, "w0", 2.0, grads(0))
+
+    update = b.set_members(["w0"], discard=())
+
+    assert update is not None
+    assert update.made_of == (("w0", 2.0),)
+    assert_equal(update.grads, reference_mean({"w0": (2.0, grads(0))}))
+    assert (b.members, b.pushed, b.pending) == (frozenset({"w0"}), frozenset(), 1)
+
+
+def test_a_worker_that_left_after_pushing_still_counts_unless_discarded():
+    b = barrier("w0", "w1", "w2")
+    push(b, "w2", 1.0, grads(2))
+    assert b.set_members(["w0", "w1"], discard=()) is None
+    push(b, "w0", 1.0, grads(0))
+    update = push(b, "w1", 1.0, grads(1))
+    assert update is not None
+    assert [w for w, _ in update.made_of] == ["w0", "w1", "w2"]
+
+
+def test_no_pushes_no_update_whatever_the_members():
+    b = barrier("w0")
+    assert b.set_members([], discard=()) is None
+    assert b.set_members(["w1"], discard=()) is None
+    assert (b.members, b.pending) == (frozenset({"w1"}), 1)
+
+
+# -- refused pushes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "worker, step, error",
+    [
+        ("w0", 5, AlreadyExists),  # w0 already pushed step 5
+        ("w1", 4, FailedPrecondition),  # stale
+        ("w1", 6, OutOfRange),  # future
+        ("w9", 5, NotFound),  # not a member
+    ],
+    ids=["duplicate", "stale", "future", "non-member"],
+)
+def test_a_refused_push_changes_nothing(worker: str, step: int, error: type[Exception]):
+    b = barrier("w0", "w1")
+    push(b, "w0", 3.0, grads(0), version=5)
+
+    with pytest.raises(error):
+        b.admit(worker, step, 5)
+
+    assert (b.members, b.pushed, b.pending) == (frozenset({"w0", "w1"}), frozenset({"w0"}), 1)
+    update = push(b, "w1", 1.0, grads(1), version=5)
+    assert update is not None
+    assert_equal(update.grads, reference_mean({"w0": (3.0, grads(0)), "w1": (1.0, grads(1))}))
+
+
+# -- what a pull may see -------------------------------------------------------------------
+
+
+def test_a_pull_sees_a_version_once_it_is_reached():
+    b = barrier("w0")
+    assert b.readable(3, 3) and b.readable(4, 3) and b.readable(0, 0)
+    assert not b.readable(2, 3)
