@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from rich.console import Console
@@ -41,132 +41,24 @@ def _coordinator_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
-    from lmps.client.train import TrainOptions
+    """One flag per `TrainOptions` field that carries a `Flag`: name, help, choices and group
+    from the field's metadata, type and default from the field."""
+    from lmps.client.train import flags
 
-    d = TrainOptions()
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        default=d.data,
-        help="builtin:pydoc (default), a .txt, a folder of .txt, or a .jsonl with a 'text' field",
-    )
-    g.add_argument(
-        "--vocab-size",
-        type=int,
-        default=d.vocab_size,
-        help="BPE vocabulary to train (default %(default)s)",
-    )
-    g.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=d.eval_fraction,
-        help="held-out tail of the corpus (default %(default)s)",
-    )
-    g.add_argument(
-        "--cache-dir",
-        default=d.cache_dir,
-        help="where prepared corpora are cached (default %(default)s)",
-    )
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--preset", default=d.preset, help="tiny | mini | small | gpt2 (default %(default)s)"
-    )
-    g.add_argument(
-        "--block-size", type=int, default=d.block_size, help="context length; 0 = the preset's"
-    )
-    g.add_argument("--dropout", type=float, default=d.dropout)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="sequences per worker per step (default %(default)s)",
-    )
-    g.add_argument(
-        "--batches-per-lease",
-        type=int,
-        default=d.batches_per_lease,
-        help="batches in one data lease",
-    )
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default=d.optimizer)
-    g.add_argument(
-        "--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)"
-    )
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=d.weight_decay,
-        help="decoupled decay on weights (not biases/norms)",
-    )
-    g.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--min-lr", type=float, default=d.min_lr)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("cluster")
-    g.add_argument(
-        "--servers",
-        type=int,
-        default=d.servers,
-        help="parameter servers to use; 0 = all registered",
-    )
-    g.add_argument(
-        "--workers", type=int, default=d.workers, help="workers to use; 0 = all registered"
-    )
-    g.add_argument(
-        "--wait-members",
-        dest="wait_members_s",
-        type=float,
-        default=float(env("LMPS_WAIT_MEMBERS_S", str(d.wait_members_s))),
-        help="seconds to wait for enough servers and workers to register (LMPS_WAIT_MEMBERS_S)",
-    )
-    g.add_argument(
-        "--wire-dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default=d.wire_dtype,
-        help="dtype of parameters/gradients on the wire",
-    )
-    g.add_argument(
-        "--shard-bytes",
-        type=int,
-        default=d.shard_bytes,
-        help="largest parameter shard in bytes; 0 = default",
-    )
-    g = p.add_argument_group("checkpoints and recovery")
-    g.add_argument(
-        "--resume",
-        default=d.resume,
-        metavar="JOB",
-        help="continue JOB from its latest checkpoint (the coordinator's --state-dir keeps it)",
-    )
-    g.add_argument(
-        "--init-from",
-        default=d.init_from,
-        metavar="DIR",
-        help="fine-tune the model saved in DIR (its config and tokenizer are used)",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="steps between checkpoints; 0 = at epoch ends only",
-    )
-    g.add_argument(
-        "--retry-s",
-        type=float,
-        default=d.retry_s,
-        help="how long to wait for a restarted coordinator",
-    )
-    g = p.add_argument_group("output")
-    g.add_argument(
-        "--out",
-        default=d.out,
-        help="folder for model.safetensors, config.json, tokenizer.json, report.json",
-    )
-    g.add_argument(
-        "--sample-prompt", default=d.sample_prompt, help="print a sample from the trained model"
-    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field, default, how in flags():
+        if how.group not in groups:
+            groups[how.group] = p.add_argument_group(how.group)
+        if how.env:
+            default = type(default)(env(how.env, str(default)))
+        kwargs: dict[str, Any] = {"default": default}
+        if not isinstance(default, str):
+            kwargs["type"] = type(default)
+        for key in ("help", "choices", "metavar"):
+            if getattr(how, key) is not None:
+                kwargs[key] = getattr(how, key)
+        name = how.name or f"--{field.replace('_', '-')}"
+        groups[how.group].add_argument(name, dest=field, **kwargs)
 
 
 def _train_options(args: argparse.Namespace, **overrides: object) -> TrainOptions:

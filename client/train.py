@@ -7,8 +7,9 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -17,7 +18,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from lmps.client import model_io
 from lmps.core.data import encode_corpus, load_corpus, prepare_corpus, split_tokens
-from lmps.core.model import preset
+from lmps.core.model import PRESETS, perplexity, preset
+from lmps.core.optim import (
+    DEFAULTS,
+    KINDS,
+    OPTIMIZERS,
+    SCHEDULE_NAMES,
+    SCHEDULES,
+    OptimizerKind,
+    OptimizerRequest,
+    ScheduleName,
+)
+from lmps.core.settings import WIRE_DTYPES
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
@@ -26,40 +38,153 @@ PART_TOKENS = 1 << 20  # tokens per DatasetPart message (4 MiB of int32)
 
 
 @dataclass(frozen=True)
+class Flag:
+    """How a `TrainOptions` field appears on the command line (`lmps train` / `lmps demo`).
+
+    The flag is `--field-name` unless `name` says otherwise; its type and default are the
+    field's, and `env` names an LMPS_* variable that replaces the default."""
+
+    group: str
+    """The --help section it is listed under."""
+    help: str | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    name: str = ""
+    env: str = ""
+
+
+def flag(
+    group: str,
+    help: str | None = None,
+    *,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    name: str = "",
+    env: str = "",
+) -> dict[str, Flag]:
+    """A field's metadata that makes it a flag: `field(default=..., metadata=flag(...))`."""
+    return {"flag": Flag(group, help, choices=choices, metavar=metavar, name=name, env=env)}
+
+
+WIRE_DTYPE_NAMES = tuple(str(t).removeprefix("torch.") for t in WIRE_DTYPES)
+
+
+@dataclass(frozen=True)
 class TrainOptions:
-    """Everything `lmps train` takes; see `lmps train --help` for each flag."""
+    """Everything `lmps train` takes; each field with a `Flag` is one flag of
+    `lmps train --help`, with the field's default (`lmps.client.cli` builds them in order)."""
 
     coordinator: str = "127.0.0.1:50051"
-    data: str = "builtin:pydoc"
-    preset: str = "tiny"
-    vocab_size: int = 2048
-    block_size: int = 0  # 0 = the preset's
-    dropout: float = 0.0
-    epochs: int = 3
-    batch_size: int = 16
-    batches_per_lease: int = 8
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    min_lr: float = 3e-4
-    seed: int = 1337
-    servers: int = 0
-    workers: int = 0
-    eval_fraction: float = 0.05
-    wire_dtype: str = "float32"
-    shard_bytes: int = 0
-    out: str = ""
-    cache_dir: str = ".cache/lmps"
-    sample_prompt: str = ""
+    """Coordinator address (`lmps train --coordinator`; `lmps demo` starts its own)."""
     name: str = "lmps"
-    resume: str = ""  # job id to continue (its coordinator kept it in --state-dir)
-    init_from: str = ""  # saved model folder to fine-tune
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = epoch ends only
-    retry_s: float = 300.0  # how long to wait for a restarted coordinator
-    wait_members_s: float = 60.0  # how long the coordinator waits for servers and workers
+    """Human-readable job label."""
+    # -- data
+    data: str = field(
+        default="builtin:pydoc",
+        metadata=flag(
+            "data",
+            "builtin:pydoc (default), a .txt, a folder of .txt, or a .jsonl with a 'text' field",
+        ),
+    )
+    vocab_size: int = field(
+        default=2048, metadata=flag("data", "BPE vocabulary to train (default %(default)s)")
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata=flag("data", "held-out tail of the corpus (default %(default)s)")
+    )
+    cache_dir: str = field(
+        default=".cache/lmps",
+        metadata=flag("data", "where prepared corpora are cached (default %(default)s)"),
+    )
+    # -- model
+    preset: str = field(
+        default="tiny", metadata=flag("model", f"{' | '.join(PRESETS)} (default %(default)s)")
+    )
+    block_size: int = field(default=0, metadata=flag("model", "context length; 0 = the preset's"))
+    dropout: float = field(default=0.0, metadata=flag("model"))
+    # -- optimisation
+    epochs: int = field(default=3, metadata=flag("optimisation"))
+    batch_size: int = field(
+        default=16,
+        metadata=flag("optimisation", "sequences per worker per step (default %(default)s)"),
+    )
+    batches_per_lease: int = field(
+        default=8, metadata=flag("optimisation", "batches in one data lease")
+    )
+    optimizer: OptimizerKind = field(default="adamw", metadata=flag("optimisation", choices=KINDS))
+    lr: float = field(
+        default=3e-3, metadata=flag("optimisation", "peak learning rate (default %(default)s)")
+    )
+    momentum: float = field(default=0.9, metadata=flag("optimisation", "SGD momentum"))
+    weight_decay: float = field(
+        default=0.1, metadata=flag("optimisation", "decoupled decay on weights (not biases/norms)")
+    )
+    schedule: ScheduleName = field(
+        default="cosine", metadata=flag("optimisation", choices=SCHEDULE_NAMES)
+    )
+    warmup_steps: int = field(default=10, metadata=flag("optimisation"))
+    min_lr: float = field(default=3e-4, metadata=flag("optimisation"))
+    seed: int = field(default=1337, metadata=flag("optimisation"))
+    # -- cluster
+    servers: int = field(
+        default=0, metadata=flag("cluster", "parameter servers to use; 0 = all registered")
+    )
+    workers: int = field(default=0, metadata=flag("cluster", "workers to use; 0 = all registered"))
+    wait_members_s: float = field(
+        default=60.0,
+        metadata=flag(
+            "cluster",
+            "seconds to wait for enough servers and workers to register (LMPS_WAIT_MEMBERS_S)",
+            name="--wait-members",
+            env="LMPS_WAIT_MEMBERS_S",
+        ),
+    )
+    wire_dtype: str = field(
+        default="float32",
+        metadata=flag(
+            "cluster", "dtype of parameters/gradients on the wire", choices=WIRE_DTYPE_NAMES
+        ),
+    )
+    shard_bytes: int = field(
+        default=0, metadata=flag("cluster", "largest parameter shard in bytes; 0 = default")
+    )
+    # -- checkpoints and recovery
+    resume: str = field(
+        default="",
+        metadata=flag(
+            "checkpoints and recovery",
+            "continue JOB from its latest checkpoint (the coordinator's --state-dir keeps it)",
+            metavar="JOB",
+        ),
+    )
+    init_from: str = field(
+        default="",
+        metadata=flag(
+            "checkpoints and recovery",
+            "fine-tune the model saved in DIR (its config and tokenizer are used)",
+            metavar="DIR",
+        ),
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=flag(
+            "checkpoints and recovery", "steps between checkpoints; 0 = at epoch ends only"
+        ),
+    )
+    retry_s: float = field(
+        default=300.0,
+        metadata=flag("checkpoints and recovery", "how long to wait for a restarted coordinator"),
+    )
+    # -- output
+    out: str = field(
+        default="",
+        metadata=flag(
+            "output", "folder for model.safetensors, config.json, tokenizer.json, report.json"
+        ),
+    )
+    sample_prompt: str = field(
+        default="", metadata=flag("output", "print a sample from the trained model")
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -68,10 +193,33 @@ class TrainOptions:
             raise ValueError("--batch-size must be >= 1")
         if not 0 < self.eval_fraction < 1:
             raise ValueError("--eval-fraction must be in (0, 1)")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError("--optimizer must be sgd or adamw")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError("--schedule must be constant or cosine")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be {' or '.join(KINDS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be {' or '.join(SCHEDULE_NAMES)}")
+
+
+def flags() -> Iterator[tuple[str, Any, Flag]]:
+    """(field name, default, `Flag`) of each `TrainOptions` field that is a flag, in order."""
+    for f in dataclasses.fields(TrainOptions):
+        if "flag" in f.metadata:
+            yield f.name, f.default, f.metadata["flag"]
+
+
+def optimizer_request(opts: TrainOptions) -> OptimizerRequest:
+    """The update rule the options ask for. total_steps stays open (0): the coordinator
+    sizes it from the data, the epochs and the workers at submit."""
+    takes = OPTIMIZERS[opts.optimizer].takes
+    return OptimizerRequest(
+        kind=opts.optimizer,
+        lr=opts.lr,
+        # Only the chosen rule's own settings travel (AdamW refuses momentum).
+        momentum=opts.momentum if "momentum" in takes else DEFAULTS["momentum"],
+        weight_decay=opts.weight_decay,
+        schedule=opts.schedule,
+        warmup_steps=opts.warmup_steps,
+        min_lr=opts.min_lr,
+    )
 
 
 def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_pb2.JobSpec:
@@ -80,28 +228,17 @@ def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_
         config = dataclasses.replace(
             config, block_size=opts.block_size or config.block_size, dropout=opts.dropout
         )
-    # The coordinator validates the optimizer and fills in total_steps (from the data size
-    # and the epochs) when it is 0, which the cosine schedule needs.
-    optimizer = job_pb2.OptimizerConfig(
-        kind=job_pb2.SGD if opts.optimizer == "sgd" else job_pb2.ADAMW,
-        lr=opts.lr,
-        momentum=opts.momentum if opts.optimizer == "sgd" else 0.0,
-        weight_decay=opts.weight_decay,
-        schedule=job_pb2.COSINE if opts.schedule == "cosine" else job_pb2.CONSTANT,
-        warmup_steps=opts.warmup_steps,
-        min_lr=opts.min_lr,
-    )
     return job_pb2.JobSpec(
         name=opts.name,
         model=codec.model_to_proto(config),
-        optimizer=optimizer,
+        optimizer=codec.optimizer_to_proto(optimizer_request(opts)),
         batch_size=opts.batch_size,
         batches_per_lease=opts.batches_per_lease,
         seed=opts.seed,
         epochs=opts.epochs,
         num_servers=opts.servers,
         num_workers=opts.workers,
-        consistency=job_pb2.SYNC,
+        consistency=codec.consistency_to_proto("sync"),
         shard_bytes=opts.shard_bytes,
         wire_dtype=codec.to_proto_dtype(codec.dtype_from_name(opts.wire_dtype)),
         tokenizer_json=tokenizer_json,
@@ -297,7 +434,7 @@ def _run_epoch_retrying(
                 epoch=epoch,
                 end_step=st.step,
                 eval_loss=st.last_eval_loss,
-                eval_perplexity=math.exp(min(st.last_eval_loss, 700.0)),
+                eval_perplexity=perplexity(st.last_eval_loss),
                 train_loss=math.nan,
             )
 

@@ -1,6 +1,10 @@
 """Corpus preparation: load documents, train a byte-level BPE tokenizer, tokenize, split,
 cut into training sequences and plan each epoch's data shards.
 
+The tokenizer is GPT-2's kind (Radford et al. 2019): byte-pair encoding (Sennrich et al.,
+ACL 2016) over bytes, so any text encodes with no unknown token; trained with Hugging Face
+`tokenizers`.
+
 Pure torch + `tokenizers`; never touches the network. Everything here is deterministic, so
 the coordinator and every worker derive the same sequences and the same per-epoch order
 from (corpus, vocab_size, seed, epoch) alone.
@@ -10,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
+
+from lmps.core.files import atomic_write
 
 EOT = "<|endoftext|>"
 """Special token placed between documents (GPT-2's name for it)."""
@@ -259,19 +263,6 @@ def _cache_key(source: str, vocab_size: int, eval_fraction: float) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same directory and rename it into place, so a
-    concurrent reader (another process preparing the same corpus) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_corpus(
     source: str,
     vocab_size: int,
@@ -313,9 +304,16 @@ def prepare_corpus(
     )
     if entry is not None:
         entry.mkdir(parents=True, exist_ok=True)
-        _atomic_write(entry / "tokenizer.json", lambda p: save_tokenizer(tokenizer, Path(p)))
-        _atomic_write(
+        # Atomic, so a concurrent reader (another process preparing the same corpus) never
+        # sees half a file; not fsynced: a cache lost to a power cut is just prepared again.
+        atomic_write(
+            entry / "tokenizer.json", lambda p: save_tokenizer(tokenizer, p), durable=False
+        )
+        atomic_write(
             entry / "tokens.safetensors",
-            lambda p: save_file({"train": train, "eval": eval_}, p, metadata={"source": source}),
+            lambda p: save_file(
+                {"train": train, "eval": eval_}, str(p), metadata={"source": source}
+            ),
+            durable=False,
         )
     return prepared

@@ -2,6 +2,8 @@
 
 Pure code (stores, barriers, validators) raises these; the server bootstrap's interceptor
 turns them into the matching gRPC status, so servicers stay thin and never try/except.
+The codes are gRPC's canonical status codes (grpc/grpc, doc/statuscodes.md), which say
+which failures a client may retry.
 """
 
 from __future__ import annotations

@@ -1,5 +1,14 @@
 """A GPT-style decoder-only Transformer language model, nanoGPT-style, in one file.
 
+References:
+1) GPT-2: Radford et al., "Language Models are Unsupervised Multitask Learners", OpenAI 2019:
+   pre-LayerNorm blocks with a final LayerNorm, GELU MLPs of width 4C, learned position
+   embeddings, N(0, 0.02) init with residual projections scaled by 1/sqrt(2 * n_layer).
+2) Weight tying: Press & Wolf, "Using the Output Embedding to Improve Language Models",
+   EACL 2017: the output head shares the token embedding matrix (`tie_embeddings`).
+3) nanoGPT (Karpathy, github.com/karpathy/nanoGPT, model.py): the layout and the parameter
+   names (`transformer.wte`, `h.N.attn.c_attn`, ...), which are also Hugging Face GPT-2's.
+
 Pure torch: no knowledge of gRPC, parameter servers or devices. Workers build a replica with
 `init_model` (the same seed gives the same weights on every machine), move it wherever they
 like, and exchange its `named_parameters()` with the parameter servers by name.

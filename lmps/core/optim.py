@@ -1,24 +1,110 @@
-"""The update rule a parameter server runs on the shards it owns (MXNet's `set_optimizer`).
+"""The update rule a parameter server runs on the shards it owns.
 
-The math is torch's own: `ShardOptimizer` wraps `torch.optim.SGD` / `torch.optim.AdamW`
-over the server's flat fp32 shards. Both rules are elementwise, so running them slice by slice
-on several servers gives the same result as running them on the full tensors in one process.
-The learning rate is a pure function of the global step (`lr_at`), so every server computes
-the same value without talking to the others.
+The update runs on the servers, as MXNet's KVStore `set_optimizer` does and as the
+Parameter Server paper (Li et al., OSDI'14) describes: workers push gradients, the servers
+own the weights and their optimizer state. The math is torch's own: `ShardOptimizer` wraps
+`torch.optim.SGD` / `torch.optim.AdamW` (decoupled weight decay: Loshchilov & Hutter,
+"Decoupled Weight Decay Regularization", ICLR 2019) over the server's flat fp32 shards. Both
+rules are elementwise, so running them slice by slice on several servers gives the same
+result as running them on the full tensors in one process. The learning rate is a pure
+function of the global step (`lr_at`: linear warmup, then constant or the cosine decay of
+SGDR, Loshchilov & Hutter, ICLR 2017, without restarts), so every server computes the same
+value without talking to the others.
+
+One table per fact: `OPTIMIZERS` (name -> torch constructor and the settings it takes or
+refuses) and `SCHEDULES` (name -> lr after warmup) are what validation, `ShardOptimizer`,
+the proto mapping (`lmps.rpc.codec`) and the CLI's choices all read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
-KINDS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine")
+OptimizerKind = Literal["sgd", "adamw"]
+"""Names of the update rules (keys of `OPTIMIZERS`)."""
+ScheduleName = Literal["constant", "cosine"]
+"""Names of the learning-rate schedules (keys of `SCHEDULES`)."""
+
+ParamGroups = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One optimizer of the registry: how to build it and which settings are its own."""
+
+    label: str
+    """Its name in messages ("SGD", "AdamW")."""
+    build: Callable[[ParamGroups, float, OptimizerSettings], torch.optim.Optimizer]
+    """Constructs the torch optimizer over `groups` at learning rate `lr`."""
+    takes: tuple[str, ...]
+    """Settings only this rule reads (the CLI sends them only for this rule)."""
+    refuses: tuple[str, ...] = ()
+    """Other rules' settings that must stay at their defaults here: a value would be
+    silently ignored."""
+    hint: str = ""
+    """What to use instead of a refused setting."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One learning-rate schedule of the registry."""
+
+    after_warmup: Callable[[OptimizerSettings, int], float]
+    """The lr at global step `step` >= warmup_steps."""
+    needs_total_steps: bool
+    """Whether the schedule is shaped by the job's length (then total_steps must be > 0)."""
+
+
+def _sgd(groups: ParamGroups, lr: float, s: OptimizerSettings) -> torch.optim.Optimizer:
+    # foreach=False: torch's single-tensor kernels, the reference the parity tests compare to.
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=s.momentum, dampening=0.0, nesterov=s.nesterov, foreach=False
+    )
+
+
+def _adamw(groups: ParamGroups, lr: float, s: OptimizerSettings) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=(s.beta1, s.beta2), eps=s.eps, foreach=False)
+
+
+def _constant(s: OptimizerSettings, step: int) -> float:
+    return s.lr
+
+
+def _cosine(s: OptimizerSettings, step: int) -> float:
+    # SGDR's cosine annealing, one cycle, no restart: from lr at the end of warmup down to
+    # min_lr at total_steps, and min_lr from then on.
+    if step >= s.total_steps:
+        return s.min_lr
+    t = (step - s.warmup_steps) / (s.total_steps - s.warmup_steps)
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+OPTIMIZERS: Mapping[OptimizerKind, UpdateRule] = {
+    "sgd": UpdateRule(label="SGD", build=_sgd, takes=("momentum", "nesterov")),
+    "adamw": UpdateRule(
+        label="AdamW",
+        build=_adamw,
+        takes=("beta1", "beta2", "eps"),
+        refuses=("momentum", "nesterov"),
+        hint="use beta1 for AdamW",
+    ),
+}
+SCHEDULES: Mapping[ScheduleName, Schedule] = {
+    "constant": Schedule(after_warmup=_constant, needs_total_steps=False),
+    "cosine": Schedule(after_warmup=_cosine, needs_total_steps=True),
+}
+KINDS: tuple[OptimizerKind, ...] = tuple(OPTIMIZERS)
+SCHEDULE_NAMES: tuple[ScheduleName, ...] = tuple(SCHEDULES)
+# The Literals are the types, the tables the facts: they must name the same things.
+assert set(get_args(OptimizerKind)) == set(OPTIMIZERS), "OptimizerKind != OPTIMIZERS"
+assert set(get_args(ScheduleName)) == set(SCHEDULES), "ScheduleName != SCHEDULES"
 
 
 def _finite(name: str, value: float) -> None:
@@ -26,13 +112,23 @@ def _finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """The update rule run on the parameter servers. Mirrors `lmps.v1.OptimizerConfig`."""
+def _owner(setting: str) -> UpdateRule:
+    return next(rule for rule in OPTIMIZERS.values() if setting in rule.takes)
 
-    kind: str
+
+@dataclass(frozen=True)
+class OptimizerRequest:
+    """An update rule as asked for at submit: `total_steps` may be 0 ("open": the coordinator
+    sizes it from the data and the epochs). Mirrors `lmps.v1.OptimizerConfig`.
+
+    Only a resolved `OptimizerSettings` can run (`ShardOptimizer`, `lr_at`)."""
+
+    # Whether a schedule that needs the job's length may leave total_steps open (0).
+    _open_ok: ClassVar[bool] = True
+
+    kind: OptimizerKind
     """"sgd" (torch.optim.SGD: momentum with dampening 0, optional Nesterov, coupled weight
-    decay) or "adamw" (torch.optim.AdamW: decoupled weight decay)."""
+    decay) or "adamw" (torch.optim.AdamW: decoupled weight decay). See `OPTIMIZERS`."""
     lr: float
     """Peak learning rate (after warmup)."""
     momentum: float = 0.0
@@ -47,29 +143,36 @@ class OptimizerSettings:
     """AdamW decay rate of the second moment, in [0, 1)."""
     eps: float = 1e-8
     """AdamW term added to the denominator; > 0."""
-    schedule: str = "constant"
-    """"constant" (lr after warmup) or "cosine" (decay from lr to min_lr at total_steps)."""
+    schedule: ScheduleName = "constant"
+    """"constant" (lr after warmup) or "cosine" (decay from lr to min_lr at total_steps).
+    See `SCHEDULES`."""
     warmup_steps: int = 0
     """Steps of linear warmup: lr * (step + 1) / warmup_steps for step < warmup_steps."""
     total_steps: int = 0
-    """Steps of the whole job; where the cosine schedule reaches min_lr. Required by cosine."""
+    """Steps of the whole job; where the cosine schedule reaches min_lr. Required by cosine
+    once resolved; 0 in a request means "the coordinator fills it in"."""
     min_lr: float = 0.0
     """Floor of the cosine schedule, in [0, lr]."""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer kind {self.kind!r}; expected one of {KINDS}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.schedule!r}; expected one of {SCHEDULES}")
+            raise ValueError(
+                f"unknown lr schedule {self.schedule!r}; expected one of {SCHEDULE_NAMES}"
+            )
         for name in ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "min_lr"):
             _finite(name, getattr(self, name))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.kind == "adamw" and (self.momentum != 0 or self.nesterov):
-            # AdamW has no such knobs; a value set here would be silently ignored.
-            raise ValueError("momentum and nesterov are SGD settings; use beta1 for AdamW")
+        rule = OPTIMIZERS[self.kind]
+        if any(getattr(self, name) != DEFAULTS[name] for name in rule.refuses):
+            owners = sorted({_owner(name).label for name in rule.refuses})
+            raise ValueError(
+                f"{' and '.join(rule.refuses)} are {'/'.join(owners)} settings; {rule.hint}"
+            )
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
         if self.weight_decay < 0:
@@ -81,38 +184,64 @@ class OptimizerSettings:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.warmup_steps < 0 or self.total_steps < 0:
             raise ValueError("warmup_steps and total_steps must be >= 0")
-        if self.schedule == "cosine" and self.total_steps == 0:
-            raise ValueError("the cosine schedule needs total_steps > 0")
+        if (
+            not self._open_ok
+            and SCHEDULES[self.schedule].needs_total_steps
+            and self.total_steps == 0
+        ):
+            raise ValueError(f"the {self.schedule} schedule needs total_steps > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+
+    def resolve(self, total_steps: int) -> OptimizerSettings:
+        """The runnable settings: `total_steps` fills in an open (0) step count."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["total_steps"] = self.total_steps or total_steps
+        return OptimizerSettings(**fields)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings(OptimizerRequest):
+    """The update rule run on the parameter servers: an `OptimizerRequest` whose schedule can
+    run (total_steps > 0 where the schedule needs the job's length). Mirrors
+    `lmps.v1.OptimizerConfig` as a server receives it."""
+
+    _open_ok: ClassVar[bool] = False
+
+
+DEFAULTS: Mapping[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(OptimizerRequest)
+    if f.default is not dataclasses.MISSING
+}
+"""Each setting's default (the wire's "0 means default" resolves to these)."""
 
 
 def lr_at(settings: OptimizerSettings, step: int) -> float:
     """Learning rate for global step `step` (0-based).
 
-    Linear warmup `lr * (step + 1) / warmup_steps` while step < warmup_steps; then `lr`
-    (constant), or for cosine `min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2` with
-    t = (step - warmup_steps) / (total_steps - warmup_steps), and `min_lr` from total_steps on.
-    Warmup wins when it is longer than the job.
+    Linear warmup `lr * (step + 1) / warmup_steps` while step < warmup_steps; then the
+    schedule's value: `lr` (constant), or for cosine `min_lr + (lr - min_lr) * (1 + cos(pi * t))
+    / 2` with t = (step - warmup_steps) / (total_steps - warmup_steps), and `min_lr` from
+    total_steps on. Warmup wins when it is longer than the job.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     s = settings
+    if SCHEDULES[s.schedule].needs_total_steps and s.total_steps == 0:
+        raise ValueError(f"the {s.schedule} schedule needs total_steps > 0 (still open)")
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
-    if s.schedule == "constant":
-        return s.lr
-    if step >= s.total_steps:
-        return s.min_lr
-    t = (step - s.warmup_steps) / (s.total_steps - s.warmup_steps)
-    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + math.cos(math.pi * t))
+    return SCHEDULES[s.schedule].after_warmup(s, step)
 
 
 class ShardOptimizer:
-    """torch.optim.SGD / AdamW over one server's flat fp32 shards, keyed by shard id.
+    """The registry's torch optimizer (SGD / AdamW) over one server's flat fp32 shards, keyed
+    by shard id.
 
-    Two param groups: shards with weight decay, and the rest with weight_decay 0.
-    `foreach=False` selects torch's single-tensor kernels, the reference the tests compare to.
+    Two param groups: shards with weight decay, and the rest with weight_decay 0. Every rule
+    is built with `foreach=False`: torch's single-tensor kernels, the reference the tests
+    compare to.
     """
 
     def __init__(
@@ -146,25 +275,7 @@ class ShardOptimizer:
             {"params": [self._params[s] for s in decayed], "weight_decay": settings.weight_decay},
             {"params": [self._params[s] for s in plain], "weight_decay": 0.0},
         ]
-        lr = lr_at(settings, 0)
-        self._optimizer: torch.optim.Optimizer
-        if settings.kind == "sgd":
-            self._optimizer = torch.optim.SGD(
-                groups,
-                lr=lr,
-                momentum=settings.momentum,
-                dampening=0.0,
-                nesterov=settings.nesterov,
-                foreach=False,
-            )
-        else:
-            self._optimizer = torch.optim.AdamW(
-                groups,
-                lr=lr,
-                betas=(settings.beta1, settings.beta2),
-                eps=settings.eps,
-                foreach=False,
-            )
+        self._optimizer = OPTIMIZERS[settings.kind].build(groups, lr_at(settings, 0), settings)
 
     @property
     def settings(self) -> OptimizerSettings:
@@ -211,6 +322,18 @@ class ShardOptimizer:
             for v in st.values()
             if isinstance(v, Tensor)
         )
+
+    def shard_state_bytes(self) -> dict[str, int]:
+        """`state_bytes` by shard id, for every shard (0 where it holds no state yet)."""
+        state = self._optimizer.state
+        return {
+            sid: sum(
+                v.numel() * v.element_size()
+                for v in state.get(p, {}).values()
+                if isinstance(v, Tensor)
+            )
+            for sid, p in self._params.items()
+        }
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """Optimizer state by shard id (copies, safe to keep while training goes on).

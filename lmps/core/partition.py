@@ -1,11 +1,19 @@
 """The slicer: which parameter server owns which slice of which parameter.
 
-Big tensors are cut into contiguous slices of at most `shard_bytes` (BytePS: ~MB parts keep
-every server's link busy and let one tensor's traffic run in parallel), and the slices are
+Big tensors are cut into contiguous slices of at most `shard_bytes`, and the slices are
 spread over the servers so that each holds about the same number of bytes. Slicing is a plain
-function of the parameter list (ps-lite's pluggable key-range slicing), so the coordinator can
-compute the map and every worker and server can check the map it receives with
-`validate_cover`.
+function of the parameter list, so the coordinator can compute the map and every worker and
+server can check the map it receives with `validate_cover`.
+
+References:
+1) Parameter Server: Li et al., "Scaling Distributed Machine Learning with the Parameter
+   Server", OSDI 2014: each server owns a range of the keys, and slicing is pluggable
+   (ps-lite, github.com/dmlc/ps-lite, include/ps/kv_app.h: `KVWorker::set_slicer`; its
+   `DefaultSlicer` cuts a request's key list by the servers' key ranges).
+2) BytePS: Jiang et al., "A Unified Architecture for Accelerating Distributed DNN Training
+   in Heterogeneous GPU/CPU Clusters", OSDI 2020: split big tensors into ~MB parts balanced
+   across servers, so every server's link stays busy and one tensor's traffic runs in
+   parallel.
 
 A shard is the flat slice `[start, start + numel)` of the flattened (row-major) parameter.
 """

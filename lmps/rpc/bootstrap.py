@@ -4,6 +4,8 @@ Gives each service the same surroundings: gRPC health checking (grpc.health.v1) 
 reflection (so `grpcurl -plaintext HOST:PORT list` works), a Prometheus `/metrics`
 endpoint, RPC metrics and error mapping by interceptor, raised message limits, and a
 graceful SIGTERM: health flips to NOT_SERVING, in-flight RPCs get `grace_s`, exit 0.
+These follow grpc/grpc's examples/python (health_checking, reflection, `server.stop(grace)`)
+and the gRPC Health Checking Protocol (doc/health-checking.md).
 
 Security (`lmps.rpc.security`, docs/security.md): TLS or mutual TLS on the port when a
 certificate is configured, the bearer token and per-client limits by interceptor

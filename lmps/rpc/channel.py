@@ -1,4 +1,8 @@
-"""Client-side gRPC channels: one place for message limits, keepalive, TLS and the token."""
+"""Client-side gRPC channels: one place for message limits, keepalive, TLS and the token.
+
+Keepalive settings follow gRPC's keepalive guide (grpc/grpc, doc/keepalive.md): a client's
+pings must be accepted by the server's ping policy, or the server answers with GOAWAY.
+"""
 
 from __future__ import annotations
 

@@ -4,19 +4,32 @@ Tensors: a `lmps.v1.Tensor` carries raw little-endian bytes in C order plus dtyp
 (never `repeated float`). Encoding is one copy (`tobytes`); decoding is one copy into a
 fresh, writable, contiguous tensor. Configs and shard placements: field-for-field
 conversions of the core's frozen dataclasses, so pure modules (model, optim, partition)
-never see a protobuf.
+never see a protobuf; enum values map by name from the core's tables (optimizer kinds,
+schedules, consistency modes), never through a second hand-written table.
+
+As in ps-lite (github.com/dmlc/ps-lite), where only the van touches the wire format and
+values travel as flat arrays (`SArray`), this is the one module that converts; BytePS
+(Jiang et al., OSDI 2020) likewise moves tensors as raw contiguous byte buffers.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 
 from lmps.core.model import GPTConfig
-from lmps.core.optim import OptimizerSettings
+from lmps.core.optim import (
+    DEFAULTS,
+    OPTIMIZERS,
+    SCHEDULES,
+    OptimizerKind,
+    OptimizerRequest,
+    OptimizerSettings,
+    ScheduleName,
+)
 from lmps.core.partition import DEFAULT_SHARD_BYTES, Shard
 from lmps.core.settings import (
     CONSISTENCIES,
@@ -124,11 +137,13 @@ def decode(msg: tensor_pb2.Tensor) -> torch.Tensor:
 
 # -- configs and shard placements ---------------------------------------------------
 
-_KINDS = {job_pb2.SGD: "sgd", job_pb2.ADAMW: "adamw"}
-_SCHEDULES = {
-    job_pb2.LR_SCHEDULE_UNSPECIFIED: "constant",
-    job_pb2.CONSTANT: "constant",
-    job_pb2.COSINE: "cosine",
+# Optimizer kinds and schedules map to proto enum values by name ("sgd" <-> SGD), straight
+# from the core's registries: adding a rule there and an enum value in job.proto is all.
+_KIND_OF: dict[int, OptimizerKind] = {
+    job_pb2.OptimizerKind.Value(kind.upper()): kind for kind in OPTIMIZERS
+}
+_SCHEDULE_OF: dict[int, ScheduleName] = {
+    job_pb2.LrSchedule.Value(name.upper()): name for name in SCHEDULES
 }
 
 
@@ -185,30 +200,43 @@ def model_from_proto(m: job_pb2.ModelConfig) -> GPTConfig:
     )
 
 
+def _optimizer_fields(m: job_pb2.OptimizerConfig) -> dict[str, Any]:
+    """The config's settings by name, the wire's "0 means default" resolved."""
+    if m.kind not in _KIND_OF:
+        raise ValueError(f"optimizer kind must be {' or '.join(k.upper() for k in OPTIMIZERS)}")
+    return {
+        "kind": _KIND_OF[m.kind],
+        "lr": m.lr,
+        "momentum": m.momentum,
+        "nesterov": m.nesterov,
+        "weight_decay": m.weight_decay,
+        "beta1": m.beta1 or DEFAULTS["beta1"],
+        "beta2": m.beta2 or DEFAULTS["beta2"],
+        "eps": m.eps or DEFAULTS["eps"],
+        # LR_SCHEDULE_UNSPECIFIED means CONSTANT; so does a value this build does not know.
+        "schedule": _SCHEDULE_OF.get(m.schedule, "constant"),
+        "warmup_steps": int(m.warmup_steps),
+        "total_steps": int(m.total_steps),
+        "min_lr": m.min_lr,
+    }
+
+
 def optimizer_from_proto(m: job_pb2.OptimizerConfig) -> OptimizerSettings:
-    """Raises ValueError on a bad config (unknown kind, lr <= 0, ...)."""
-    if m.kind not in _KINDS:
-        raise ValueError("optimizer kind must be SGD or ADAMW")
-    return OptimizerSettings(
-        kind=_KINDS[m.kind],
-        lr=m.lr,
-        momentum=m.momentum,
-        nesterov=m.nesterov,
-        weight_decay=m.weight_decay,
-        beta1=m.beta1 or 0.9,
-        beta2=m.beta2 or 0.95,
-        eps=m.eps or 1e-8,
-        schedule=_SCHEDULES.get(m.schedule, "constant"),
-        warmup_steps=int(m.warmup_steps),
-        total_steps=int(m.total_steps),
-        min_lr=m.min_lr,
-    )
+    """A resolved config, as a server must get it. Raises ValueError on a bad config
+    (unknown kind, lr <= 0, a cosine schedule with total_steps still 0, ...)."""
+    return OptimizerSettings(**_optimizer_fields(m))
 
 
-def optimizer_to_proto(s: OptimizerSettings) -> job_pb2.OptimizerConfig:
-    kinds = {v: k for k, v in _KINDS.items()}
+def optimizer_request_from_proto(m: job_pb2.OptimizerConfig) -> OptimizerRequest:
+    """A config as submitted: total_steps may still be 0 (open; the coordinator resolves it).
+    Raises ValueError on anything else `optimizer_from_proto` refuses."""
+    return OptimizerRequest(**_optimizer_fields(m))
+
+
+def optimizer_to_proto(s: OptimizerRequest) -> job_pb2.OptimizerConfig:
+    """Every field explicit; an open request keeps total_steps 0 for the coordinator."""
     return job_pb2.OptimizerConfig(
-        kind=kinds[s.kind],
+        kind=cast(job_pb2.OptimizerKind, job_pb2.OptimizerKind.Value(s.kind.upper())),
         lr=s.lr,
         momentum=s.momentum,
         nesterov=s.nesterov,
@@ -216,7 +244,7 @@ def optimizer_to_proto(s: OptimizerSettings) -> job_pb2.OptimizerConfig:
         beta1=s.beta1,
         beta2=s.beta2,
         eps=s.eps,
-        schedule=job_pb2.COSINE if s.schedule == "cosine" else job_pb2.CONSTANT,
+        schedule=cast(job_pb2.LrSchedule, job_pb2.LrSchedule.Value(s.schedule.upper())),
         warmup_steps=s.warmup_steps,
         total_steps=s.total_steps,
         min_lr=s.min_lr,

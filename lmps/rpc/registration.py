@@ -1,4 +1,9 @@
-"""Register with the coordinator and keep the membership alive with heartbeats."""
+"""Register with the coordinator and keep the membership alive with heartbeats.
+
+As ps-lite's nodes do with its scheduler (src/van.cc: ADD_NODE on start, then a heartbeat
+thread; the scheduler counts a node dead when its heartbeats stop), a server or worker
+registers its address and role, then heartbeats; the coordinator expires silent members.
+"""
 
 from __future__ import annotations
 

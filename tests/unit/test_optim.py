@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import cast, get_args
 
 import pytest
 import torch
 
-from lmps.core.optim import OptimizerSettings, ShardOptimizer, lr_at
+from lmps.core.optim import (
+    DEFAULTS,
+    KINDS,
+    OPTIMIZERS,
+    SCHEDULE_NAMES,
+    SCHEDULES,
+    OptimizerKind,
+    OptimizerRequest,
+    OptimizerSettings,
+    ScheduleName,
+    ShardOptimizer,
+    lr_at,
+)
 from lmps.core.partition import ParamInfo, Shard, assemble, plan_shards, shard_view
+from lmps.rpc import codec
+from lmps.v1 import job_pb2
 
 SERVERS = ["ps-0", "ps-1"]
 # Shapes of a small GPT: an embedding and a projection big enough to be split at 512-byte
@@ -302,3 +317,69 @@ def test_optimizer_owns_copies_of_its_shards():
 def test_constructor_rejects_bad_shards(shards, decay, match):
     with pytest.raises(ValueError, match=match):
         ShardOptimizer(shards, decay=decay, settings=OptimizerSettings("sgd", lr=0.1))
+
+
+# -- the registries: one table per fact ------------------------------------------------------
+
+
+def test_registries_name_what_the_literals_name():
+    assert set(get_args(OptimizerKind)) == set(OPTIMIZERS) == set(KINDS)
+    assert set(get_args(ScheduleName)) == set(SCHEDULES) == set(SCHEDULE_NAMES)
+    for rule in OPTIMIZERS.values():
+        for name in (*rule.takes, *rule.refuses):
+            assert name in DEFAULTS, name
+
+
+def test_registry_builds_the_torch_rule_with_single_tensor_kernels():
+    expected: dict[OptimizerKind, type] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+    assert set(expected) == set(OPTIMIZERS)
+    for kind, cls in expected.items():
+        opt = small_optimizer(OptimizerSettings(kind, lr=0.1))
+        assert type(opt._optimizer) is cls
+        assert all(group["foreach"] is False for group in opt._optimizer.param_groups)
+
+
+def test_every_registry_name_has_its_proto_enum_value_and_back():
+    for kind in OPTIMIZERS:
+        s = OptimizerSettings(kind, lr=0.1)
+        m = codec.optimizer_to_proto(s)
+        assert job_pb2.OptimizerKind.Name(m.kind) == kind.upper()
+        assert codec.optimizer_from_proto(m) == s
+    for name in SCHEDULES:
+        s = OptimizerSettings("sgd", lr=0.1, schedule=name, total_steps=10)
+        m = codec.optimizer_to_proto(s)
+        assert job_pb2.LrSchedule.Name(m.schedule) == name.upper()
+        assert codec.optimizer_from_proto(m) == s
+    # And no enum value is left without a rule (UNSPECIFIED aside).
+    assert {v.name.lower() for v in job_pb2.OptimizerKind.DESCRIPTOR.values} - set(OPTIMIZERS) == {
+        "optimizer_unspecified"
+    }
+    assert {v.name.lower() for v in job_pb2.LrSchedule.DESCRIPTOR.values} - set(SCHEDULES) == {
+        "lr_schedule_unspecified"
+    }
+
+
+def test_wire_zeros_mean_the_defaults():
+    m = job_pb2.OptimizerConfig(kind=job_pb2.ADAMW, lr=0.1)
+    s = codec.optimizer_from_proto(m)
+    assert (s.beta1, s.beta2, s.eps, s.schedule) == (0.9, 0.95, 1e-8, "constant")
+    with pytest.raises(ValueError, match="optimizer kind must be SGD or ADAMW"):
+        codec.optimizer_from_proto(job_pb2.OptimizerConfig(lr=0.1))
+
+
+def test_a_request_may_leave_the_cosine_horizon_open_but_a_server_may_not():
+    request = OptimizerRequest("adamw", lr=0.1, schedule="cosine")
+    m = codec.optimizer_to_proto(request)
+    assert m.total_steps == 0
+    assert codec.optimizer_request_from_proto(m) == request
+    with pytest.raises(ValueError, match="cosine schedule needs total_steps"):
+        codec.optimizer_from_proto(m)  # what a parameter server's Load does
+    resolved = request.resolve(40)
+    assert type(resolved) is OptimizerSettings
+    assert resolved == OptimizerSettings("adamw", lr=0.1, schedule="cosine", total_steps=40)
+    assert request.resolve(40).resolve(7).total_steps == 40  # a set count stays
+    with pytest.raises(ValueError, match="still open"):
+        lr_at(cast(OptimizerSettings, request), 0)
+    # Everything but the horizon is checked in a request too.
+    with pytest.raises(ValueError, match="SGD settings"):
+        OptimizerRequest("adamw", lr=0.1, momentum=0.9)

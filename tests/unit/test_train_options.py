@@ -1,0 +1,88 @@
+"""`lmps train` / `lmps demo` flags come from `TrainOptions`, and the client builds its
+optimizer config through the one codec mapper, leaving total_steps for the coordinator."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lmps.client import cli
+from lmps.client.train import WIRE_DTYPE_NAMES, TrainOptions, build_spec, flags, optimizer_request
+from lmps.core.model import PRESETS
+from lmps.core.optim import KINDS, SCHEDULE_NAMES, OptimizerRequest
+from lmps.rpc import codec
+
+
+def parse(*argv: str) -> TrainOptions:
+    args = cli.build_parser().parse_args(list(argv))
+    overrides = {"coordinator": TrainOptions.coordinator} if argv[0] == "demo" else {}
+    return cli._train_options(args, **overrides)
+
+
+def test_every_flag_defaults_to_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LMPS_COORDINATOR", raising=False)
+    monkeypatch.delenv("LMPS_WAIT_MEMBERS_S", raising=False)
+    assert parse("train") == TrainOptions()
+    assert parse("demo") == TrainOptions(epochs=15, lr=6e-3)
+
+
+def test_flags_keep_their_names_and_take_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMPS_WAIT_MEMBERS_S", "5")
+    assert parse("train").wait_members_s == 5.0
+    opts = parse(
+        "train",
+        "--optimizer=sgd",
+        "--schedule=constant",
+        "--wire-dtype=bfloat16",
+        "--wait-members=7",
+        "--batch-size=4",
+        "--resume=job-1",
+        "--init-from=runs/x",
+    )
+    assert (opts.optimizer, opts.schedule, opts.wire_dtype) == ("sgd", "constant", "bfloat16")
+    assert (opts.wait_members_s, opts.batch_size) == (7.0, 4)
+    assert (opts.resume, opts.init_from) == ("job-1", "runs/x")
+    with pytest.raises(SystemExit):
+        parse("train", "--optimizer=adam")
+
+
+def test_choices_and_names_come_from_the_registries() -> None:
+    how = {name: flag for name, _, flag in flags()}
+    assert how["optimizer"].choices == KINDS
+    assert how["schedule"].choices == SCHEDULE_NAMES
+    assert how["wire_dtype"].choices == WIRE_DTYPE_NAMES == ("float32", "bfloat16", "float16")
+    assert all(name in (how["preset"].help or "") for name in PRESETS)
+    # Every field is a flag but the two `lmps train`/`demo` set themselves.
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    assert fields - set(how) == {"coordinator", "name"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"optimizer": "adam"}, "--optimizer must be sgd or adamw"),
+        ({"schedule": "linear"}, "--schedule must be constant or cosine"),
+        ({"epochs": 0}, "--epochs must be >= 1"),
+    ],
+)
+def test_options_reject_invalid_values(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_spec_optimizer_goes_through_the_codec_with_the_horizon_open() -> None:
+    adamw = TrainOptions()
+    spec = build_spec(adamw, vocab_size=64, tokenizer_json="")
+    request = codec.optimizer_request_from_proto(spec.optimizer)
+    assert request == optimizer_request(adamw)
+    assert request == OptimizerRequest(
+        kind="adamw", lr=3e-3, weight_decay=0.1, schedule="cosine", warmup_steps=10, min_lr=3e-4
+    )
+    assert spec.optimizer.total_steps == 0  # the coordinator sizes it at submit
+    # ... as it does here: the resolved settings are a job that can run.
+    settings = codec.job_settings_from_proto(spec, total_steps=30)
+    assert settings.optimizer == request.resolve(30)
+    # Momentum travels for SGD only (AdamW refuses it).
+    sgd = build_spec(TrainOptions(optimizer="sgd"), vocab_size=64, tokenizer_json="")
+    assert codec.optimizer_request_from_proto(sgd.optimizer).momentum == 0.9
