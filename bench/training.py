@@ -2,7 +2,7 @@
 
 Cluster: `LocalCluster` with 2 parameter servers and 2 workers (each worker gets
 cores / workers torch threads, as in `make demo`), the `tiny` preset on `builtin:pydoc`, the
-demo's job (`client.train.build_spec` with its defaults: AdamW, batch 16 per worker, SYNC).
+demo's job (`lmps.client.train.build_spec` with its defaults: AdamW, batch 16 per worker, SYNC).
 The job runs several epochs; the first is a warm-up, each later one is timed on the client
 from its EpochStart event to its last StepEvent (training only, not the end-of-epoch eval).
 
@@ -39,6 +39,7 @@ from rich.table import Table
 
 from bench.common import Context, environment, median, spread, write_result
 from lmps.client.launcher import ClusterSpec, LocalCluster
+from lmps.client.preflight import resolve_model_flags
 from lmps.client.train import TrainOptions, build_spec, submit_messages
 from lmps.core.data import PreparedCorpus, prepare_corpus, to_sequences
 from lmps.core.model import GPTConfig, decay_mask, init_model, preset
@@ -191,7 +192,8 @@ class Baseline:
 
 
 def _corpus(quick: bool, block: int, batch: int) -> tuple[PreparedCorpus, torch.Tensor]:
-    corpus = prepare_corpus("builtin:pydoc", TrainOptions.vocab_size, 0.05, Path(".cache/lmps"))
+    vocab = resolve_model_flags(TrainOptions()).vocab_size  # the default preset's
+    corpus = prepare_corpus("builtin:pydoc", vocab, 0.05, Path(".cache/lmps"))
     train = corpus.train
     if quick:
         # 4 batches per worker per epoch: a few steps to time, quick to run.
@@ -209,7 +211,9 @@ def run(ctx: Context) -> dict[str, Any]:
     started = environment()
     timed_epochs = 1 if ctx.quick else 3
     baseline_steps = 4 if ctx.quick else 10
-    opts = TrainOptions(epochs=1 + timed_epochs, servers=SERVERS, workers=WORKERS)
+    opts = resolve_model_flags(
+        TrainOptions(epochs=1 + timed_epochs, servers=SERVERS, workers=WORKERS)
+    )
     block = preset(opts.preset).block_size
     corpus, train = _corpus(ctx.quick, block, opts.batch_size)
     spec = build_spec(opts, corpus.vocab_size, corpus.tokenizer_json)

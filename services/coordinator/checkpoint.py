@@ -7,7 +7,9 @@ A checkpoint is a folder `ROOT/JOB/step-00000042/` with
 Each folder is written under a temporary name, fsynced and renamed; `ROOT/JOB/LATEST` names
 the newest complete one and is replaced atomically too, so a crash at any point leaves the
 previous checkpoint intact. Because tensors are stored whole, a checkpoint restores into
-any number of parameter servers (re-sharding on load). Pure: no gRPC.
+any number of parameter servers (re-sharding on load), as torch.distributed.checkpoint's
+resharding loads a checkpoint into a different world size, and TF2 ParameterServerStrategy
+restores variables into a new set of parameter servers. Pure: no gRPC.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmps.core.files import atomic_write_text, fsync_dir
 from lmps.core.partition import Shard, assemble, shard_view
 
 SEP = "::"
@@ -40,30 +43,12 @@ class Checkpoint:
     manifest: dict[str, Any]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def gather_state(
@@ -148,8 +133,8 @@ def write(
             "created": time.time(),
             "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "optimizer.safetensors")},
         }
-        _write_atomic_text(tmp / "manifest.json", json.dumps(full_manifest, indent=2) + "\n")
-        _fsync_dir(tmp)
+        atomic_write_text(tmp / "manifest.json", json.dumps(full_manifest, indent=2) + "\n")
+        fsync_dir(tmp)
         if (final / "manifest.json").exists():
             # The same version again (a mid-epoch checkpoint that is also the epoch's end, or
             # a restart): the snapshot of a version is the same, so keep what is on disk
@@ -159,13 +144,13 @@ def write(
         if final.exists():  # an incomplete folder (no manifest) from a crash: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(job_dir)
+        fsync_dir(job_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     current = latest(root, job_id)
     if current is None or version_of(current) <= version:
-        _write_atomic_text(job_dir / "LATEST", final.name + "\n")
+        atomic_write_text(job_dir / "LATEST", final.name + "\n")
     return final
 
 

@@ -1,4 +1,9 @@
-"""The coordinator's calls to parameter servers and workers, fanned out in parallel."""
+"""The coordinator's calls to parameter servers and workers, fanned out in parallel.
+
+The one module of the coordinator that speaks to members (ps-lite keeps its transport in one
+place the same way): one channel per address, every call with a deadline. Settings go out
+through the codec's mappers (`optimizer_to_proto`, `job_settings_to_proto`), never by hand.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmps.core.errors import Unavailable
 from lmps.core.partition import Shard
+from lmps.core.settings import JobSettings
 from lmps.rpc import codec
 from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
 from lmps.v1 import (
-    job_pb2,
     parameter_pb2,
     parameter_pb2_grpc,
     tensor_pb2,
@@ -72,7 +77,7 @@ class Fleet:
     def load(
         self,
         job_id: str,
-        spec: job_pb2.JobSpec,
+        settings: JobSettings,
         shards: Sequence[Shard],
         servers: Mapping[str, str],
         members: Sequence[str],
@@ -86,12 +91,12 @@ class Fleet:
             mine = [s for s in shards if s.held_by(server_id)]
             header = parameter_pb2.LoadHeader(
                 job_id=job_id,
-                optimizer=spec.optimizer,
+                optimizer=codec.optimizer_to_proto(settings.optimizer),
                 shards=[codec.shard_to_proto(s) for s in mine],
                 members=sorted(members),
                 version=version,
-                consistency=spec.consistency,
-                checkpoint_every=spec.checkpoint_every,
+                consistency=codec.consistency_to_proto(settings.consistency),
+                checkpoint_every=settings.checkpoint_every,
             )
 
             def messages() -> Iterator[parameter_pb2.LoadRequest]:
@@ -124,7 +129,8 @@ class Fleet:
         discard_pending: bool = False,
         discard: Sequence[str] = (),
     ) -> int:
-        """Replace the barrier's members everywhere. Returns the lowest version at which a
+        """Replace the barrier's members everywhere (SYNC: the members are the workers whose
+        gradients make up each step; see leases.LeaseDesk). Returns the lowest version at which a
         dropped contribution could have been pending (version before any apply it caused)."""
         request = parameter_pb2.SetMembersRequest(
             job_id=job_id,
@@ -147,6 +153,7 @@ class Fleet:
         """The servers' common version. Diverged if they disagree on it, or on the history
         of which workers made each step (a step applied differently on different shards),
         for longer than `settle_s` (pushes still in flight can finish a step meanwhile)."""
+        # SYNC: a server's version is its count of applied steps, the same on every server.
         deadline = time.monotonic() + settle_s
         while True:
             try:
@@ -221,17 +228,15 @@ class Fleet:
     def configure(
         self,
         job_id: str,
-        spec: job_pb2.JobSpec,
+        settings: JobSettings,
         shards: Sequence[Shard],
         servers: Mapping[str, str],
         workers: Mapping[str, str],
         timeout_s: float = 300.0,
     ) -> None:
-        light = job_pb2.JobSpec.FromString(spec.SerializeToString())
-        light.tokenizer_json = ""  # workers don't tokenize
         request = worker_pb2.ConfigureRequest(
             job_id=job_id,
-            spec=light,
+            spec=codec.job_settings_to_proto(settings.for_workers()),  # workers don't tokenize
             shards=[codec.shard_to_proto(s) for s in shards],
             servers=[
                 worker_pb2.ServerAddress(server_id=k, address=v) for k, v in sorted(servers.items())

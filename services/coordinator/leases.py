@@ -1,9 +1,18 @@
 """Data leases for one epoch: every data shard is completed exactly once. Pure.
 
-In SYNC mode the step composition must not depend on timing, or two runs of the same job
-(or a resumed run) would differ. So shard j is owned by worker j mod W (workers sorted by
-id) and each worker takes its own shards in order. Shards of a lost worker become orphans
-that any worker (including a replacement that joins mid-epoch) takes first.
+`EpochLeases` is the bookkeeping; `LeaseDesk` is the lease lifecycle's single owner for a
+running epoch: it hands leases out, takes them back, and keeps the SYNC barrier's members
+(the workers still training) in step with them. As ps-lite's scheduler (Parameter Server,
+OSDI'14) and TF2 ParameterServerStrategy's coordinator, a lost worker's data goes back to
+the queue and the others (or a replacement) train it.
+
+SYNC: the step composition must not depend on timing, or two runs of the same job (or a
+resumed run) would differ. So shard j is owned by worker j mod W (workers sorted by id) and
+each worker takes its own shards in order. Shards of a lost worker become orphans that any
+worker (including a replacement that joins mid-epoch) takes first.
+
+A new consistency mode (ASYNC, bounded staleness) is a sibling of `LeaseDesk` with its own
+membership rule, plus the branches marked `# SYNC:` in epoch.py and streams.py.
 """
 
 from __future__ import annotations
@@ -12,6 +21,9 @@ import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
 
 from lmps.core.errors import FailedPrecondition, NotFound
 
@@ -44,7 +56,7 @@ class EpochLeases:
         for j, n in enumerate(self.shard_batches):
             if self.done.get(j, 0) >= n:
                 continue  # finished before a checkpoint we resumed from
-            if order:
+            if order:  # SYNC: deterministic ownership, shard j -> worker j mod W
                 self.own[order[j % len(order)]].append(j)
             else:
                 self.orphans.append(j)
@@ -64,6 +76,8 @@ class EpochLeases:
                 raise FailedPrecondition(
                     f"worker {worker_id!r} was dropped from epoch {self.epoch}"
                 )
+            # SYNC: orphans first, then the worker's own shards in order; no stealing of
+            # another's shards, so which batches make a step does not depend on timing.
             queue = self.orphans if self.orphans else self.own.get(worker_id, deque())
             if not queue:
                 return None
@@ -115,6 +129,11 @@ class EpochLeases:
             self.orphans.extend(orphaned)
             return orphaned
 
+    def readmit(self, worker_id: str) -> None:
+        """A dropped worker is back (it re-registered): it may take leases again."""
+        with self._lock:
+            self.lost.discard(worker_id)
+
     def rebalance(self, workers: list[str]) -> None:
         """Spread every shard not yet leased over `workers` (those training now plus a
         worker that just joined), round-robin in shard order, so a newcomer gets a share."""
@@ -140,3 +159,131 @@ class EpochLeases:
     def finished(self) -> bool:
         with self._lock:
             return not self.outstanding and not self.orphans and not any(self.own.values())
+
+
+@dataclass(frozen=True)
+class DataLease:
+    """A lease as handed to a worker: the rest of one data shard, as token rows."""
+
+    lease_id: str
+    epoch: int
+    data_shard: int
+    first_batch: int  # batches of the shard trained before (a resumed shard)
+    batches: int  # batches in `tokens`
+    tokens: torch.Tensor  # int32 (batches * B, T+1)
+
+
+class Barrier(Protocol):
+    """Where the SYNC barrier's members are set on every server (`Fleet.set_members`)."""
+
+    def set_members(
+        self,
+        job_id: str,
+        servers: Mapping[str, str],
+        members: set[str],
+        discard_pending: bool = False,
+        discard: Sequence[str] = (),
+    ) -> int: ...
+
+
+class LeaseDesk:
+    """The leases of one attempt at an epoch, and the barrier membership that goes with them.
+
+    SYNC: the active set (workers still training) is exactly the barrier's members. A worker
+    out of data leaves the barrier before it is told `done`; a lost worker leaves it with
+    its pending gradient discarded; a joining worker enters it before its stream starts.
+    Thread-safe; callers that also change the job's workers hold the job's lock around it.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        epoch: int,
+        plan: Sequence[torch.Tensor],
+        train: torch.Tensor,
+        batch_size: int,
+        workers: Sequence[str],
+        done: Mapping[int, int],
+        servers: Mapping[str, str],
+        barrier: Barrier,
+    ) -> None:
+        """`plan[j]`: sequence ids of data shard j (rows of `train`); `done[j]`: batches of
+        shard j already trained (resuming)."""
+        self.job_id, self.epoch = job_id, epoch
+        self.plan, self.train, self.batch_size = list(plan), train, batch_size
+        self.shard_batches = [len(ids) // batch_size for ids in plan]
+        self.book = EpochLeases(epoch, self.shard_batches, sorted(workers), done)
+        self.servers = dict(servers)
+        self.barrier = barrier
+        self.active: set[str] = set()  # SYNC: the workers the barrier waits for
+        self._lock = threading.RLock()
+
+    @property
+    def remaining(self) -> int:
+        """Batches left to train when the epoch (re)starts."""
+        done = self.book.done
+        return sum(n - min(n, done.get(j, 0)) for j, n in enumerate(self.shard_batches))
+
+    def open(self, workers: Sequence[str]) -> None:
+        """`workers` become the barrier's members. SYNC: a step half-collected before this
+        attempt (an aborted one's pushes) is discarded, or it would mix into the first step."""
+        with self._lock:
+            self.active = set(workers)
+            self.barrier.set_members(self.job_id, self.servers, self.active, discard_pending=True)
+
+    def take(self, worker_id: str) -> DataLease | None:
+        """The worker's next lease; None when it has no data left in this epoch."""
+        with self._lock:
+            lease = self.book.take(worker_id)
+            if lease is None:
+                # SYNC: out of data, leave the barrier before answering `done`, or the
+                # other workers' next step would wait for this worker forever.
+                if worker_id in self.active:
+                    self.active = self.active - {worker_id}
+                    self.barrier.set_members(self.job_id, self.servers, self.active)
+                return None
+        ids = self.plan[lease.data_shard][lease.first_batch * self.batch_size :]
+        tokens = self.train[ids]  # (batches * B, T+1)
+        return DataLease(
+            lease_id=lease.lease_id,
+            epoch=self.epoch,
+            data_shard=lease.data_shard,
+            first_batch=lease.first_batch,
+            batches=tokens.shape[0] // self.batch_size,
+            tokens=tokens,
+        )
+
+    def complete(self, lease_id: str, worker_id: str) -> None:
+        self.book.complete(lease_id, worker_id)
+
+    def record(self, lease_id: str, batch_index: int, step: int) -> None:
+        self.book.record(lease_id, batch_index, step)
+
+    def lose(self, worker_id: str) -> None:
+        """The worker is gone: out of the barrier (its pending gradient discarded on every
+        server), its shards orphaned, batches it pushed but that were never applied redone."""
+        with self._lock:
+            # SYNC: the barrier stops waiting for it and drops its half of the pending step.
+            self.active = self.active - {worker_id}
+            applied_below = self.barrier.set_members(
+                self.job_id, self.servers, self.active, discard=[worker_id]
+            )
+            self.book.lose(worker_id, applied_below)
+
+    def join(self, worker_id: str, training: Sequence[str]) -> None:
+        """The worker enters the barrier (before its stream starts: its first push must find
+        it a member) and gets a share of the shards not yet leased, with `training`."""
+        with self._lock:
+            # SYNC: member first, then the stream, or its first push would be refused.
+            self.barrier.set_members(self.job_id, self.servers, self.active | {worker_id})
+            self.active = self.active | {worker_id}
+            self.book.readmit(worker_id)
+            self.book.rebalance([*training, worker_id])
+
+    def progress(self, below_step: int) -> dict[int, int]:
+        return self.book.progress(below_step)
+
+    @property
+    def finished(self) -> bool:
+        return self.book.finished

@@ -1,20 +1,30 @@
-"""Registration registry: who is in the cluster and when we last heard from them. Pure."""
+"""Registration registry: who is in the cluster and when we last heard from them. Pure.
+
+Liveness by heartbeat and expiry, as TF2 ParameterServerStrategy's coordinator and ps-lite's
+scheduler node (Parameter Server, OSDI'14) track their members.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 from lmps.core.errors import InvalidArgument, NotFound
 
-PS, WORKER = "ps", "worker"
+
+class Role(Enum):
+    """What a member is; the value prefixes the ids the registry hands out."""
+
+    PS = "ps"
+    WORKER = "worker"
 
 
 @dataclass
 class MemberRecord:
     id: str
-    role: str  # PS or WORKER
+    role: Role
     address: str
     last_seen: float  # time.monotonic()
     incarnation: str = ""  # changes when the member's process restarts
@@ -28,13 +38,11 @@ class Registry:
         self.expiry_s = expiry_s
         self._lock = threading.Lock()
         self._members: dict[str, MemberRecord] = {}
-        self._counters = {PS: 0, WORKER: 0}
+        self._counters = dict.fromkeys(Role, 0)
 
     def register(
-        self, role: str, address: str, requested_id: str = "", incarnation: str = ""
+        self, role: Role, address: str, requested_id: str = "", incarnation: str = ""
     ) -> str:
-        if role not in (PS, WORKER):
-            raise InvalidArgument("register: role must be PARAMETER_SERVER or WORKER")
         if not address or ":" not in address:
             raise InvalidArgument(f"register: address must be host:port, got {address!r}")
         with self._lock:
@@ -42,13 +50,13 @@ class Registry:
             if not member_id:
                 # First free "<role>-N": stable, readable names for scaled containers.
                 while True:
-                    member_id = f"{role}-{self._counters[role]}"
+                    member_id = f"{role.value}-{self._counters[role]}"
                     self._counters[role] += 1
                     if member_id not in self._members:
                         break
             old = self._members.get(member_id)
             if old is not None and old.role != role:
-                raise InvalidArgument(f"register: id {member_id!r} is taken by a {old.role}")
+                raise InvalidArgument(f"register: id {member_id!r} is taken by a {old.role.value}")
             self._members[member_id] = MemberRecord(
                 member_id, role, address, time.monotonic(), incarnation
             )
@@ -61,7 +69,7 @@ class Registry:
                 raise NotFound(f"unknown member {member_id!r}; register again")
             rec.last_seen = time.monotonic()
 
-    def alive(self, role: str) -> list[MemberRecord]:
+    def alive(self, role: Role) -> list[MemberRecord]:
         """Alive members of `role`, sorted by id."""
         now = time.monotonic()
         with self._lock:
@@ -89,10 +97,3 @@ class Registry:
     def is_alive(self, member_id: str) -> bool:
         rec = self.find(member_id)
         return rec is not None and time.monotonic() - rec.last_seen < self.expiry_s
-
-    def get(self, member_id: str) -> MemberRecord:
-        with self._lock:
-            rec = self._members.get(member_id)
-        if rec is None:
-            raise NotFound(f"unknown member {member_id!r}")
-        return rec

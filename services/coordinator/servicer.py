@@ -1,36 +1,42 @@
-"""gRPC face of the coordinator: unpack, call the registry or the driver, pack."""
+"""gRPC face of the coordinator: unpack, call the registry or the driver, pack.
+
+Thin, as the grpc examples' servicers: the driver speaks plain types (settings, leases,
+export plans) and every message the coordinator answers with is packed here.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import grpc
 import torch
 
 from lmps.core.errors import Aborted, InvalidArgument
+from lmps.core.model import perplexity
+from lmps.core.settings import JobState
 from lmps.rpc import codec
 from lmps.rpc.codec import CodecError
-from lmps.services.coordinator.driver import Driver
+from lmps.services.coordinator.driver import Driver, ExportPlan
 from lmps.services.coordinator.jobs import Job
-from lmps.services.coordinator.registry import PS, WORKER, Registry
+from lmps.services.coordinator.leases import DataLease
+from lmps.services.coordinator.registry import Registry, Role
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 
-_ROLES = {coordinator_pb2.PARAMETER_SERVER: PS, coordinator_pb2.WORKER: WORKER}
+_ROLES = {coordinator_pb2.PARAMETER_SERVER: Role.PS, coordinator_pb2.WORKER: Role.WORKER}
 _ROLE_ENUM = {v: k for k, v in _ROLES.items()}
 _STATES = {
-    "READY": coordinator_pb2.READY,
-    "RUNNING": coordinator_pb2.RUNNING,
-    "FAILED": coordinator_pb2.FAILED,
+    JobState.READY: coordinator_pb2.READY,
+    JobState.RUNNING: coordinator_pb2.RUNNING,
+    JobState.FAILED: coordinator_pb2.FAILED,
 }
 
 
 def job_status(job: Job) -> coordinator_pb2.JobStatus:
-    spec = job_pb2.JobSpec.FromString(job.spec.SerializeToString())
+    spec = codec.job_settings_to_proto(job.settings)
     spec.tokenizer_json = ""
     return coordinator_pb2.JobStatus(
         job_id=job.job_id,
-        name=job.spec.name,
+        name=job.settings.name,
         state=_STATES[job.state],
         epochs_done=job.epochs_done,
         step=job.step,
@@ -125,12 +131,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def LeaseData(
         self, request: coordinator_pb2.LeaseDataRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.LeaseDataResponse:
-        return self.driver.lease(request)
+        lease = self.driver.lease(request.job_id, request.worker_id, request.epoch)
+        if lease is None:
+            return coordinator_pb2.LeaseDataResponse(done=True)
+        return coordinator_pb2.LeaseDataResponse(lease=lease_to_proto(lease))
 
     def CompleteLease(
         self, request: coordinator_pb2.CompleteLeaseRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.CompleteLeaseResponse:
-        self.driver.complete_lease(request)
+        self.driver.complete_lease(request.job_id, request.worker_id, request.lease_id)
         return coordinator_pb2.CompleteLeaseResponse()
 
     def GetShardMap(
@@ -180,10 +189,36 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         job = self.driver.job(request.job_id)
         loss, tokens, version = self.driver.evaluate(job)
         return coordinator_pb2.EvaluateJobResponse(
-            loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens, version=version
+            loss=loss, perplexity=perplexity(loss), tokens=tokens, version=version
         )
 
     def ExportModel(
         self, request: coordinator_pb2.ExportModelRequest, context: grpc.ServicerContext
     ) -> Iterator[coordinator_pb2.ExportModelResponse]:
-        yield from self.driver.export(self.driver.job(request.job_id))
+        plan = self.driver.export(self.driver.job(request.job_id))
+        yield from export_messages(plan)
+
+
+def lease_to_proto(lease: DataLease) -> coordinator_pb2.DataLease:
+    return coordinator_pb2.DataLease(
+        lease_id=lease.lease_id,
+        epoch=lease.epoch,
+        data_shard=lease.data_shard,
+        tokens=codec.encode(lease.tokens),
+        batches=lease.batches,
+        first_batch=lease.first_batch,
+    )
+
+
+def export_messages(plan: ExportPlan) -> Iterator[coordinator_pb2.ExportModelResponse]:
+    yield coordinator_pb2.ExportModelResponse(
+        header=coordinator_pb2.ExportHeader(
+            job_id=plan.job_id,
+            model=codec.model_to_proto(plan.model),
+            tokenizer_json=plan.tokenizer_json,
+            shards=[codec.shard_to_proto(s) for s in plan.shards],
+            version=plan.version,
+        )
+    )
+    for msg in plan.values:
+        yield coordinator_pb2.ExportModelResponse(shard=msg)

@@ -1,0 +1,181 @@
+"""The lease lifecycle's owner (services/coordinator/leases.py `LeaseDesk`) against a fake
+fleet that records every barrier change. In-process, milliseconds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmps.core.errors import FailedPrecondition
+from lmps.services.coordinator.leases import DataLease, LeaseDesk
+
+B, T = 2, 4  # batch size, sequence length + 1
+
+
+@dataclass
+class FakeBarrier:
+    """Records SetMembers calls as the servers would see them; `applied` plays the servers'
+    answer (lowest version at which a dropped contribution could have been pending)."""
+
+    calls: list[tuple[list[str], bool, list[str]]] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)  # set_members and lease answers, in order
+    applied: int = 0
+
+    def set_members(
+        self,
+        job_id: str,
+        servers: Mapping[str, str],
+        members: set[str],
+        discard_pending: bool = False,
+        discard: Sequence[str] = (),
+    ) -> int:
+        self.calls.append((sorted(members), discard_pending, list(discard)))
+        self.log.append(f"members {sorted(members)}")
+        return self.applied
+
+    @property
+    def members(self) -> list[str]:
+        return self.calls[-1][0]
+
+
+def make_desk(
+    barrier: FakeBarrier,
+    shards: int = 5,
+    workers: Sequence[str] = ("w0", "w1"),
+    done: Mapping[int, int] | None = None,
+) -> LeaseDesk:
+    batches = 2
+    n = shards * batches * B
+    plan = list(torch.arange(n).reshape(shards, batches * B))
+    train = torch.arange(n * T, dtype=torch.int32).reshape(n, T)
+    desk = LeaseDesk(
+        job_id="job-1",
+        epoch=0,
+        plan=plan,
+        train=train,
+        batch_size=B,
+        workers=workers,
+        done=done or {},
+        servers={"ps-0": "127.0.0.1:1"},
+        barrier=barrier,
+    )
+    desk.open(workers)
+    return desk
+
+
+def take(desk: LeaseDesk, worker: str, barrier: FakeBarrier) -> DataLease | None:
+    lease = desk.take(worker)
+    barrier.log.append(f"{worker} done" if lease is None else f"{worker} lease {lease.data_shard}")
+    return lease
+
+
+def test_open_sets_the_barrier_and_discards_a_half_collected_step() -> None:
+    barrier = FakeBarrier()
+    desk = make_desk(barrier)
+    assert barrier.calls == [(["w0", "w1"], True, [])]
+    assert desk.active == {"w0", "w1"}
+
+
+def test_shard_j_goes_to_worker_j_mod_w_with_its_tokens() -> None:
+    barrier = FakeBarrier()
+    desk = make_desk(barrier, shards=4)
+    got: dict[str, list[int]] = {"w0": [], "w1": []}
+    for w in ("w0", "w1", "w0", "w1"):
+        lease = desk.take(w)
+        assert lease is not None
+        got[w].append(lease.data_shard)
+        rows = desk.plan[lease.data_shard]
+        torch.testing.assert_close(lease.tokens, desk.train[rows])
+        assert lease.batches == 2 and lease.first_batch == 0
+    assert got == {"w0": [0, 2], "w1": [1, 3]}
+
+
+def test_out_of_data_leaves_the_barrier_before_done() -> None:
+    barrier = FakeBarrier()
+    desk = make_desk(barrier, shards=2)
+    first = take(desk, "w0", barrier)
+    assert first is not None
+    desk.complete(first.lease_id, "w0")
+    assert take(desk, "w0", barrier) is None
+    # The barrier stopped waiting for w0 before w0 heard `done`.
+    assert barrier.log[-2:] == ["members ['w1']", "w0 done"]
+    assert desk.active == {"w1"}
+    calls = len(barrier.calls)
+    assert desk.take("w0") is None  # asking again changes nothing
+    assert len(barrier.calls) == calls
+
+
+def test_lost_worker_leaves_with_its_pending_gradient_and_its_shards_are_re_leased() -> None:
+    barrier = FakeBarrier()
+    desk = make_desk(barrier, shards=4)
+    lease = desk.take("w1")
+    assert lease is not None and lease.data_shard == 1
+    desk.record(lease.lease_id, 0, 5)  # applied (below `applied`)
+    desk.record(lease.lease_id, 1, 6)  # pushed but never applied: redone
+    barrier.applied = 6
+    desk.lose("w1")
+    assert barrier.calls[-1] == (["w0"], False, ["w1"])
+    with pytest.raises(FailedPrecondition):
+        desk.take("w1")
+    orphan = desk.take("w0")  # orphans first, resuming after the applied batch
+    assert orphan is not None and orphan.data_shard == 1 and orphan.first_batch == 1
+    assert orphan.batches == 1
+    assert desk.book.redone_batches == 1 and desk.book.releases == 1
+
+
+def test_a_joining_worker_enters_the_barrier_and_gets_a_share() -> None:
+    barrier = FakeBarrier()
+    desk = make_desk(barrier, shards=6, workers=["w0"])
+    first = desk.take("w0")
+    assert first is not None
+    desk.join("w1", training=["w0"])
+    assert barrier.calls[-1] == (["w0", "w1"], False, [])
+    lease = desk.take("w1")
+    assert lease is not None and lease.data_shard != first.data_shard
+
+
+def test_resumed_shards_start_after_what_the_checkpoint_holds() -> None:
+    barrier = FakeBarrier()
+    desk = make_desk(barrier, shards=3, done={0: 2, 1: 1})
+    assert desk.remaining == 3  # shard 0 done, one batch of shard 1 left, shard 2 whole
+    lease = desk.take("w1")  # w1 owns shard 1
+    assert lease is not None and (lease.data_shard, lease.first_batch, lease.batches) == (1, 1, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shards=st.integers(1, 12),
+    events=st.lists(st.tuples(st.sampled_from(["w0", "w1", "w2"]), st.booleans()), max_size=40),
+)
+def test_every_shard_exactly_once_whoever_is_lost(
+    shards: int, events: list[tuple[str, bool]]
+) -> None:
+    """Workers take and complete leases in any order; some are lost mid-lease. Whoever is
+    left drains the rest: every shard is completed exactly once."""
+    barrier = FakeBarrier()
+    workers = ["w0", "w1", "w2"]
+    desk = make_desk(barrier, shards=shards, workers=workers)
+    alive = set(workers)
+    for worker, lose in events:
+        if worker not in alive:
+            continue
+        if lose and len(alive) > 1:
+            desk.take(worker)
+            desk.lose(worker)
+            alive.discard(worker)
+            assert worker not in barrier.members
+            continue
+        lease = desk.take(worker)
+        if lease is not None:
+            desk.complete(lease.lease_id, worker)
+    for worker in sorted(alive):
+        while (lease := desk.take(worker)) is not None:
+            desk.complete(lease.lease_id, worker)
+    assert desk.finished
+    assert sorted(desk.book.completed) == list(range(shards))
+    assert barrier.members == []  # everyone left the barrier when out of data
