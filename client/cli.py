@@ -7,6 +7,7 @@ lmps generate --model runs/tiny --prompt "The for statement"
 lmps shards                      # which server holds which slice, with stats
 lmps status
 lmps cluster down
+lmps clean                       # remove the local cluster's logs and state (README: state)
 """
 
 from __future__ import annotations
@@ -14,21 +15,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from rich.console import Console
 
-from lmps.rpc.flags import env
+from lmps.rpc.flags import EnvError, HelpFormatter, env, env_number
 
 if TYPE_CHECKING:
     from lmps.client.train import TrainOptions
 
 CLUSTER_FILE = Path(".lmps/cluster.json")
+CACHE_DIR = ".cache/lmps"
 console = Console()
 
 
@@ -50,7 +53,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         if how.group not in groups:
             groups[how.group] = p.add_argument_group(how.group)
         if how.env:
-            default = type(default)(env(how.env, str(default)))
+            if isinstance(default, str):
+                default = env(how.env, default)
+            else:
+                default = env_number(how.env, default, type(default))
         kwargs: dict[str, Any] = {"default": default}
         if not isinstance(default, str):
             kwargs["type"] = type(default)
@@ -112,20 +118,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cluster(args: argparse.Namespace) -> int:
-    from lmps.client.launcher import ClusterSpec, LocalCluster, stop_saved
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from lmps.client.launcher import ClusterSpec, LocalCluster, running_saved
 
-    if args.action == "down":
-        stopped = stop_saved(CLUSTER_FILE)
-        console.print(f"stopped {', '.join(stopped) or 'nothing (already gone)'}")
-        return 0
-    if args.action == "status":
-        return cmd_status(args)
-    if CLUSTER_FILE.exists():
-        console.print(
-            f"[red]a cluster is already recorded in {CLUSTER_FILE}[/]; "
-            "run `lmps cluster down` first"
-        )
+    if running_saved(CLUSTER_FILE):
+        _error(f"the cluster recorded in {CLUSTER_FILE} is running; `lmps cluster down` first")
         return 1
     spec = ClusterSpec(
         servers=args.servers,
@@ -140,6 +137,56 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     for p in cluster.procs:
         console.print(f"  {p.name:<12} {p.address:<18} metrics :{p.metrics_port}  log {p.log}")
     console.print(f"coordinator at [bold]{cluster.coordinator}[/]; stop with `lmps cluster down`")
+    return 0
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    from lmps.client.launcher import saved_procs, stop_saved
+
+    recorded = [p.name for p in saved_procs(CLUSTER_FILE)]
+    stopped = stop_saved(CLUSTER_FILE)
+    console.print(f"stopped {', '.join(stopped) or 'nothing (already gone)'}")
+    gone = [name for name in recorded if name not in stopped]
+    if stopped and gone:
+        console.print(
+            f"already gone (or their PID now belongs to another process): {', '.join(gone)}"
+        )
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from lmps.client.launcher import recorded_coordinator
+
+    if not args.coordinator:
+        args.coordinator = recorded_coordinator(CLUSTER_FILE) or env(
+            "LMPS_COORDINATOR", "127.0.0.1:50051"
+        )
+    return cmd_status(args)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Remove what `lmps cluster up` leaves under .lmps/ (and the corpus cache with --cache),
+    once no process of a recorded cluster is still running."""
+    from lmps.client.launcher import running_saved
+
+    running = running_saved(CLUSTER_FILE)
+    if running:
+        names = ", ".join(p.name for p in running)
+        _error(f"a local cluster is still running ({names}); stop it with `lmps cluster down`")
+        return 1
+    targets = [CLUSTER_FILE, CLUSTER_FILE.parent / "logs"]
+    if args.cache:
+        targets.append(Path(args.cache_dir))
+    removed = []
+    for path in targets:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(str(path))
+    console.print(f"removed {', '.join(removed)}" if removed else "nothing to clean")
     return 0
 
 
@@ -223,32 +270,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmps",
-        description="lmps: a parameter-server cluster for training Transformer language models.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _example(*lines: str) -> str:
+    return ("example:" if len(lines) == 1 else "examples:") + "".join(f"\n  {x}" for x in lines)
 
-    p = sub.add_parser("demo", help="start a local cluster, train the tiny model, sample, stop")
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
     _train_flags(p)
     p.set_defaults(func=cmd_demo, epochs=15, lr=6e-3)
 
-    p = sub.add_parser("train", help="train a model on a running cluster")
+
+def _add_train(p: argparse.ArgumentParser) -> None:
     _coordinator_flag(p)
     _train_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="sample text from a saved model or a running cluster")
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="folder written by `lmps train --out`")
     _coordinator_flag(p)
     p.add_argument(
         "--job", default="", help="job id when sampling from a cluster (default: latest)"
     )
-    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
@@ -256,78 +300,196 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("cluster", help="start/stop a local cluster of processes")
-    p.add_argument("action", choices=("up", "down", "status"))
-    p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--port", type=int, default=50051, help="coordinator port (0 = any free)")
-    _coordinator_flag(p)
-    p.set_defaults(func=cmd_cluster)
 
-    p = sub.add_parser("status", help="members and jobs of a cluster")
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = actions.add_parser(
+        "up",
+        help="start a coordinator, parameter servers and workers as local processes",
+        description="Start a local cluster on 127.0.0.1, detached; `lmps cluster down` "
+        f"stops it. Logs and the coordinator's state go under {CLUSTER_FILE.parent / 'logs'}.",
+        formatter_class=HelpFormatter,
+        epilog=_example("lmps cluster up --servers 2 --workers 2 --port 50051"),
+    )
+    up.add_argument("--servers", type=int, default=2, help="parameter servers")
+    up.add_argument("--workers", type=int, default=2, help="workers")
+    up.add_argument("--port", type=int, default=50051, help="coordinator port (0 = any free)")
+    up.set_defaults(func=cmd_cluster_up)
+    down = actions.add_parser(
+        "down",
+        help="stop the local cluster `lmps cluster up` started",
+        description=f"Stop the processes recorded in {CLUSTER_FILE} (only those that are "
+        "still the processes it started), then forget the record.",
+        formatter_class=HelpFormatter,
+        epilog=_example("lmps cluster down"),
+    )
+    down.set_defaults(func=cmd_cluster_down)
+    status = actions.add_parser(
+        "status",
+        help="members and jobs of the cluster (as `lmps status`)",
+        formatter_class=HelpFormatter,
+        epilog=_example("lmps cluster status"),
+    )
+    status.add_argument(
+        "--coordinator",
+        default="",
+        help=f"coordinator address host:port; default: the one recorded in {CLUSTER_FILE}, "
+        "else LMPS_COORDINATOR or 127.0.0.1:50051",
+    )
+    status.set_defaults(func=cmd_cluster_status)
+
+
+def _add_status(p: argparse.ArgumentParser) -> None:
     _coordinator_flag(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("shards", help="the shard map and per-shard statistics")
+
+def _add_shards(p: argparse.ArgumentParser) -> None:
     _coordinator_flag(p)
     p.add_argument("--job", default="", help="job id (default: latest)")
     p.add_argument("--no-stats", action="store_true", help="skip norm/mean/max-abs (faster)")
     p.set_defaults(func=cmd_shards)
 
-    p = sub.add_parser("health", help="exit 0 iff ADDRESS answers SERVING on grpc.health.v1")
-    p.add_argument("address", nargs="?", default=f"127.0.0.1:{env('LMPS_PORT', '50051')}")
+
+def _add_health(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", nargs="?", default=f"127.0.0.1:{env_number('LMPS_PORT', 50051)}")
     p.add_argument("--service", default="", help="service name; empty = the whole server")
-    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
     p.set_defaults(func=cmd_health)
 
-    p = sub.add_parser(
-        "certs", help="make a dev CA, server/client certificates and a token (docs/security.md)"
-    )
-    p.add_argument("--out", default=".lmps/certs", help="folder to write (default %(default)s)")
+
+def _add_certs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=".lmps/certs", help="folder to write")
     p.add_argument(
         "--hosts",
         nargs="*",
         default=[],
         help="extra server names/IPs (localhost, 127.0.0.1, ::1, lmps are always in)",
     )
-    p.add_argument("--days", type=int, default=365, help="validity (default %(default)s)")
+    p.add_argument("--days", type=int, default=365, help="validity")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_certs)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into the cache (train does this too)")
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="builtin:pydoc")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--eval-fraction", type=float, default=0.05)
-    p.add_argument("--cache-dir", default=".cache/lmps")
+    p.add_argument("--cache-dir", default=CACHE_DIR)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser(
-        "serve", help="run one service: coordinator, ps (parameter server) or worker"
+
+def _add_clean(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache", action="store_true", help="also remove the prepared-corpus cache (--cache-dir)"
     )
-    roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="the corpus cache `--cache` removes")
+    p.set_defaults(func=cmd_clean)
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    # The services' parsers import no torch: `lmps serve ROLE --help` stays quick.
     from lmps.services.coordinator.main import build_parser as coordinator_parser
     from lmps.services.parameter_server.main import build_parser as ps_parser
     from lmps.services.worker.main import build_parser as worker_parser
 
+    roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
     builders: dict[str, Callable[[argparse.ArgumentParser], argparse.ArgumentParser]] = {
         "coordinator": coordinator_parser,
         "ps": ps_parser,
         "worker": worker_parser,
     }
     for role, build in builders.items():
-        build(roles.add_parser(role, help=f"run a {role}"))
+        build(roles.add_parser(role, help=f"run a {role}", formatter_class=HelpFormatter))
     p.set_defaults(func=cmd_serve)
+
+
+# name -> (one-line help, how to add its flags, example)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "demo": (
+        "start a local cluster, train the tiny model, sample, stop",
+        _add_demo,
+        _example("lmps demo --epochs 5 --out runs/demo"),
+    ),
+    "train": (
+        "train a model on a running cluster",
+        _add_train,
+        _example("lmps train --preset tiny --epochs 3 --out runs/tiny"),
+    ),
+    "generate": (
+        "sample text from a saved model or a running cluster",
+        _add_generate,
+        _example('lmps generate --model runs/tiny --prompt "The for statement"'),
+    ),
+    "cluster": (
+        "start/stop a local cluster of processes (up, down, status)",
+        _add_cluster,
+        _example("lmps cluster up --servers 2", "lmps cluster status", "lmps cluster down"),
+    ),
+    "status": ("members and jobs of a cluster", _add_status, _example("lmps status")),
+    "shards": (
+        "the shard map and per-shard statistics",
+        _add_shards,
+        _example("lmps shards --job JOB --no-stats"),
+    ),
+    "health": (
+        "exit 0 iff ADDRESS answers SERVING on grpc.health.v1",
+        _add_health,
+        _example("lmps health 127.0.0.1:50051 --timeout 5"),
+    ),
+    "certs": (
+        "make a dev CA, server/client certificates and a token (docs/security.md)",
+        _add_certs,
+        _example("lmps certs --out .lmps/certs --hosts coordinator"),
+    ),
+    "prepare": (
+        "tokenize a corpus into the cache (train does this too)",
+        _add_prepare,
+        _example("lmps prepare --data corpus.jsonl --vocab-size 4096"),
+    ),
+    "clean": (
+        "remove local state: cluster logs, the local cluster's coordinator state",
+        _add_clean,
+        _example("lmps clean --cache"),
+    ),
+    "serve": (
+        "run one service: coordinator, ps (parameter server) or worker",
+        _add_serve,
+        _example("lmps serve coordinator --port 50051"),
+    ),
+}
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The `lmps` parser; only `commands` (default: all) get their flags, so `lmps --help`
+    and `lmps COMMAND` build (and import) no more than they need."""
+    wanted = set(COMMANDS if commands is None else commands)
+    parser = argparse.ArgumentParser(
+        prog="lmps",
+        description="lmps: a parameter-server cluster for training Transformer language models.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add, example) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text[:1].upper() + help_text[1:] + ".",
+            epilog=example,
+            formatter_class=HelpFormatter,
+        )
+        if name in wanted:
+            add(p)
     return parser
 
 
 def _health_parser() -> argparse.ArgumentParser:
+    help_text, add, example = COMMANDS["health"]
     p = argparse.ArgumentParser(
-        prog="lmps health", description="exit 0 iff ADDRESS answers SERVING on grpc.health.v1"
+        prog="lmps health", description=help_text, epilog=example, formatter_class=HelpFormatter
     )
-    p.add_argument("address", nargs="?", default=f"127.0.0.1:{env('LMPS_PORT', '50051')}")
-    p.add_argument("--service", default="", help="service name; empty = the whole server")
-    p.add_argument("--timeout", type=float, default=3.0)
-    p.set_defaults(func=cmd_health)
+    add(p)
     return p
 
 
@@ -340,30 +502,65 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _error(message: object) -> None:
+    """One line on stderr: `lmps: error: ...`."""
+    print(f"lmps: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _coordinator_answers(address: str) -> bool:
+    """Whether anything answers gRPC health at `address` (even NOT_SERVING, even a refusal
+    for a missing token): then an UNAVAILABLE came from further away than the connection."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from lmps.rpc.channel import open_channel
+
+    with open_channel(address) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3.0)
+        except grpc.RpcError as err:
+            return err.code() not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+    return True
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
     if argv[:1] == ["health"]:
-        # Probes run this every few seconds: no torch, no full parser (0.1 s, not 3 s).
-        args = _health_parser().parse_args(argv[1:])
-        return int(cmd_health(args))
-    args = build_parser().parse_args(argv)
-    if args.command in ("train", "demo", "generate"):
+        # Probes run this every few seconds: no torch, no full parser.
+        return _health_parser().parse_args(argv[1:])
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    return build_parser([command] if command else []).parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lmps.client.launcher import MemberExited
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse(argv)
+    except EnvError as err:  # a bad LMPS_* default: even --help says so, in one line
+        _error(err)
+        return 2
+    if getattr(args, "command", "health") in ("train", "demo", "generate"):
         _stop_on_sigterm()
     try:
         code: int = args.func(args)
         return code
     except grpc.RpcError as err:
-        code_name = err.code().name if hasattr(err, "code") else "?"
-        details = err.details() if hasattr(err, "details") else str(err)
-        console.print(f"[red]error[/] {code_name}: {details}")
-        if code_name == "UNAVAILABLE":
-            console.print(
-                f"is a coordinator running at {getattr(args, 'coordinator', '?')}? "
-                "try `lmps cluster up`"
-            )
+        code_name = err.code().name if callable(getattr(err, "code", None)) else "?"
+        details = err.details() if callable(getattr(err, "details", None)) else str(err)
+        address = getattr(args, "coordinator", None)
+        if code_name == "UNAVAILABLE" and address and not _coordinator_answers(address):
+            _error(f"no coordinator at {address}; start one with `lmps cluster up`")
+        else:
+            _error(f"{code_name}: {details}")
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error[/] {err}")
+    except MemberExited as err:
+        _error(err.summary())
+        return 2
+    except (ValueError, OSError) as err:  # FileNotFoundError, PortInUse, preflight refusals
+        _error(err)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -17,6 +17,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lmps.rpc.bootstrap import PortInUse, port_taken
 from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -25,6 +26,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_ticks(pid: int) -> int:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); 0 where
+    there is no /proc, no such process, or only its zombie. A reused PID starts later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # Field 2 (the command name) is in parentheses and may hold spaces: split after it.
+    fields = stat.rsplit(")", 1)[1].split()
+    return 0 if fields[0] == "Z" else int(fields[19])
 
 
 def wait_healthy(address: str, timeout_s: float = 60.0, service: str = "") -> None:
@@ -44,6 +57,20 @@ def wait_healthy(address: str, timeout_s: float = 60.0, service: str = "") -> No
             time.sleep(0.2)
 
 
+class MemberExited(RuntimeError):
+    """A member exited while the cluster was starting; carries the tail of its log."""
+
+    def __init__(self, name: str, code: int, log: str, tail: str) -> None:
+        super().__init__(f"{name} exited with {code}:\n{tail}")
+        self.name, self.code, self.log, self.tail = name, code, log, tail
+
+    def summary(self) -> str:
+        """One line: who exited, the last line it logged, where the whole log is."""
+        lines = [x for x in self.tail.splitlines() if x.strip()]
+        last = lines[-1].strip() if lines else "(empty log)"
+        return f"{self.name} exited with {self.code} while starting: {last} (log: {self.log})"
+
+
 @dataclass
 class Proc:
     name: str  # "coordinator", "ps-0", "worker-1"
@@ -51,6 +78,8 @@ class Proc:
     metrics_port: int
     log: str
     pid: int = 0
+    started: int = 0
+    """`start_ticks(pid)` at launch: `lmps cluster down` signals only that very process."""
 
 
 @dataclass
@@ -107,10 +136,11 @@ class LocalCluster:
         proc = Proc(name, f"{self.spec.host}:{port}", metrics, str(log))
         self.procs.append(proc)  # before _cmd: workers need the coordinator's address
         self._roles[name] = (role, threads)
-        self._launch(proc)
+        self._launch(proc, fresh=True)
         return proc
 
-    def _launch(self, proc: Proc) -> None:
+    def _launch(self, proc: Proc, fresh: bool = False) -> None:
+        """Start `proc`; a new member's log starts empty (bounded), a restart appends."""
         role, threads = self._roles[proc.name]
         port = int(proc.address.rsplit(":", 1)[1])
         env = {
@@ -119,7 +149,7 @@ class LocalCluster:
             "PYTHONUNBUFFERED": "1",
             **self.spec.extra_env,
         }
-        with open(proc.log, "ab") as out:
+        with open(proc.log, "wb" if fresh else "ab") as out:
             p = subprocess.Popen(
                 self._cmd(role, port, proc.metrics_port, proc.name),
                 stdout=out,
@@ -128,6 +158,7 @@ class LocalCluster:
                 start_new_session=True,
             )
         proc.pid = p.pid
+        proc.started = start_ticks(p.pid)
         self._popen[proc.name] = p
 
     def restart(self, name: str, timeout_s: float = 60.0) -> None:
@@ -148,11 +179,14 @@ class LocalCluster:
         return proc
 
     def start(self, timeout_s: float = 90.0) -> LocalCluster:
+        port = self.spec.coordinator_port
+        if port and port_taken(self.spec.host, port):
+            raise PortInUse(self.spec.host, port, "--port")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cores = os.cpu_count() or 1
         threads = self.spec.worker_threads or max(1, cores // max(1, self.spec.workers))
         try:
-            self._spawn("coordinator", "coordinator", 1, self.spec.coordinator_port)
+            self._spawn("coordinator", "coordinator", 1, port)
             for i in range(self.spec.servers):
                 self._spawn("parameter_server", f"ps-{i}", 1)
             for i in range(self.spec.workers):
@@ -171,7 +205,7 @@ class LocalCluster:
             popen = self._popen.get(proc.name)
             if popen is not None and popen.poll() is not None:
                 tail = Path(proc.log).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{proc.name} exited with {popen.returncode}:\n{tail}")
+                raise MemberExited(proc.name, popen.returncode, proc.log, tail)
             try:
                 wait_healthy(proc.address, timeout_s=1.0)
                 return
@@ -234,13 +268,48 @@ class LocalCluster:
         self.stop()
 
 
+def _still_ours(proc: Proc) -> bool:
+    """Whether `proc.pid` is still the process `lmps cluster up` started (not a reused PID)."""
+    if not Path("/proc").is_dir():
+        return True  # nothing to check against off Linux: trust the record
+    now = start_ticks(proc.pid)
+    if not now:
+        return False  # gone
+    if proc.started:
+        return now == proc.started
+    # A record written before start times were kept: the command line must still be ours.
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"lmps.services." in cmdline
+
+
+def saved_procs(path: Path) -> list[Proc]:
+    """The processes recorded in the cluster file `path` (none when there is no file)."""
+    if not path.exists():
+        return []
+    return [Proc(**p) for p in json.loads(path.read_text())["procs"]]
+
+
+def recorded_coordinator(path: Path) -> str | None:
+    """The coordinator address in the cluster file `path`, if there is one."""
+    return next((p.address for p in saved_procs(path) if p.name == "coordinator"), None)
+
+
+def running_saved(path: Path) -> list[Proc]:
+    """The processes recorded in the cluster file `path` that are still running."""
+    return [p for p in saved_procs(path) if _still_ours(p)]
+
+
 def stop_saved(path: Path, timeout_s: float = 15.0) -> list[str]:
-    """Stop a detached cluster recorded by `save` (for `lmps cluster down`)."""
+    """Stop a detached cluster recorded by `save` (for `lmps cluster down`). Only processes
+    that are still the ones started (same PID and start time) are signalled."""
     if not path.exists():
         raise FileNotFoundError(
             f"no running cluster recorded at {path}; start one with `lmps cluster up`"
         )
-    procs = [Proc(**p) for p in json.loads(path.read_text())["procs"]]
+    procs = running_saved(path)
     stopped = []
     for p in reversed(procs):
         try:
@@ -251,13 +320,12 @@ def stop_saved(path: Path, timeout_s: float = 15.0) -> list[str]:
     deadline = time.monotonic() + timeout_s
     for p in procs:
         while time.monotonic() < deadline:
-            try:
-                os.kill(p.pid, 0)
-            except ProcessLookupError:
+            if not _still_ours(p):
                 break
             time.sleep(0.1)
         else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
+            if _still_ours(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
     path.unlink()
     return stopped

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
@@ -69,16 +70,72 @@ def save(trained: TrainedModel, out: Path) -> None:
     trained.tokenizer.save(str(out / "tokenizer.json"))
 
 
-def load(path: Path) -> TrainedModel:
+def check(path: Path) -> GPTConfig:
+    """Cheap checks of a saved model folder, without loading the weights: the three files are
+    there, config.json is a model config, model.safetensors has a whole header and is as long
+    as it says, tokenizer.json parses. A failure is one line naming the file."""
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         if not (path / name).exists():
             raise FileNotFoundError(
                 f"{path / name} is missing: pass a folder written by `lmps train --out`"
             )
-    config = GPTConfig(**json.loads((path / "config.json").read_text()))
+    config = _read_config(path / "config.json")
+    weights = path / "model.safetensors"
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except Exception as err:  # safetensors' own error type
+        raise ValueError(_bad_weights(weights, err)) from None
+    _read_tokenizer(path / "tokenizer.json")
+    return config
+
+
+def load(path: Path) -> TrainedModel:
+    config = check(path)
     model = GPT(config)
-    load_model(model, str(path / "model.safetensors"))
-    return TrainedModel(model, config, Tokenizer.from_file(str(path / "tokenizer.json")))
+    weights = path / "model.safetensors"
+    try:
+        load_model(model, str(weights))
+    except Exception as err:  # safetensors' own error type, or a shape/key mismatch
+        raise ValueError(_bad_weights(weights, err)) from None
+    return TrainedModel(model, config, _read_tokenizer(path / "tokenizer.json"))
+
+
+def _bad_weights(path: Path, err: BaseException) -> str:
+    return (
+        f"{path}: cannot load the weights ({_one_line(err)}); "
+        "the file is truncated, corrupt or from another model"
+    )
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception
+        raise ValueError(f"{path}: not a tokenizer ({_one_line(err)})") from None
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_config(path: Path) -> GPTConfig:
+    """config.json as a GPTConfig; anything else is a ValueError naming the file."""
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({_one_line(err)})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: expected a JSON object of model settings")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown model setting(s) {', '.join(unknown)}")
+    try:
+        return GPTConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {_one_line(err)}") from None
 
 
 def sample(

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from lmps.client import model_io
+from lmps.client import model_io, preflight
 from lmps.core.data import encode_corpus, load_corpus, prepare_corpus, split_tokens
 from lmps.core.model import PRESETS, perplexity, preset
 from lmps.core.optim import (
@@ -87,7 +87,13 @@ class TrainOptions:
         ),
     )
     vocab_size: int = field(
-        default=2048, metadata=flag("data", "BPE vocabulary to train (default %(default)s)")
+        default=0,
+        metadata=flag(
+            "data",
+            "BPE vocabulary to train; 0 = the preset's ("
+            + ", ".join(f"{n} {c.vocab_size}" for n, c in PRESETS.items())
+            + ")",
+        ),
     )
     eval_fraction: float = field(
         default=0.05, metadata=flag("data", "held-out tail of the corpus (default %(default)s)")
@@ -98,7 +104,8 @@ class TrainOptions:
     )
     # -- model
     preset: str = field(
-        default="tiny", metadata=flag("model", f"{' | '.join(PRESETS)} (default %(default)s)")
+        default="",
+        metadata=flag("model", f"{' | '.join(PRESETS)} (default: {preflight.DEFAULT_PRESET})"),
     )
     block_size: int = field(default=0, metadata=flag("model", "context length; 0 = the preset's"))
     dropout: float = field(default=0.0, metadata=flag("model"))
@@ -130,6 +137,15 @@ class TrainOptions:
         default=0, metadata=flag("cluster", "parameter servers to use; 0 = all registered")
     )
     workers: int = field(default=0, metadata=flag("cluster", "workers to use; 0 = all registered"))
+    wait_s: float = field(
+        default=0.0,
+        metadata=flag(
+            "cluster",
+            "seconds to wait for the coordinator to answer; 0 = fail at once if none does",
+            name="--wait",
+            metavar="SECONDS",
+        ),
+    )
     wait_members_s: float = field(
         default=60.0,
         metadata=flag(
@@ -223,7 +239,7 @@ def optimizer_request(opts: TrainOptions) -> OptimizerRequest:
 
 
 def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_pb2.JobSpec:
-    config = preset(opts.preset, vocab_size)
+    config = preset(opts.preset or preflight.DEFAULT_PRESET, vocab_size)
     if opts.block_size or opts.dropout:
         config = dataclasses.replace(
             config, block_size=opts.block_size or config.block_size, dropout=opts.dropout
@@ -307,6 +323,7 @@ def _prepare(
 def train(opts: TrainOptions, console: Console) -> dict[str, object]:
     """Run a whole job (or the rest of one, with --resume); returns the report (also
     written to OUT/report.json)."""
+    opts = preflight.check(opts)  # refusals before anything is uploaded
     started = time.perf_counter()
     report: dict[str, object] = {"options": asdict(opts), "epochs": []}
     with open_channel(opts.coordinator) as ch:
@@ -324,6 +341,7 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
             report.update(job_id=job_id, parameters=st.parameters, resumed_at_step=st.step)
         else:
             spec, train_tokens, eval_tokens, init = _prepare(opts, console)
+            preflight.check_corpus(opts, spec, train_tokens)
             with console.status(
                 f"submitting job to {opts.coordinator} (waiting for servers and workers)"
             ):

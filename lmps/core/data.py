@@ -47,10 +47,35 @@ def _pydoc_documents() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
+def _read_text(path: Path) -> str:
+    """A .txt document; a file that is not UTF-8 text is a ValueError naming it."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+            "convert it to UTF-8 or move it out of the corpus"
+        ) from None
+    if "\0" in text:
+        raise ValueError(
+            f"{path}: looks binary (NUL byte at offset {text.index(chr(0))}); "
+            "move it out of the corpus"
+        )
+    # Universal newlines, as text-mode reading gives: \r\n and \r become \n.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _read_jsonl(path: Path) -> list[str]:
     docs: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason})"
+                ) from None
             if not line.strip():
                 continue  # tolerate blank lines (e.g. a trailing newline)
             try:
@@ -95,9 +120,9 @@ def load_corpus(source: str) -> list[str]:
         files = _txt_files(path)
         if not files:
             raise ValueError(f"corpus directory {source!r} contains no .txt files")
-        return [p.read_text(encoding="utf-8") for p in files]
+        return [_read_text(p) for p in files]
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return [_read_text(path)]
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     raise ValueError(f"corpus file {source!r} must end in .txt or .jsonl")

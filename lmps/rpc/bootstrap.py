@@ -14,6 +14,7 @@ certificate is configured, the bearer token and per-client limits by interceptor
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import socket
@@ -46,6 +47,48 @@ RPC_SECONDS = prometheus_client.Histogram(
     ["method"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+
+class PortInUse(OSError):
+    """A port this server was told to listen on is taken; names the flag that moves it."""
+
+    def __init__(self, host: str, port: int, flag: str) -> None:
+        super().__init__(
+            f"port {port} is already in use (on {host}): stop what holds it, or choose "
+            f"another with {flag} (0 = any free port)"
+        )
+        self.port, self.flag = port, flag
+
+
+def port_taken(host: str, port: int) -> bool:
+    """True when something already listens on host:port, so binding it would fail."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM
+        )[0]
+    except socket.gaierror:
+        return False  # let the real bind report it
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is fine
+        try:
+            s.bind(address)
+        except OSError as err:
+            return err.errno == errno.EADDRINUSE
+    return False
+
+
+def _bind(add: Callable[[], int], host: str, port: int, flag: str) -> int:
+    """Call a server's add_*_port; a taken port is `PortInUse`. Checked first, so gRPC's
+    own log line about it does not appear; a port taken in between is caught after."""
+    if port and port_taken(host, port):
+        raise PortInUse(host, port, flag)
+    try:
+        bound = add()
+    except RuntimeError:  # grpc >= 1.5x: "Failed to bind to address ..."
+        bound = 0
+    if bound == 0:
+        raise PortInUse(host, port, flag)
+    return bound
 
 
 @dataclass(frozen=True)
@@ -235,9 +278,12 @@ def _health_only_server(
         options=[("grpc.so_reuseport", 0)],
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{options.host}:{options.health_port}")
-    if port == 0:
-        raise OSError(f"cannot bind health port {options.host}:{options.health_port} (in use?)")
+    port = _bind(
+        lambda: server.add_insecure_port(f"{options.host}:{options.health_port}"),
+        options.host,
+        options.health_port,
+        "--health-port",
+    )
     return server, port
 
 
@@ -269,19 +315,30 @@ def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningS
     )
     address = f"{options.host}:{options.port}"
     if sec.tls.serving:
-        port = server.add_secure_port(address, sec.tls.server_credentials())
+        credentials = sec.tls.server_credentials()
+        port = _bind(
+            lambda: server.add_secure_port(address, credentials),
+            options.host,
+            options.port,
+            "--port",
+        )
     else:
         if sec.tls.ca:
             raise ValueError("LMPS_TLS_CA is set but this server has no LMPS_TLS_CERT/_KEY")
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind {options.host}:{options.port} (in use?)")
+        port = _bind(
+            lambda: server.add_insecure_port(address), options.host, options.port, "--port"
+        )
     health_server, health_port = None, -1
     if options.health_port >= 0:
         health_server, health_port = _health_only_server(options, health_servicer)
     metrics_port = -1
     if options.metrics_port >= 0:
-        httpd, _ = prometheus_client.start_http_server(options.metrics_port, addr=options.host)
+        try:
+            httpd, _ = prometheus_client.start_http_server(options.metrics_port, addr=options.host)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUse(options.host, options.metrics_port, "--metrics-port") from None
         metrics_port = int(httpd.server_port)
     server.start()
     if health_server is not None:

@@ -3,19 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import faulthandler
 import logging
 import os
 import signal
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lmps.rpc import security
-from lmps.rpc.bootstrap import ServeOptions
+from lmps.rpc.bootstrap import PortInUse, ServeOptions
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` with each flag's default (where it says something) and an epilog kept as
+    written (the examples)."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text or not action.option_strings:
+            return False
+        default = action.default
+        # None, False (store_true), "" and [] say nothing worth a line; 0 does.
+        return not (default is None or default is False or default in ("", [], argparse.SUPPRESS))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"  # a flag without help still shows it
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not self._shows_default(action) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+class EnvError(ValueError):
+    """An LMPS_* variable that sets a flag's default holds a value the flag cannot take."""
+
+
+def env_number(name: str, default: float | int, kind: type[float] | type[int] = int) -> Any:
+    """The LMPS_* variable `name` as a `kind` (int or float), else `default`; a value that
+    does not parse is an `EnvError` naming the variable (raised while the parser is built, so
+    `--help` says it too, in one line)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return kind(default)
+    try:
+        return kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise EnvError(f"{name}={raw!r} is not {what}: fix or unset it") from None
 
 
 def add_serve_flags(
@@ -30,18 +76,18 @@ def add_serve_flags(
         "--host", default=env("LMPS_HOST", "0.0.0.0"), help="interface to bind (LMPS_HOST)"
     )
     g.add_argument(
-        "--port", type=int, default=int(env("LMPS_PORT", str(port))), help="gRPC port (LMPS_PORT)"
+        "--port", type=int, default=env_number("LMPS_PORT", port), help="gRPC port (LMPS_PORT)"
     )
     g.add_argument(
         "--metrics-port",
         type=int,
-        default=int(env("LMPS_METRICS_PORT", str(metrics_port))),
+        default=env_number("LMPS_METRICS_PORT", metrics_port),
         help="Prometheus /metrics port; -1 = off, 0 = any free port (LMPS_METRICS_PORT)",
     )
     g.add_argument(
         "--grace",
         type=float,
-        default=float(env("LMPS_GRACE_S", "5")),
+        default=env_number("LMPS_GRACE_S", 5.0, float),
         help="seconds in-flight RPCs get after SIGTERM (LMPS_GRACE_S)",
     )
     g.add_argument("--log-level", default=env("LMPS_LOG_LEVEL", "INFO"), help="(LMPS_LOG_LEVEL)")
@@ -88,11 +134,14 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("security (docs/security.md)")
 
     def flag(name: str, env_name: str, help: str, default: str = "", **kw: Any) -> None:
+        value: Any = env(env_name, default)
+        if "type" in kw:  # checked here, so a bad variable is named (argparse would not)
+            value = env_number(env_name, kw["type"](default), kw["type"])
         g.add_argument(
             name,
             action=_ProcessSetting,
             env_name=env_name,
-            default=env(env_name, default),
+            default=value,
             help=f"{help} ({env_name})",
             **kw,
         )
@@ -157,7 +206,7 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--health-port",
         type=int,
-        default=int(env("LMPS_HEALTH_PORT", "-1")),
+        default=env_number("LMPS_HEALTH_PORT", -1),
         help="extra plaintext port serving only grpc.health.v1, for probes that cannot do "
         "TLS; -1 = off (LMPS_HEALTH_PORT)",
     )
@@ -182,3 +231,13 @@ def setup_logging(level: str) -> None:
     # `kill -USR1 PID` prints every thread's stack to the log: the first thing to look at
     # when a service seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def run_service(main: Callable[[], int], prog: str) -> int:
+    """Run a service's `main`; a bad LMPS_* value or a taken port is one line on stderr and
+    exit code 2, not a traceback (`python -m lmps.services.ROLE.main`, `lmps serve ROLE`)."""
+    try:
+        return main()
+    except (EnvError, PortInUse) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2

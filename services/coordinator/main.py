@@ -6,15 +6,22 @@ import argparse
 from pathlib import Path
 
 from lmps.rpc.bootstrap import Service, run_until_signal, start_server
-from lmps.rpc.flags import add_serve_flags, env, serve_options, setup_logging
-from lmps.services.coordinator.driver import Driver
-from lmps.services.coordinator.registry import Registry
-from lmps.services.coordinator.servicer import CoordinatorServicer
-from lmps.v1 import coordinator_pb2_grpc
+from lmps.rpc.flags import (
+    HelpFormatter,
+    add_serve_flags,
+    env,
+    env_number,
+    run_service,
+    serve_options,
+    setup_logging,
+)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="lmps serve coordinator")
+    parser = parser or argparse.ArgumentParser(
+        prog="lmps serve coordinator", formatter_class=HelpFormatter
+    )
+    parser.epilog = "example:\n  lmps serve coordinator --port 50051 --state-dir .lmps/coordinator"
     parser.description = (
         "Run the coordinator: membership, shard map, data leases, jobs and epochs. "
         "Parameter servers and workers register with it; `lmps train` talks only to it."
@@ -23,13 +30,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--heartbeat",
         type=float,
-        default=float(env("LMPS_HEARTBEAT_S", "2")),
+        default=env_number("LMPS_HEARTBEAT_S", 2.0, float),
         help="seconds between member heartbeats (LMPS_HEARTBEAT_S)",
     )
     parser.add_argument(
         "--expiry",
         type=float,
-        default=float(env("LMPS_EXPIRY_S", "10")),
+        default=env_number("LMPS_EXPIRY_S", 10.0, float),
         help="a member missing heartbeats this long is considered dead (LMPS_EXPIRY_S)",
     )
     parser.add_argument(
@@ -43,6 +50,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     args = args or build_parser().parse_args(argv)
+    # Imported here, not at the top: `build_parser` (every `--help`) stays torch-free.
+    from lmps.services.coordinator.driver import Driver
+    from lmps.services.coordinator.registry import Registry
+    from lmps.services.coordinator.servicer import CoordinatorServicer
+    from lmps.v1 import coordinator_pb2_grpc
+
     setup_logging(args.log_level)
     registry = Registry(heartbeat_s=args.heartbeat, expiry_s=args.expiry)
     state_dir = Path(args.state_dir) if args.state_dir else None
@@ -61,4 +74,4 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_service(main, "lmps serve coordinator"))

@@ -6,17 +6,16 @@ import argparse
 import logging
 
 from lmps.rpc.bootstrap import Service, advertised_address, run_until_signal, start_server
-from lmps.rpc.flags import add_serve_flags, serve_options, setup_logging
+from lmps.rpc.flags import HelpFormatter, add_serve_flags, run_service, serve_options, setup_logging
 from lmps.rpc.registration import Registration
-from lmps.services.parameter_server.servicer import ParameterServicer
-from lmps.services.parameter_server.store import ParameterStore
 from lmps.v1 import coordinator_pb2, parameter_pb2_grpc
 
 log = logging.getLogger("lmps.ps")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="lmps serve ps")
+    parser = parser or argparse.ArgumentParser(prog="lmps serve ps", formatter_class=HelpFormatter)
+    parser.epilog = "example:\n  lmps serve ps --coordinator coord:50051 --id ps-0 --port 50061"
     # SYNC: the description says when updates run; a new mode words it from the job's mode.
     parser.description = (
         "Run a parameter server: holds fp32 parameter shards and optimizer state, applies "
@@ -28,6 +27,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     args = args or build_parser().parse_args(argv)
+    # Imported here, not at the top: `build_parser` (every `--help`) stays torch-free.
+    from lmps.services.parameter_server.servicer import ParameterServicer
+    from lmps.services.parameter_server.store import ParameterStore
+
     setup_logging(args.log_level)
     store = ParameterStore(server_id=args.id or "ps")
     running = start_server(
@@ -50,4 +53,4 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_service(main, "lmps serve ps"))

@@ -5,14 +5,23 @@ from __future__ import annotations
 import argparse
 
 from lmps.rpc.bootstrap import Service, advertised_address, run_until_signal, start_server
-from lmps.rpc.flags import add_serve_flags, env, serve_options, setup_logging
+from lmps.rpc.flags import (
+    HelpFormatter,
+    add_serve_flags,
+    env,
+    run_service,
+    serve_options,
+    setup_logging,
+)
 from lmps.rpc.registration import Registration
-from lmps.services.worker.servicer import WorkerServicer
 from lmps.v1 import coordinator_pb2, worker_pb2_grpc
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="lmps serve worker")
+    parser = parser or argparse.ArgumentParser(
+        prog="lmps serve worker", formatter_class=HelpFormatter
+    )
+    parser.epilog = "example:\n  lmps serve worker --coordinator coord:50051 --device cuda"
     parser.description = (
         "Run a worker: a model replica (CPU or CUDA) that leases data shards from the "
         "coordinator, pulls parameters from every server and pushes gradients back."
@@ -28,6 +37,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     args = args or build_parser().parse_args(argv)
+    # Imported here, not at the top: `build_parser` (every `--help`) stays torch-free.
+    from lmps.services.worker.servicer import WorkerServicer
+
     setup_logging(args.log_level)
     servicer = WorkerServicer(worker_id=args.id, coordinator=args.coordinator, device=args.device)
     running = start_server(
@@ -49,4 +61,4 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_service(main, "lmps serve worker"))
