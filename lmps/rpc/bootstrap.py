@@ -29,24 +29,16 @@ import grpc
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from lmps.core.errors import LmpsError
 from lmps.rpc.channel import KEEPALIVE_OPTIONS, message_options
 from lmps.rpc.guard import Guard
+from lmps.rpc.metrics import RpcMetrics, process_registry
 from lmps.rpc.security import Security
 from lmps.rpc.security import load as load_security
 
 log = logging.getLogger("lmps.server")
-
-RPC_TOTAL = prometheus_client.Counter(
-    "lmps_rpc_total", "RPCs handled, by method and final status code", ["method", "code"]
-)
-RPC_SECONDS = prometheus_client.Histogram(
-    "lmps_rpc_seconds",
-    "Wall time of handled RPCs (streams: until the last message)",
-    ["method"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-)
 
 
 class PortInUse(OSError):
@@ -163,6 +155,8 @@ class RunningServer:
     """The plaintext health-only port, -1 when there is none."""
     health_server: grpc.Server | None = None
     guard: Guard | None = None
+    registry: CollectorRegistry | None = None
+    """What /metrics serves: this server's RPC series plus the role's own."""
 
     def stop(self, grace_s: float | None = None) -> None:
         """Flip health to NOT_SERVING, give in-flight RPCs `grace_s`, run on_stop hooks."""
@@ -212,11 +206,15 @@ def _abort(context: grpc.ServicerContext, err: Exception) -> None:
 class _Interceptor(grpc.ServerInterceptor):
     """Maps LmpsError to status codes and records RPC metrics for every handler kind."""
 
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self.metrics = metrics
+
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
         method = details.method
+        seconds, total = self.metrics.seconds, self.metrics.total
 
         def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
@@ -226,8 +224,8 @@ class _Interceptor(grpc.ServerInterceptor):
                 except (LmpsError, grpc.RpcError) as err:
                     _abort(context, err)
                 finally:
-                    RPC_SECONDS.labels(method).observe(time.perf_counter() - start)
-                    RPC_TOTAL.labels(method, _code_of(context)).inc()
+                    seconds.labels(method).observe(time.perf_counter() - start)
+                    total.labels(method, _code_of(context)).inc()
 
             return run
 
@@ -239,8 +237,8 @@ class _Interceptor(grpc.ServerInterceptor):
                 except (LmpsError, grpc.RpcError) as err:
                     _abort(context, err)
                 finally:
-                    RPC_SECONDS.labels(method).observe(time.perf_counter() - start)
-                    RPC_TOTAL.labels(method, _code_of(context)).inc()
+                    seconds.labels(method).observe(time.perf_counter() - start)
+                    total.labels(method, _code_of(context)).inc()
 
             return run
 
@@ -287,13 +285,25 @@ def _health_only_server(
     return server, port
 
 
-def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningServer:
-    """Build, mount and start a server with health, reflection, metrics and security."""
+def start_server(
+    options: ServeOptions,
+    services: Sequence[Service],
+    *,
+    registry: CollectorRegistry | None = None,
+) -> RunningServer:
+    """Build, mount and start a server with health, reflection, metrics and security.
+
+    `registry`: this process's metrics (`lmps.rpc.metrics.process_registry()` with the
+    role's series on it), owned by this one server, which adds the RPC series and serves it
+    on `metrics_port`; None = a fresh one with the RPC and process series only."""
     sec = load_security() if options.security is None else options.security
-    guard = Guard(token=sec.token, limits=sec.limits)
+    registry = process_registry() if registry is None else registry
+    rpc_metrics = RpcMetrics(registry)
+    guard = Guard(token=sec.token, limits=sec.limits, rejected=rpc_metrics.rejected)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
-        interceptors=[_Interceptor(), guard],  # metrics outermost: refusals are counted too
+        # metrics outermost: refusals are counted too
+        interceptors=[_Interceptor(rpc_metrics), guard],
         options=[
             *message_options(sec.limits.max_message_bytes),
             *KEEPALIVE_OPTIONS,
@@ -334,7 +344,9 @@ def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningS
     metrics_port = -1
     if options.metrics_port >= 0:
         try:
-            httpd, _ = prometheus_client.start_http_server(options.metrics_port, addr=options.host)
+            httpd, _ = prometheus_client.start_http_server(
+                options.metrics_port, addr=options.host, registry=registry
+            )
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
                 raise
@@ -369,6 +381,7 @@ def start_server(options: ServeOptions, services: Sequence[Service]) -> RunningS
         health_port=health_port,
         health_server=health_server,
         guard=guard,
+        registry=registry,
     )
 
 

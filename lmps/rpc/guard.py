@@ -19,15 +19,10 @@ from typing import Any
 import grpc
 import prometheus_client
 
+from lmps.rpc.metrics import RpcMetrics
 from lmps.rpc.security import Limits
 
 EXEMPT_PREFIX = "/grpc.health.v1.Health/"
-
-REJECTED = prometheus_client.Counter(
-    "lmps_rpc_rejected_total",
-    "RPCs refused by the server's gate, by reason",
-    ["reason"],  # unauthenticated | streams_per_peer | stream_messages
-)
 
 
 def peer_host(peer: str) -> str:
@@ -111,7 +106,14 @@ def _refuse(code: grpc.StatusCode, message: str) -> Callable[..., Any]:
 class Guard(grpc.ServerInterceptor):
     """Token check and per-client limits for every RPC but health."""
 
-    def __init__(self, *, token: str, limits: Limits) -> None:
+    def __init__(
+        self, *, token: str, limits: Limits, rejected: prometheus_client.Counter | None = None
+    ) -> None:
+        """`rejected`: lmps_rpc_rejected_total (`lmps.rpc.metrics.RpcMetrics`); None = a
+        counter on a registry of its own, which nobody scrapes."""
+        if rejected is None:
+            rejected = RpcMetrics(prometheus_client.CollectorRegistry()).rejected
+        self.rejected = rejected
         self._expected = f"Bearer {token}".encode() if token else b""
         self.limits = limits
         self.slots = PeerSlots(limits.max_streams_per_peer)
@@ -121,7 +123,7 @@ class Guard(grpc.ServerInterceptor):
         if handler is None or details.method.startswith(EXEMPT_PREFIX):
             return handler
         if self._expected and not _authorized(details.invocation_metadata, self._expected):
-            REJECTED.labels("unauthenticated").inc()
+            self.rejected.labels("unauthenticated").inc()
             return _rebuild(
                 handler,
                 _refuse(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"),
@@ -134,7 +136,7 @@ class Guard(grpc.ServerInterceptor):
         peer = peer_host(context.peer())
         release = self.slots.acquire(peer)
         if release is None:
-            REJECTED.labels("streams_per_peer").inc()
+            self.rejected.labels("streams_per_peer").inc()
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many concurrent calls from {peer} (limit {self.slots.limit}, "
@@ -148,7 +150,7 @@ class Guard(grpc.ServerInterceptor):
         limit = self.limits.max_stream_messages
         for n, msg in enumerate(requests, 1):
             if limit and n > limit:
-                REJECTED.labels("stream_messages").inc()
+                self.rejected.labels("stream_messages").inc()
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"stream longer than {limit} messages (LMPS_MAX_STREAM_MESSAGES)",

@@ -15,6 +15,7 @@ from lmps.rpc.flags import (
     serve_options,
     setup_logging,
 )
+from lmps.rpc.metrics import process_registry
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     args = args or build_parser().parse_args(argv)
     # Imported here, not at the top: `build_parser` (every `--help`) stays torch-free.
     from lmps.services.coordinator.driver import Driver
+    from lmps.services.coordinator.metrics import CoordinatorCollector
     from lmps.services.coordinator.registry import Registry
     from lmps.services.coordinator.servicer import CoordinatorServicer
     from lmps.v1 import coordinator_pb2_grpc
@@ -59,7 +61,10 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     setup_logging(args.log_level)
     registry = Registry(heartbeat_s=args.heartbeat, expiry_s=args.expiry)
     state_dir = Path(args.state_dir) if args.state_dir else None
-    servicer = CoordinatorServicer(registry, Driver(registry, state_dir))
+    driver = Driver(registry, state_dir)
+    servicer = CoordinatorServicer(registry, driver)
+    metrics = process_registry()  # this role's series only (docs/metrics.md)
+    metrics.register(CoordinatorCollector(registry, driver))
     running = start_server(
         serve_options(args),
         [
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                 servicer,
             )
         ],
+        registry=metrics,
     )
     return run_until_signal(running)
 

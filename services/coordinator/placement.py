@@ -36,6 +36,8 @@ class Placement:
         self.fleet = fleet
         self.jobs_dir = jobs_dir
         self._checkpoint_lock = threading.Lock()  # one writer at a time, versions never go back
+        # Since this process started (lmps_coordinator_*_total, services/coordinator/metrics.py).
+        self.failovers = self.servers_lost = self.restores = 0
 
     def deploy(
         self,
@@ -127,6 +129,7 @@ class Placement:
             job.server_epochs = {s: i for s, i in job.server_epochs.items() if s not in dead}
             job.resume = Resume(epoch_no, progress)
             job.step = version
+        self.failovers, self.servers_lost = self.failovers + 1, self.servers_lost + len(dead)
         return sorted(dead)
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -188,6 +191,7 @@ class Placement:
         self.deploy(job, ckpt.params, ckpt.state, ckpt.version, wait_s)
         jobs.apply_manifest(job, ckpt.manifest)
         job.needs_restore = False
+        self.restores += 1
         log.info("job %s restored from %s onto %s", job.job_id, path, sorted(job.servers))
         return ckpt.version
 

@@ -7,6 +7,7 @@ import logging
 
 from lmps.rpc.bootstrap import Service, advertised_address, run_until_signal, start_server
 from lmps.rpc.flags import HelpFormatter, add_serve_flags, run_service, serve_options, setup_logging
+from lmps.rpc.metrics import process_registry
 from lmps.rpc.registration import Registration
 from lmps.v1 import coordinator_pb2, parameter_pb2_grpc
 
@@ -28,20 +29,23 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     args = args or build_parser().parse_args(argv)
     # Imported here, not at the top: `build_parser` (every `--help`) stays torch-free.
+    from lmps.services.parameter_server.metrics import ServerMetrics
     from lmps.services.parameter_server.servicer import ParameterServicer
     from lmps.services.parameter_server.store import ParameterStore
 
     setup_logging(args.log_level)
     store = ParameterStore(server_id=args.id or "ps")
+    metrics = process_registry()  # this role's series only (docs/metrics.md)
     running = start_server(
         serve_options(args),
         [
             Service(
                 "lmps.v1.ParameterService",
                 parameter_pb2_grpc.add_ParameterServiceServicer_to_server,
-                ParameterServicer(store),
+                ParameterServicer(store, ServerMetrics(metrics)),
             )
         ],
+        registry=metrics,
     )
     address = advertised_address(args.host, running.port, args.advertise)
     member = Registration(args.coordinator, coordinator_pb2.PARAMETER_SERVER, address, args.id)

@@ -13,6 +13,7 @@ from lmps.rpc.flags import (
     serve_options,
     setup_logging,
 )
+from lmps.rpc.metrics import process_registry
 from lmps.rpc.registration import Registration
 from lmps.v1 import coordinator_pb2, worker_pb2_grpc
 
@@ -38,10 +39,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     args = args or build_parser().parse_args(argv)
     # Imported here, not at the top: `build_parser` (every `--help`) stays torch-free.
+    from lmps.services.worker.metrics import WorkerMetrics
     from lmps.services.worker.servicer import WorkerServicer
 
     setup_logging(args.log_level)
-    servicer = WorkerServicer(worker_id=args.id, coordinator=args.coordinator, device=args.device)
+    metrics = process_registry()  # this role's series only (docs/metrics.md)
+    servicer = WorkerServicer(
+        worker_id=args.id,
+        coordinator=args.coordinator,
+        device=args.device,
+        metrics=WorkerMetrics(metrics),
+    )
     running = start_server(
         serve_options(args),
         [
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                 servicer,
             )
         ],
+        registry=metrics,
     )
     address = advertised_address(args.host, running.port, args.advertise)
     member = Registration(args.coordinator, coordinator_pb2.WORKER, address, args.id)

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
-import prometheus_client
 import torch
 
 from lmps.core.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -21,31 +20,13 @@ from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.rpc.codec import CodecError
 from lmps.services.worker.leases import CoordinatorLeases
+from lmps.services.worker.metrics import WorkerMetrics
 from lmps.services.worker.pool import ServerPool
 from lmps.services.worker.replica import Replica, pick_device
 from lmps.services.worker.trainer import StepResult, Trainer, check_eval_tokens
 from lmps.v1 import coordinator_pb2_grpc, job_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("lmps.worker")
-
-STEPS = prometheus_client.Counter("lmps_worker_steps_total", "Training steps computed")
-TOKENS = prometheus_client.Counter("lmps_worker_tokens_total", "Training tokens processed")
-LOSS = prometheus_client.Gauge("lmps_worker_loss", "Loss of the last step")
-PHASE = prometheus_client.Histogram(
-    "lmps_worker_phase_seconds",
-    "Time per step phase",
-    ["phase"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-
-
-def _observe(r: StepResult) -> None:
-    STEPS.inc()
-    TOKENS.inc(r.tokens)
-    LOSS.set(r.loss)
-    PHASE.labels("pull").observe(r.pull_s)
-    PHASE.labels("compute").observe(r.compute_s)
-    PHASE.labels("push").observe(r.push_s)
 
 
 def _step_event(r: StepResult) -> job_pb2.StepEvent:
@@ -73,8 +54,15 @@ class _Job:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, worker_id: str, coordinator: str, device: str = "auto") -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        coordinator: str,
+        device: str = "auto",
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.worker_id = worker_id
+        self.metrics = WorkerMetrics() if metrics is None else metrics
         self.device = pick_device(device)
         self._coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(coordinator))
         self._job: _Job | None = None
@@ -139,7 +127,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         context.add_callback(job.trainer.cancel)
         try:
             for r in job.trainer.run_epoch(request.epoch, request.start_step, context.is_active):
-                _observe(r)
+                self.metrics.observe(r)
                 self.steps_done += 1
                 yield job_pb2.ProgressEvent(
                     job_id=job.job_id, epoch=request.epoch, step=_step_event(r)

@@ -103,6 +103,11 @@ def test_prometheus_scrapes_every_service_and_sees_training(
     )
     assert len(updates) == 2
     wait_for(port, "lmps_worker_steps_total", lambda r: len(r) == 1 and r[0]["value"][1] == "6")
+    # The coordinator's training series; each role's series from its own processes only.
+    wait_for(port, "lmps_coordinator_step", lambda r: len(r) == 1 and r[0]["value"][1] == "6")
+    assert len(query(port, "lmps_coordinator_members_alive")) == 2  # by role: ps, worker
+    assert len(query(port, "lmps_ps_version")) == 2
+    assert len(query(port, "lmps_worker_loss")) == 1
     rpcs = wait_for(
         port,
         'sum by (method) (lmps_rpc_total{method="/lmps.v1.ParameterService/Push", code="OK"})',
