@@ -4,6 +4,7 @@ lmps demo                        # local cluster, train the tiny model, sample, 
 lmps cluster up --servers 2 --workers 2
 lmps train --preset tiny --epochs 3 --out runs/tiny
 lmps generate --model runs/tiny --prompt "The for statement"
+lmps report runs/tiny            # losses, tokens/s, steps; the loss plot's path
 lmps shards                      # which server holds which slice, with stats
 lmps status
 lmps cluster down
@@ -115,6 +116,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.samples > 1:
             console.rule(f"sample {i + 1}")
         print(text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lmps.client.report import render, summarize
+
+    for line in render(summarize(Path(args.run_dir))):
+        print(line)
     return 0
 
 
@@ -301,6 +310,15 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run folder written by `lmps train` (runs/JOB by default, or its --out)",
+    )
+    p.set_defaults(func=cmd_report)
+
+
 def _add_cluster(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     up = actions.add_parser(
@@ -420,6 +438,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
         "sample text from a saved model or a running cluster",
         _add_generate,
         _example('lmps generate --model runs/tiny --prompt "The for statement"'),
+    ),
+    "report": (
+        "summary of a training run folder: losses, tokens/s, steps, the loss plot",
+        _add_report,
+        _example("lmps report runs/tiny"),
     ),
     "cluster": (
         "start/stop a local cluster of processes (up, down, status)",

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
+from lmps.client import run_log
 from lmps.core.model import GPT, GPTConfig, decay_mask
 from lmps.core.partition import ParamInfo, assemble, validate_cover
 from lmps.rpc import codec
@@ -60,6 +61,8 @@ def fetch_model(coordinator: str, job_id: str = "") -> TrainedModel:
 def save(trained: TrainedModel, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_model(trained.model, str(out / "model.safetensors"))  # handles the tied wte/lm_head
+    # safetensors writes through a temp file (0600): give it the mode of the other files.
+    run_log.fix_mode(out / "model.safetensors")
     (out / "config.json").write_text(
         json.dumps(dataclasses.asdict(trained.config), indent=2) + "\n"
     )

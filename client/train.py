@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -14,9 +13,9 @@ from typing import Any
 import grpc
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from lmps.client import model_io, preflight
+from lmps.client import model_io, preflight, run_log
+from lmps.client.progress import RunProgress
 from lmps.core.data import encode_corpus, load_corpus, prepare_corpus, split_tokens
 from lmps.core.model import PRESETS, perplexity, preset
 from lmps.core.optim import (
@@ -28,6 +27,7 @@ from lmps.core.optim import (
     OptimizerKind,
     OptimizerRequest,
     ScheduleName,
+    lr_at,
 )
 from lmps.core.settings import WIRE_DTYPES
 from lmps.rpc import codec
@@ -195,7 +195,15 @@ class TrainOptions:
     out: str = field(
         default="",
         metadata=flag(
-            "output", "folder for model.safetensors, config.json, tokenizer.json, report.json"
+            "output",
+            "run folder: model.safetensors, config.json, tokenizer.json, report.json, "
+            "metrics.jsonl, loss.png (default: runs/JOB)",
+        ),
+    )
+    log_every: int = field(
+        default=10,
+        metadata=flag(
+            "output", "when output is piped: one progress line every N steps (default %(default)s)"
         ),
     )
     sample_prompt: str = field(
@@ -207,6 +215,8 @@ class TrainOptions:
             raise ValueError("--epochs must be >= 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if self.log_every < 1:
+            raise ValueError("--log-every must be >= 1")
         if not 0 < self.eval_fraction < 1:
             raise ValueError("--eval-fraction must be in (0, 1)")
         if self.optimizer not in OPTIMIZERS:
@@ -324,6 +334,7 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
     """Run a whole job (or the rest of one, with --resume); returns the report (also
     written to OUT/report.json)."""
     opts = preflight.check(opts)  # refusals before anything is uploaded
+    preflight.check_out(opts.out or str(run_log.RUNS_ROOT))  # the default run folder's parent
     started = time.perf_counter()
     report: dict[str, object] = {"options": asdict(opts), "epochs": []}
     with open_channel(opts.coordinator) as ch:
@@ -361,9 +372,15 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
             console.print(f"initial eval loss {first.loss:.4f} (perplexity {first.perplexity:.1f})")
             report.update(job_id=job_id, parameters=st.parameters, initial_eval_loss=first.loss)
             first_epoch = 0
+        out = run_log.run_dir(opts.out, job_id)
+        recorder, bar = _outputs(out, job_id, st, opts, console)
+        if not opts.resume:
+            recorder.metrics.eval(
+                epoch=0, step=0, eval_loss=first.loss, perplexity=first.perplexity
+            )
         epochs: list[dict[str, object]] = []
         for epoch in range(first_epoch, opts.epochs):
-            summary = _run_epoch_retrying(stub, job_id, epoch, opts, console)
+            summary = _run_epoch_retrying(stub, job_id, epoch, opts, console, recorder, bar)
             row: dict[str, object] = {
                 "epoch": epoch + 1,
                 "train_loss": summary.train_loss,
@@ -390,23 +407,51 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
                 f"{summary.tokens_per_s:,.0f} tok/s  {summary.wall_s:.1f}s"
             )
             _print_incidents(summary, console)
+            if recorder.epoch_ended(summary) is None and epoch == first_epoch:
+                console.print("[yellow]no loss.png: matplotlib is not installed[/]")
+        recorder.close()
         report["epochs"] = epochs
-        if opts.out:
-            with console.status("exporting the model"):
-                trained = model_io.fetch_model(opts.coordinator, job_id)
-                model_io.save(trained, Path(opts.out))
-            console.print(f"saved model to [bold]{opts.out}[/] (version {trained.version})")
-            if opts.sample_prompt:
-                text = model_io.sample(trained, opts.sample_prompt, max_tokens=80)
-                report["sample"] = text
-                console.rule("sample")
-                console.print(text, markup=False, highlight=False)
-                console.rule()
+        with console.status("exporting the model"):
+            trained = model_io.fetch_model(opts.coordinator, job_id)
+            model_io.save(trained, out)
+        console.print(f"saved model to [bold]{out}[/] (version {trained.version})")
+        if opts.sample_prompt:
+            text = model_io.sample(trained, opts.sample_prompt, max_tokens=80)
+            report["sample"] = text
+            console.rule("sample")
+            console.print(text, markup=False, highlight=False)
+            console.rule()
     report["wall_s"] = time.perf_counter() - started
-    if opts.out:
-        Path(opts.out).mkdir(parents=True, exist_ok=True)
-        (Path(opts.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    run_log.write_json(out / run_log.REPORT, report)
+    console.print(
+        f"run folder [bold]{out}[/]: metrics, plot and report; `lmps report {out}`",
+        soft_wrap=True,
+    )
     return report
+
+
+def _outputs(
+    out: Path, job_id: str, st: coordinator_pb2.JobStatus, opts: TrainOptions, console: Console
+) -> tuple[run_log.RunRecorder, RunProgress]:
+    """The run folder's writer and the progress display, over the job's resolved schedule."""
+    try:
+        settings = codec.optimizer_from_proto(st.spec.optimizer)
+    except ValueError:  # a coordinator that does not send the resolved spec: no lr, no total
+        settings = None
+    bar = RunProgress(
+        console,
+        total_steps=settings.total_steps if settings else 0,
+        start_step=int(st.step),
+        epochs=opts.epochs,
+        log_every=opts.log_every,
+    )
+    recorder = run_log.RunRecorder(
+        out,
+        lr=lambda step: lr_at(settings, step) if settings else None,
+        on_step=bar.update,
+    )
+    recorder.metrics.job(job_id, epochs=opts.epochs, total_steps=bar.total, start_step=int(st.step))
+    return recorder, bar
 
 
 def _print_incidents(summary: job_pb2.EpochSummary, console: Console) -> None:
@@ -425,12 +470,14 @@ def _run_epoch_retrying(
     epoch: int,
     opts: TrainOptions,
     console: Console,
+    recorder: run_log.RunRecorder,
+    bar: RunProgress,
 ) -> job_pb2.EpochSummary:
     """Run an epoch; if the coordinator goes away (restart), wait for it and carry on."""
     deadline = time.monotonic() + opts.retry_s
     while True:
         try:
-            return _run_epoch(stub, job_id, epoch, opts.epochs, console)
+            return _run_epoch(stub, job_id, epoch, console, recorder, bar)
         except grpc.RpcError as err:
             if (
                 err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
@@ -461,44 +508,24 @@ def _run_epoch(
     stub: coordinator_pb2_grpc.CoordinatorServiceStub,
     job_id: str,
     epoch: int,
-    epochs: int,
     console: Console,
+    recorder: run_log.RunRecorder,
+    bar: RunProgress,
 ) -> job_pb2.EpochSummary:
     stream = stub.RunEpoch(
         coordinator_pb2.RunEpochRequest(job_id=job_id, epoch=epoch), wait_for_ready=True
     )
     summary: job_pb2.EpochSummary | None = None
-    columns = (
-        TextColumn(f"epoch {epoch + 1}/{epochs}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} batches"),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    started = time.perf_counter()
-    tokens = 0
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("train", total=None, loss="-", tps="-")
-        recent: list[float] = []
+    with bar.live(epoch):
         for ev in stream:
             kind = ev.WhichOneof("kind")
             if kind == "start":
-                progress.update(task, total=ev.start.total_batches)
+                recorder.epoch_started(epoch, len(ev.start.workers))
             elif kind == "step":
-                tokens += ev.step.tokens
-                recent = [*recent[-19:], ev.step.loss]
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                progress.update(
-                    task,
-                    advance=1,
-                    loss=f"{sum(recent) / len(recent):.3f}",
-                    tps=f"{tokens / elapsed:,.0f}",
-                )
+                recorder.step(ev.step)  # a whole global step goes to metrics.jsonl and the bar
             elif kind == "summary":
                 summary = ev.summary
+                recorder.steps_done()
     if summary is None:
         raise RuntimeError(f"epoch {epoch + 1} ended without a summary")
     if math.isnan(summary.eval_loss):
