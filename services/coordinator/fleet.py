@@ -10,14 +10,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lmps.core.errors import Unavailable
+from lmps.core.errors import FailedPrecondition, Unavailable
 from lmps.core.partition import Shard
 from lmps.core.settings import JobSettings
 from lmps.rpc import codec
@@ -128,25 +128,39 @@ class Fleet:
         members: set[str],
         discard_pending: bool = False,
         discard: Sequence[str] = (),
+        join_at: int = 0,
     ) -> int:
         """Replace the barrier's members everywhere (SYNC: the members are the workers whose
         gradients make up each step; see leases.LeaseDesk). Returns the lowest version at which a
-        dropped contribution could have been pending (version before any apply it caused)."""
+        dropped contribution could have been pending (version before any apply it caused).
+
+        New members are required from version `join_at` on (0: at once). FailedPrecondition
+        when a server is past `join_at` (that server changed nothing; the others did)."""
         request = parameter_pb2.SetMembersRequest(
             job_id=job_id,
             members=sorted(members),
             discard_pending=discard_pending,
             discard=list(discard),
+            join_at=join_at,
         )
 
         def send(address: str) -> parameter_pb2.SetMembersResponse:
             # No wait_for_ready: a dead server must fail this fast (the epoch then rolls back).
-            resp: parameter_pb2.SetMembersResponse = self.ps(address).SetMembers(
-                request, timeout=DEFAULT_TIMEOUT_S
-            )
+            try:
+                resp: parameter_pb2.SetMembersResponse = self.ps(address).SetMembers(
+                    request, timeout=DEFAULT_TIMEOUT_S
+                )
+            except grpc.RpcError as err:
+                if join_at and err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise FailedPrecondition(f"{address}: {err.details()}") from None
+                raise
             return resp
 
-        results = self.fanout(send, list(servers.values()))
+        # Every answer in before an error is raised: a caller that undoes a refused join
+        # must not overtake a request still on its way to another server.
+        futures = [self._pool.submit(send, address) for address in servers.values()]
+        wait(futures)
+        results = [f.result() for f in futures]
         return min(int(r.version) - int(r.applied) for r in results)
 
     def version(self, job_id: str, servers: Mapping[str, str], settle_s: float = 3.0) -> int:
@@ -183,7 +197,11 @@ class Fleet:
 
     def lowest_version(self, job_id: str, servers: Mapping[str, str]) -> int:
         """The lowest version among the servers (they may be a step apart mid-epoch)."""
-        return min(v for v, _ in self._states(job_id, servers))
+        return min(self.versions(job_id, servers))
+
+    def versions(self, job_id: str, servers: Mapping[str, str]) -> list[int]:
+        """Every server's version (mid-epoch they may be a step apart)."""
+        return [v for v, _ in self._states(job_id, servers)]
 
     def snapshot(
         self, job_id: str, servers: Mapping[str, str], version: int, timeout_s: float = 600.0

@@ -183,7 +183,17 @@ class Barrier(Protocol):
         members: set[str],
         discard_pending: bool = False,
         discard: Sequence[str] = (),
-    ) -> int: ...
+        join_at: int = 0,
+    ) -> int:
+        """FailedPrecondition when `join_at` > 0 and a server is past it."""
+        ...
+
+    def versions(self, job_id: str, servers: Mapping[str, str]) -> list[int]:
+        """Every server's version."""
+        ...
+
+
+JOIN_TRIES = 20  # a join retried this often (servers moving on meanwhile) is given up
 
 
 class LeaseDesk:
@@ -271,15 +281,36 @@ class LeaseDesk:
             )
             self.book.lose(worker_id, applied_below)
 
-    def join(self, worker_id: str, training: Sequence[str]) -> None:
+    def join(self, worker_id: str, training: Sequence[str]) -> int | None:
         """The worker enters the barrier (before its stream starts: its first push must find
-        it a member) and gets a share of the shards not yet leased, with `training`."""
+        it a member) and gets a share of the shards not yet leased, with `training`.
+
+        Returns the version its stream starts at, the same on every server; None when the
+        servers kept moving past it (`JOIN_TRIES`): nothing changed, try again later.
+
+        SYNC: a join takes effect at one version on every server. Mid-step the servers can
+        be one version apart, (s, s + 1): s + 1 had every member's push, s still waits for
+        one in flight. The joiner is required from the highest version, v = s + 1: nobody
+        waits for it at s (no server can have a push for s + 1 yet: every worker's pull for
+        s + 1 waits for all servers, and the lagging one gets there when its push lands).
+        Not later: should the others run out of data, the servers would never get there."""
         with self._lock:
-            # SYNC: member first, then the stream, or its first push would be refused.
-            self.barrier.set_members(self.job_id, self.servers, self.active | {worker_id})
-            self.active = self.active | {worker_id}
-            self.book.readmit(worker_id)
-            self.book.rebalance([*training, worker_id])
+            members = self.active | {worker_id}
+            for _ in range(JOIN_TRIES):
+                at = max(self.barrier.versions(self.job_id, self.servers))
+                try:
+                    # SYNC: member first, then the stream, or its first push would be refused.
+                    self.barrier.set_members(self.job_id, self.servers, members, join_at=at)
+                except FailedPrecondition:
+                    # A server made step `at` meanwhile (without the joiner). Take the joiner
+                    # out where it got in (it pushed nowhere: nothing to discard), retry.
+                    self.barrier.set_members(self.job_id, self.servers, self.active)
+                    continue
+                self.active = members
+                self.book.readmit(worker_id)
+                self.book.rebalance([*training, worker_id])
+                return at
+            return None
 
     def progress(self, below_step: int) -> dict[int, int]:
         return self.book.progress(below_step)

@@ -141,10 +141,12 @@ class WorkerStreams:
         log.info("epoch %d: worker %s joins", self.epoch_no, wid)
         self.placement.configure(job, {wid: address}, timeout_s=20.0)
         with job.lock:
-            # SYNC: mid-step the servers may be one version apart: the lowest will do, the
-            # worker follows the version it pulls, and the barrier counts it from its join.
-            version = self.fleet.lowest_version(job.job_id, job.servers)
-            a.desk.join(wid, training=list(a.calls))
+            # SYNC: the join takes effect at one version on every server (the highest of
+            # theirs, see LeaseDesk.join); the worker's stream starts there.
+            version = a.desk.join(wid, training=list(a.calls))
+            if version is None:  # the servers kept moving on: the monitor tries again
+                log.warning("epoch %d: worker %s could not join; retrying", self.epoch_no, wid)
+                return
             job.workers[wid] = address
         self._start_worker(wid, version)
         self.totals.joined.append(wid)

@@ -10,7 +10,8 @@ paper's bounded delay (and Petuum's SSP) needs. The update itself runs on the se
 MXNet KVStore's `set_optimizer`; the barrier only hands the store the gradient to apply.
 
 `SyncBarrier` is bulk synchronous parallel (BSP, MXNet's dist_sync): step s is applied once
-every member pushed for s, with the sample-weighted mean of their gradients. `BARRIERS` maps a
+every member required for s pushed for s, with the sample-weighted mean of their gradients;
+a member that joined with `join_at` is required from that version on. `BARRIERS` maps a
 mode of `lmps.core.settings.CONSISTENCIES` to its class: a new mode is one class and one row.
 
 Pure torch: no grpc. Not thread-safe on its own: the store calls it under its lock.
@@ -53,7 +54,12 @@ class Barrier(Protocol):
 
     @property
     def pending(self) -> int:
-        """Members still to push before the next update."""
+        """Members required for the pending step that have still to push for it."""
+        ...
+
+    @property
+    def version(self) -> int:
+        """The pending step: the version the barrier started at plus the updates it made."""
         ...
 
     def admit(self, worker_id: str, step: int, version: int) -> None:
@@ -70,8 +76,13 @@ class Barrier(Protocol):
         must not write to them afterwards."""
         ...
 
-    def set_members(self, members: Iterable[str], discard: Iterable[str]) -> Update | None:
-        """Membership changed; drop `discard`'s pending contributions. May complete a step."""
+    def set_members(
+        self, members: Iterable[str], discard: Iterable[str], join_at: int = 0
+    ) -> Update | None:
+        """Membership changed; drop `discard`'s pending contributions. May complete a step.
+
+        Members new in `members` are required from version `join_at` on (0: at once).
+        FailedPrecondition, nothing changed, when `join_at` > 0 and the barrier is past it."""
         ...
 
     def readable(self, version: int, wanted: int) -> bool:
@@ -80,24 +91,38 @@ class Barrier(Protocol):
 
 
 class SyncBarrier:
-    """BSP: the update for step `version` is the weighted mean of every member's gradient.
+    """BSP: the update for step `version` is the weighted mean of the gradients of every
+    member required for it (a member is required from the version it joined at on).
 
     Each worker's gradient is kept apart until the step completes, so a lost worker's
     contribution can be dropped and the sum runs in a fixed order (sorted worker ids) in
     fp64: the result does not depend on arrival order or timing, and weight * grad sums
     cannot overflow.
+
+    SYNC: a join takes effect at one version on every server. Mid-step the servers may be one
+    version apart (one made step s, another still waits for an in-flight push for s); a
+    joiner required from s + 1 is not waited for at s on the lagging one, so both make s
+    from the same pushes and s + 1 with the joiner.
     """
 
-    def __init__(self, *, job_id: str, numel: Mapping[str, int], members: Iterable[str]) -> None:
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        numel: Mapping[str, int],
+        members: Iterable[str],
+        version: int = 0,
+    ) -> None:
         self._job_id = job_id
         self._numel = dict(numel)  # shard id -> elements, in load order
-        self._members = frozenset(members)
+        self._version = version  # the pending step
+        self._first = dict.fromkeys(members, 0)  # member -> first version it is required for
         self._contrib: dict[str, dict[str, torch.Tensor]] = {}  # worker -> fp32 grad per shard
         self._weight: dict[str, float] = {}  # worker -> weight (samples) for the pending step
 
     @property
     def members(self) -> frozenset[str]:
-        return self._members
+        return frozenset(self._first)
 
     @property
     def pushed(self) -> frozenset[str]:
@@ -105,15 +130,28 @@ class SyncBarrier:
 
     @property
     def pending(self) -> int:
-        return len(self._members - self._weight.keys())
+        return len(self._required() - self._weight.keys())
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def _required(self) -> set[str]:
+        """The members the pending step waits for."""
+        return {w for w, first in self._first.items() if first <= self._version}
 
     def admit(self, worker_id: str, step: int, version: int) -> None:
-        if worker_id not in self._members:
+        first = self._first.get(worker_id)
+        if first is None:
             raise NotFound(f"push: worker {worker_id!r} is not a member of job {self._job_id!r}")
         if step < version:
             raise FailedPrecondition(f"push: stale step {step}; server is at version {version}")
         if step > version:
             raise OutOfRange(f"push: future step {step}; server is at version {version}")
+        if step < first:
+            raise FailedPrecondition(
+                f"push: worker {worker_id!r} joined at version {first}, not for step {step}"
+            )
         if worker_id in self._weight:
             raise AlreadyExists(f"push: worker {worker_id!r} already pushed step {step}")
 
@@ -124,8 +162,16 @@ class SyncBarrier:
         self._weight[worker_id] = weight
         return self._complete()
 
-    def set_members(self, members: Iterable[str], discard: Iterable[str]) -> Update | None:
-        self._members = frozenset(members)
+    def set_members(
+        self, members: Iterable[str], discard: Iterable[str], join_at: int = 0
+    ) -> Update | None:
+        if join_at and self._version > join_at:
+            raise FailedPrecondition(
+                f"set_members: join_at {join_at} is past; server is at version {self._version}"
+            )
+        # A member already here keeps the version it was required from; a new one (or one
+        # removed before and added again) is required from `join_at` on.
+        self._first = {w: self._first.get(w, join_at) for w in sorted(set(members))}
         for worker_id in set(discard):
             self._contrib.pop(worker_id, None)
             self._weight.pop(worker_id, None)
@@ -135,9 +181,10 @@ class SyncBarrier:
         return version >= wanted  # a pull sees exactly the steps every member made
 
     def _complete(self) -> Update | None:
-        """The weighted mean once every member pushed (non-members that pushed before they
-        left still count unless discarded), and a fresh pending step; else None."""
-        if not self._weight or not self._members <= self._weight.keys():
+        """The weighted mean once every member required for the pending step pushed
+        (non-members that pushed before they left still count unless discarded), and a fresh
+        pending step; else None."""
+        if not self._weight or not self._required() <= self._weight.keys():
             return None
         total = sum(self._weight.values())
         workers = sorted(self._contrib)  # a fixed summation order: results don't depend on timing
@@ -151,12 +198,13 @@ class SyncBarrier:
         made_of = tuple((w, self._weight[w]) for w in workers)
         self._contrib = {}
         self._weight = {}
+        self._version += 1
         return Update(mean, made_of)
 
 
 class BarrierFactory(Protocol):
     def __call__(
-        self, *, job_id: str, numel: Mapping[str, int], members: Iterable[str]
+        self, *, job_id: str, numel: Mapping[str, int], members: Iterable[str], version: int = 0
     ) -> Barrier: ...
 
 
@@ -167,13 +215,19 @@ BARRIERS: dict[str, BarrierFactory] = {
 
 
 def make_barrier(
-    mode: Consistency, *, job_id: str, numel: Mapping[str, int], members: Iterable[str]
+    mode: Consistency,
+    *,
+    job_id: str,
+    numel: Mapping[str, int],
+    members: Iterable[str],
+    version: int = 0,
 ) -> Barrier:
     """The barrier of `mode` for one job; ValueError for a mode this build does not know.
 
-    `numel`: elements of every shard by id, in the order updates list them.
+    `numel`: elements of every shard by id, in the order updates list them; `version`: the
+    version of the loaded values (the first pending step).
     """
     factory = BARRIERS.get(mode)
     if factory is None:
         raise ValueError(f"unknown consistency {mode!r}; this server knows {sorted(BARRIERS)}")
-    return factory(job_id=job_id, numel=numel, members=members)
+    return factory(job_id=job_id, numel=numel, members=members, version=version)

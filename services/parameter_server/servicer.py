@@ -5,21 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-import prometheus_client
 import torch
 
 from lmps.core.errors import Aborted, InvalidArgument
 from lmps.rpc import codec
 from lmps.rpc.codec import CodecError
+from lmps.services.parameter_server.metrics import ServerMetrics
 from lmps.services.parameter_server.store import ParameterStore, stats_of
 from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
-
-VERSION = prometheus_client.Gauge("lmps_ps_version", "Parameter version (optimizer steps applied)")
-PUSHES = prometheus_client.Counter("lmps_ps_pushes_total", "Accepted gradient pushes")
-APPLIES = prometheus_client.Counter("lmps_ps_updates_total", "Optimizer steps applied")
-PULLED_BYTES = prometheus_client.Counter("lmps_ps_pulled_bytes_total", "Parameter bytes sent")
-PUSHED_BYTES = prometheus_client.Counter("lmps_ps_pushed_bytes_total", "Gradient bytes received")
-HELD_BYTES = prometheus_client.Gauge("lmps_ps_parameter_bytes", "fp32 parameter bytes held")
 
 
 def _decode(msg: tensor_pb2.Tensor, what: str) -> torch.Tensor:
@@ -37,8 +30,9 @@ def _complete(context: grpc.ServicerContext, what: str) -> None:
 
 
 class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
-    def __init__(self, store: ParameterStore) -> None:
+    def __init__(self, store: ParameterStore, metrics: ServerMetrics | None = None) -> None:
         self.store = store
+        self.metrics = ServerMetrics() if metrics is None else metrics
 
     def Load(
         self, request_iterator: Iterator[parameter_pb2.LoadRequest], context: grpc.ServicerContext
@@ -80,8 +74,8 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             history=h.history,
             consistency=consistency,
         )
-        VERSION.set(h.version)
-        HELD_BYTES.set(held)
+        self.metrics.version.set(h.version)
+        self.metrics.held_bytes.set(held)
         return parameter_pb2.LoadResponse(shards=len(shards), bytes=held)
 
     def Pull(
@@ -104,7 +98,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             msg = tensor_pb2.ShardTensor(
                 shard_id=sid, version=version, tensor=codec.encode(t, dtype)
             )
-            PULLED_BYTES.inc(len(msg.tensor.data))
+            self.metrics.pulled_bytes.inc(len(msg.tensor.data))
             yield msg
 
     def Push(
@@ -123,11 +117,11 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             grads.append((msg.grad.shard_id, _decode(msg.grad.tensor, msg.grad.shard_id)))
         _complete(context, "push")
         result = self.store.push(h.job_id, h.worker_id, h.step, h.weight, grads)
-        PUSHES.inc()
-        PUSHED_BYTES.inc(nbytes)
+        self.metrics.pushes.inc()
+        self.metrics.pushed_bytes.inc(nbytes)
         if result.applied:
-            APPLIES.inc()
-            VERSION.set(result.version)
+            self.metrics.applies.inc()
+            self.metrics.version.set(result.version)
         return parameter_pb2.PushResponse(
             version=result.version, applied=result.applied, pending=result.pending
         )
@@ -136,11 +130,15 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         self, request: parameter_pb2.SetMembersRequest, context: grpc.ServicerContext
     ) -> parameter_pb2.SetMembersResponse:
         version, applied = self.store.set_members(
-            request.job_id, request.members, request.discard_pending, request.discard
+            request.job_id,
+            request.members,
+            request.discard_pending,
+            request.discard,
+            join_at=request.join_at,
         )
         if applied:
-            APPLIES.inc()
-            VERSION.set(version)
+            self.metrics.applies.inc()
+            self.metrics.version.set(version)
         return parameter_pb2.SetMembersResponse(version=version, applied=applied)
 
     def Snapshot(

@@ -189,6 +189,7 @@ class ParameterStore:
                 job_id=job_id,
                 numel={sid: s.numel for sid, s in specs.items()},
                 members=members,
+                version=version,
             )
         except ValueError as err:
             raise InvalidArgument(f"load: {err}") from None
@@ -350,11 +351,23 @@ class ParameterStore:
         members: Iterable[str],
         discard_pending: bool = False,
         discard: Iterable[str] = (),
+        join_at: int = 0,
     ) -> tuple[int, bool]:
+        """Replace the barrier's members: (version, whether that completed the pending step).
+
+        Members new in `members` are required from version `join_at` on (0: at once).
+        FailedPrecondition, nothing changed, when `join_at` > 0 and the version is past it.
+        """
         with self._cond:
             job = self._require(job_id)
+            if join_at and job.version > join_at:
+                # SYNC: step `join_at` was made without the joiner here; the caller retries
+                # the join at a later version, so it takes effect at one version everywhere.
+                raise FailedPrecondition(
+                    f"set_members: join_at {join_at} is past; server is at version {job.version}"
+                )
             drop = job.barrier.pushed if discard_pending else discard
-            applied = self._apply(job, job.barrier.set_members(members, drop))
+            applied = self._apply(job, job.barrier.set_members(members, drop, join_at))
             return job.version, applied
 
     def _apply(self, job: _Job, update: Update | None) -> bool:

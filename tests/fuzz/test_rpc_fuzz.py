@@ -237,6 +237,17 @@ def test_set_members(fx: Fuzzed, data: st.DataObject) -> None:
     fields: dict[str, Any] = {"discard_pending": data.draw(st.booleans())}
     if "discard" in parameter_pb2.SetMembersRequest.DESCRIPTOR.fields_by_name:
         fields["discard"] = data.draw(st.lists(S.text, max_size=3))
+    join_at = 0
+    if "join_at" in parameter_pb2.SetMembersRequest.DESCRIPTOR.fields_by_name:
+        # The members are the ones already set, so a join_at the server has not passed
+        # changes nothing; one it has passed (0 < join_at < version) must be refused.
+        join_at = data.draw(
+            st.one_of(
+                st.sampled_from([0, max(0, fx.version - 1), fx.version, fx.version + 1, 2**64 - 1]),
+                st.integers(0, 2**64 - 1),
+            )
+        )
+        fields["join_at"] = join_at
     if same:
         members = data.draw(st.lists(st.sampled_from(FUZZ_MEMBERS), min_size=2, max_size=5))
         members = members if set(members) == set(FUZZ_MEMBERS) else list(FUZZ_MEMBERS)
@@ -246,7 +257,10 @@ def test_set_members(fx: Fuzzed, data: st.DataObject) -> None:
         job_id = data.draw(S.other_ids(fx.job_id, ""))
     request = parameter_pb2.SetMembersRequest(job_id=job_id, members=members, **fields)
     out = unary(fx.servers[name].stub.SetMembers, request)
-    fx.check("ParameterService/SetMembers", out, ok=same, what=request)
+    ok = same and not (0 < join_at < fx.version)
+    fx.check("ParameterService/SetMembers", out, ok=ok, what=request)
+    if same and not ok:
+        assert out.code.name == "FAILED_PRECONDITION", out.details
     if out.ok:
         resp = out.responses[0]
         assert resp.version == fx.version and not resp.applied

@@ -220,3 +220,62 @@ def test_a_pull_sees_a_version_once_it_is_reached():
     b = barrier("w0")
     assert b.readable(3, 3) and b.readable(4, 3) and b.readable(0, 0)
     assert not b.readable(2, 3)
+
+
+# -- joining mid-step (SetMembersRequest.join_at) ------------------------------------------
+
+
+def test_a_joiner_from_the_next_version_is_not_waited_for_now() -> None:
+    b = barrier("w0", "w1")
+    assert push(b, "w0", 1.0, grads(1)) is None
+    assert b.set_members(["w0", "w1", "j"], discard=(), join_at=1) is None
+    assert (b.members, b.pending) == (frozenset({"w0", "w1", "j"}), 1)  # w1 only
+    update = push(b, "w1", 2.0, grads(2))
+    assert update is not None and [w for w, _ in update.made_of] == ["w0", "w1"]
+    assert_equal(update.grads, reference_mean({"w0": (1.0, grads(1)), "w1": (2.0, grads(2))}))
+    assert (b.version, b.pending) == (1, 3)  # step 1 waits for the joiner too
+    assert push(b, "w0", 1.0, grads(3), version=1) is None
+    assert push(b, "w1", 1.0, grads(4), version=1) is None
+    update = push(b, "j", 1.0, grads(5), version=1)
+    assert update is not None and [w for w, _ in update.made_of] == ["j", "w0", "w1"]
+
+
+def test_a_joiner_from_the_pending_version_is_waited_for() -> None:
+    b = barrier("w0")
+    assert b.set_members(["w0", "j"], discard=(), join_at=0) is None  # 0: at once
+    assert b.pending == 2
+    b3 = make_barrier("sync", job_id="job", numel=NUMEL, members=["w0"], version=4)
+    assert b3.set_members(["w0", "j"], discard=(), join_at=4) is None
+    assert push(b3, "w0", 1.0, grads(1), version=4) is None  # waits for the joiner at 4
+    update = push(b3, "j", 1.0, grads(2), version=4)
+    assert update is not None and b3.version == 5
+
+
+def test_a_join_at_a_version_already_made_is_refused_with_nothing_changed() -> None:
+    b = make_barrier("sync", job_id="job", numel=NUMEL, members=["w0", "w1"], version=3)
+    assert push(b, "w0", 1.0, grads(1), version=3) is None
+    with pytest.raises(FailedPrecondition):
+        b.set_members(["w0", "j"], discard=["w0"], join_at=2)
+    assert (b.members, b.pushed, b.pending, b.version) == (
+        frozenset({"w0", "w1"}),
+        frozenset({"w0"}),
+        1,
+        3,
+    )
+
+
+def test_a_push_before_the_joiners_first_version_is_refused() -> None:
+    b = barrier("w0", "w1")
+    b.set_members(["w0", "w1", "j"], discard=(), join_at=1)
+    with pytest.raises(FailedPrecondition):
+        b.admit("j", 0, 0)
+    assert (b.pushed, b.pending) == (frozenset(), 2)
+
+
+def test_a_member_keeps_its_first_version_when_the_members_are_sent_again() -> None:
+    b = barrier("w0")
+    b.set_members(["w0", "j"], discard=(), join_at=1)
+    b.set_members(["w0", "j"], discard=())  # e.g. another worker left: j still from 1
+    assert b.pending == 1
+    b.set_members(["w0", "j", "k"], discard=(), join_at=0)
+    assert b.pending == 2  # k at once, j still from 1

@@ -25,6 +25,8 @@ class FakeBarrier:
     calls: list[tuple[list[str], bool, list[str]]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # set_members and lease answers, in order
     applied: int = 0
+    at: list[int] = field(default_factory=lambda: [0])  # the servers' versions
+    join_at: list[int] = field(default_factory=list)  # join_at of every call
 
     def set_members(
         self,
@@ -33,10 +35,15 @@ class FakeBarrier:
         members: set[str],
         discard_pending: bool = False,
         discard: Sequence[str] = (),
+        join_at: int = 0,
     ) -> int:
         self.calls.append((sorted(members), discard_pending, list(discard)))
+        self.join_at.append(join_at)
         self.log.append(f"members {sorted(members)}")
         return self.applied
+
+    def versions(self, job_id: str, servers: Mapping[str, str]) -> list[int]:
+        return list(self.at)
 
     @property
     def members(self) -> list[str]:
@@ -133,8 +140,10 @@ def test_a_joining_worker_enters_the_barrier_and_gets_a_share() -> None:
     desk = make_desk(barrier, shards=6, workers=["w0"])
     first = desk.take("w0")
     assert first is not None
-    desk.join("w1", training=["w0"])
+    barrier.at = [3, 4]  # mid-step: one server made step 3, the other waits for a push
+    assert desk.join("w1", training=["w0"]) == 4  # the highest version: the stream starts there
     assert barrier.calls[-1] == (["w0", "w1"], False, [])
+    assert barrier.join_at[-1] == 4
     lease = desk.take("w1")
     assert lease is not None and lease.data_shard != first.data_shard
 

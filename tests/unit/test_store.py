@@ -372,3 +372,31 @@ def test_optimizer_state_bytes_per_shard(settings: OptimizerSettings, per_elemen
     for s in SHARDS:
         assert store.shard(JOB, s.shard_id)[3] == want[s.shard_id]
     assert store.optimizer_state_bytes() == sum(want.values())
+
+
+def test_a_worker_joining_mid_step_counts_from_join_at() -> None:
+    store = new_store(members=("w0", "w1"))
+    store.push(JOB, "w0", 0, 1.0, filled(1.0))
+    assert store.set_members(JOB, ["w0", "w1", "j"], join_at=1) == (0, False)
+    with pytest.raises(FailedPrecondition):  # not a member for step 0
+        store.push(JOB, "j", 0, 1.0, filled(5.0))
+    assert store.push(JOB, "w1", 0, 1.0, filled(3.0)).applied  # step 0 without the joiner
+    result = store.push(JOB, "w0", 1, 1.0, filled(1.0))
+    assert (result.version, result.applied, result.pending) == (1, False, 2)
+
+
+def test_a_join_at_a_version_already_made_changes_nothing() -> None:
+    store = new_store(members=("w0", "w1"))
+    for step in (0, 1):
+        store.push(JOB, "w0", step, 1.0, filled(1.0))
+        store.push(JOB, "w1", step, 1.0, filled(1.0))
+    store.push(JOB, "w0", 2, 1.0, filled(1.0))  # version 2, w0's push pending
+    before = store.describe(JOB), store.history(JOB), values(store)
+    with pytest.raises(FailedPrecondition):
+        store.set_members(JOB, ["w0", "w1", "j"], discard_pending=True, join_at=1)
+    with pytest.raises(FailedPrecondition):
+        store.set_members(JOB, ["w1"], join_at=1)  # would complete the step: still refused
+    after = store.describe(JOB), store.history(JOB), values(store)
+    assert before[:2] == after[:2] and before[0][4] == ["w0"]
+    assert_equal(before[2], after[2])
+    assert store.set_members(JOB, ["w0", "w1", "j"], join_at=2) == (2, False)  # now is fine
