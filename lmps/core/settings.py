@@ -47,11 +47,23 @@ class JobState(StrEnum):
     FAILED = "FAILED"
 
 
-def default_total_steps(epochs: int, train_sequences: int, batch_size: int, workers: int) -> int:
-    """Steps of a whole job when the spec leaves it open: each epoch's batches spread over
-    the workers (one step = one batch from every worker), at least one step."""
-    batches = train_sequences // batch_size
-    return max(1, epochs) * max(1, math.ceil(batches / max(1, workers)))
+def default_total_steps(
+    epochs: int, train_sequences: int, batch_size: int, workers: int, batches_per_lease: int = 1
+) -> int:
+    """Steps of a whole job when the spec leaves it open, at least one.
+
+    SYNC: one step takes one batch from every worker still holding data, and data shard j
+    (of `batches_per_lease` batches; the last may be short) belongs to worker j mod W, so an
+    epoch lasts as many steps as the busiest worker has batches. (Dividing the batches evenly
+    over the workers undercounts whenever the shards do not split evenly, and the last steps
+    would run past the end of the learning-rate schedule.)
+    """
+    batches = train_sequences // max(1, batch_size)
+    per = max(1, batches_per_lease)
+    w = max(1, workers)
+    shard_batches = [min(per, batches - start) for start in range(0, batches, per)]
+    per_worker = [sum(shard_batches[i::w]) for i in range(w)]
+    return max(1, epochs) * max(1, max(per_worker))
 
 
 @dataclass(frozen=True)

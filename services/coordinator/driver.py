@@ -125,7 +125,11 @@ class Driver:
         self._check_idle()
         workers_hint = settings.num_workers or max(1, len(self.cluster.heartbeating(Role.WORKER)))
         total = default_total_steps(
-            settings.epochs, train.shape[0], settings.batch_size, workers_hint
+            settings.epochs,
+            train.shape[0],
+            settings.batch_size,
+            workers_hint,
+            batches_per_lease=settings.batches_per_lease,
         )
         settings = job_settings(spec, total_steps=total)
         model = init_model(settings.model, settings.seed)

@@ -47,6 +47,11 @@ def test_train_on_pydoc_loss_falls_and_model_generates(tmp_path: Path) -> None:
     assert epochs[1]["end_step"] > epochs[0]["end_step"] > 0
     saved = json.loads((out / "report.json").read_text())
     assert saved["epochs"][1]["eval_loss"] == epochs[1]["eval_loss"]
+    # The schedule the coordinator sized at submit ends exactly where training ends: no
+    # steps past total_steps (at min_lr), none missing.
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (job_line,) = [r for r in lines if r["kind"] == "job"]
+    assert job_line["total_steps"] == epochs[1]["end_step"]
 
     loaded = model_io.load(out)
     assert loaded.config.vocab_size <= 1024 and loaded.config.block_size == 64

@@ -97,11 +97,12 @@ def test_submit_resolves_every_default_once(driver: Driver) -> None:
     assert s.keep_checkpoints == DEFAULT_KEEP_CHECKPOINTS
     assert s.wait_for_members_s == DEFAULT_WAIT_FOR_MEMBERS_S
     assert s.replication == 1 and s.consistency == "sync"
-    # The workers hint is every heartbeating worker (3) when num_workers is left open.
-    assert s.optimizer.total_steps == default_total_steps(2, 10, 2, 3) == 4
+    # The workers hint is every heartbeating worker (3) when num_workers is left open; the
+    # 5 batches form one data shard (8 batches per lease), which one worker trains alone.
+    assert s.optimizer.total_steps == default_total_steps(2, 10, 2, 3, batches_per_lease=8) == 10
     assert job.state is JobState.READY and job.train.shape == (10, 5)
     pinned = driver.submit(spec(num_workers=1), train, tokens(9)).settings
-    assert pinned.optimizer.total_steps == default_total_steps(2, 10, 2, 1)
+    assert pinned.optimizer.total_steps == default_total_steps(2, 10, 2, 1, batches_per_lease=8)
     given = job_pb2.OptimizerConfig(kind=job_pb2.SGD, lr=0.1, total_steps=77)
     assert (
         driver.submit(spec(optimizer=given), train, tokens(9)).settings.optimizer.total_steps == 77
@@ -205,6 +206,7 @@ class FakeFleet(Fleet):
         members: set[str],
         discard_pending: bool = False,
         discard: Sequence[str] = (),
+        join_at: int = 0,
     ) -> int:
         self.members.append((sorted(members), discard_pending))
         return self.at

@@ -115,5 +115,10 @@ def test_default_total_steps_spreads_batches_over_workers() -> None:
     # 10 sequences of batch 2 = 5 batches; 2 workers -> 3 steps an epoch; 2 epochs.
     assert default_total_steps(2, 10, 2, 2) == 6
     assert default_total_steps(0, 1, 4, 1) == 1  # never zero
+    # 11 batches in shards of 4 (4, 4, 3) over 2 workers: worker 0 owns shards 0 and 2 and
+    # trains 7 batches while worker 1 is done after 4: the epoch is 7 steps, not ceil(11/2).
+    assert default_total_steps(1, 22, 2, 2, batches_per_lease=4) == 7
+    assert default_total_steps(3, 22, 2, 2, batches_per_lease=4) == 21
+    assert default_total_steps(1, 22, 2, 3, batches_per_lease=4) == 4  # one shard each
     settings = JobSettings  # the type the coordinator keeps
     assert settings.__dataclass_params__.frozen  # type: ignore[attr-defined]
