@@ -13,5 +13,6 @@ BENCHMARKS: dict[str, str] = {
     "shards": "pull+push rounds against 2 real parameter servers per shard size",
     "training": "tokens/s of a 2-server, 2-worker cluster vs one torch process",
     "wire_dtype": "pull+push rounds with bfloat16 vs float32 on the wire",
+    "ps_memory": "parameter-server peak RSS growth vs state held (small, AdamW, 2 workers)",
 }
 """Benchmark name -> one line on what it measures. Each name is a module of this package."""

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from lmps.core.model import GPTConfig
@@ -117,22 +118,26 @@ def expected_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
 
 
 def decode(msg: tensor_pb2.Tensor) -> torch.Tensor:
-    """Wire message -> a new CPU tensor. Raises CodecError when the message is inconsistent."""
+    """Wire message -> a new CPU tensor. Raises CodecError when the message is inconsistent.
+
+    One copy: the message's bytes straight into a fresh tensor of torch's allocator (the
+    field is read once: each read of a protobuf bytes field is a copy of its own)."""
     dtype = to_torch_dtype(msg.dtype)
     shape = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in shape):
         raise CodecError(f"negative dimension in shape {list(shape)}")
     want = expected_nbytes(dtype, shape)
-    if len(msg.data) != want:
+    data = msg.data
+    if len(data) != want:
         raise CodecError(
             f"tensor of shape {list(shape)} and dtype {str(dtype).removeprefix('torch.')} "
-            f"needs {want} bytes, got {len(msg.data)}"
+            f"needs {want} bytes, got {len(data)}"
         )
-    if want == 0:
-        return torch.empty(shape, dtype=dtype)
-    # bytearray: frombuffer needs a writable buffer to hand out a writable tensor.
-    flat = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
-    return flat.view(dtype).reshape(shape)
+    out = torch.empty(shape, dtype=dtype)
+    if want:
+        # numpy copies from the read-only bytes into the tensor's own (writable) memory.
+        out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+    return out
 
 
 # -- configs and shard placements ---------------------------------------------------

@@ -188,15 +188,18 @@ class SyncBarrier:
             return None
         total = sum(self._weight.values())
         workers = sorted(self._contrib)  # a fixed summation order: results don't depend on timing
+        contrib, self._contrib = self._contrib, {}
         mean = {}
         for sid, numel in self._numel.items():
             # fp64: weight * grad sums cannot overflow, and the mean is back in fp32 range.
             acc = torch.zeros(numel, dtype=torch.float64)
             for w in workers:
-                acc.add_(self._contrib[w][sid], alpha=self._weight[w])
+                # Each contribution is let go of as soon as it is summed: the means replace
+                # the gradients shard by shard, never a full extra copy of them.
+                acc.add_(contrib[w].pop(sid), alpha=self._weight[w])
             mean[sid] = acc.div_(total).to(torch.float32)
+            del acc
         made_of = tuple((w, self._weight[w]) for w in workers)
-        self._contrib = {}
         self._weight = {}
         self._version += 1
         return Update(mean, made_of)

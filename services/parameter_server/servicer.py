@@ -98,7 +98,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             msg = tensor_pb2.ShardTensor(
                 shard_id=sid, version=version, tensor=codec.encode(t, dtype)
             )
-            self.metrics.pulled_bytes.inc(len(msg.tensor.data))
+            self.metrics.pulled_bytes.inc(t.numel() * dtype.itemsize)  # no copy of the bytes
             yield msg
 
     def Push(
@@ -113,8 +113,11 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         for msg in request_iterator:
             if not msg.HasField("grad"):
                 raise InvalidArgument("push: only one PushHeader is allowed")
-            nbytes += len(msg.grad.tensor.data)
-            grads.append((msg.grad.shard_id, _decode(msg.grad.tensor, msg.grad.shard_id)))
+            # Counted from the decoded tensor: each read of a protobuf bytes field is a copy.
+            grad = _decode(msg.grad.tensor, msg.grad.shard_id)
+            nbytes += grad.numel() * grad.element_size()
+            grads.append((msg.grad.shard_id, grad))
+            del msg, grad  # the wire message goes now, not when the next one arrives
         _complete(context, "push")
         result = self.store.push(h.job_id, h.worker_id, h.step, h.weight, grads)
         self.metrics.pushes.inc()

@@ -177,7 +177,8 @@ class ParameterStore:
             checked = _check_values(specs, values, "load")
         except NotFound as err:  # a value for a shard the header doesn't list: a bad stream
             raise InvalidArgument(str(err)) from None
-        masters = {sid: checked[sid].to(torch.float32).clone() for sid in specs}
+        # No copy here: `ShardOptimizer` makes its own (it must own the leaves it updates).
+        masters = {sid: checked[sid].to(torch.float32) for sid in specs}
         try:
             optimizer = ShardOptimizer(
                 masters, decay={sid: s.weight_decay for sid, s in specs.items()}, settings=settings
@@ -376,12 +377,19 @@ class ParameterStore:
             return False
         # SYNC: an update is the step at `version`: its lr, then exactly one version up.
         job.optimizer.step(update.grads, job.version)
+        # The update's gradients are spent: let them go now, before a snapshot is taken
+        # (the caller's frame still holds `update` until this returns).
+        update.grads.clear()
         made_of = ",".join(f"{w}:{weight!r}" for w, weight in update.made_of)
         job.history = hashlib.sha256(f"{job.history}|{job.version}|{made_of}".encode()).hexdigest()
         job.version += 1
         # SYNC: every server of the job passes through the same versions, so the snapshots
         # they hold at one multiple make one consistent checkpoint.
         if job.checkpoint_every and job.version % job.checkpoint_every == 0:
+            # Drop the old snapshot first: holding it while the new one is copied would be a
+            # third copy of the whole state at the peak. (A Snapshot RPC still streaming the
+            # old one keeps its own reference, so it stays whole.)
+            job.snapshot = None
             job.snapshot = job.take_snapshot()
         self._cond.notify_all()
         return True
