@@ -380,7 +380,12 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
             )
         epochs: list[dict[str, object]] = []
         for epoch in range(first_epoch, opts.epochs):
-            summary = _run_epoch_retrying(stub, job_id, epoch, opts, console, recorder, bar)
+            try:
+                summary = _run_epoch_retrying(stub, job_id, epoch, opts, console, recorder, bar)
+            except KeyboardInterrupt:
+                recorder.close()
+                _report_interrupt(stub, job_id, bar.total, console)
+                raise
             row: dict[str, object] = {
                 "epoch": epoch + 1,
                 "train_loss": summary.train_loss,
@@ -464,6 +469,35 @@ def _print_incidents(summary: job_pb2.EpochSummary, console: Console) -> None:
         )
 
 
+STOP_WAIT_S = 120.0  # how long an interrupted client waits for the coordinator to stop
+
+
+def _report_interrupt(
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub, job_id: str, total: int, console: Console
+) -> None:
+    """After Ctrl-C (the epoch's stream cancelled): wait until the coordinator has stopped
+    the job at a step boundary, then say where and how to go on. A second Ctrl-C gives up
+    waiting (the coordinator stops the job all the same)."""
+    step: int | None = None
+    deadline = time.monotonic() + STOP_WAIT_S
+    try:
+        while time.monotonic() < deadline:
+            st = stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), timeout=10)
+            if st.state != coordinator_pb2.RUNNING:
+                step = int(st.step)
+                break
+            time.sleep(0.2)
+    except (grpc.RpcError, KeyboardInterrupt):
+        pass
+    where = f"at step {step} of {total}" if step is not None else "(the job is still stopping)"
+    console.print(
+        f"interrupted {where}; resume with: lmps train --resume {job_id}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _run_epoch_retrying(
     stub: coordinator_pb2_grpc.CoordinatorServiceStub,
     job_id: str,
@@ -516,16 +550,23 @@ def _run_epoch(
         coordinator_pb2.RunEpochRequest(job_id=job_id, epoch=epoch), wait_for_ready=True
     )
     summary: job_pb2.EpochSummary | None = None
-    with bar.live(epoch):
-        for ev in stream:
-            kind = ev.WhichOneof("kind")
-            if kind == "start":
-                recorder.epoch_started(epoch, len(ev.start.workers))
-            elif kind == "step":
-                recorder.step(ev.step)  # a whole global step goes to metrics.jsonl and the bar
-            elif kind == "summary":
-                summary = ev.summary
-                recorder.steps_done()
+    try:
+        with bar.live(epoch):
+            # grpc waits for the next event in short naps, so Ctrl-C (and SIGTERM, turned
+            # into KeyboardInterrupt by the CLI) gets through between them.
+            for ev in stream:
+                kind = ev.WhichOneof("kind")
+                if kind == "start":
+                    recorder.epoch_started(epoch, len(ev.start.workers))
+                elif kind == "step":
+                    recorder.step(ev.step)  # a whole global step goes to metrics.jsonl, the bar
+                elif kind == "summary":
+                    summary = ev.summary
+                    recorder.steps_done()
+    except KeyboardInterrupt:
+        # The coordinator sees the stream go and stops the job at a step boundary.
+        stream.cancel()
+        raise
     if summary is None:
         raise RuntimeError(f"epoch {epoch + 1} ended without a summary")
     if math.isnan(summary.eval_loss):

@@ -43,6 +43,9 @@ class Resume:
 
     epoch: int
     done: Mapping[int, int] = field(default_factory=dict)
+    redone: int = 0
+    """Batches trained in `epoch` before the stop but not in the parameters: they are
+    trained again, and the epoch's summary counts them as redone."""
 
     def done_in(self, epoch: int) -> Mapping[int, int]:
         """The batches done per shard if `epoch` is the one to resume, else none."""
@@ -129,7 +132,8 @@ def apply_manifest(job: Job, manifest: dict[str, Any]) -> None:
     job.last_eval_loss = math.nan if loss is None else float(loss)
     epoch = manifest.get("epoch")
     if epoch is not None and epoch >= job.epochs_done:
-        job.resume = Resume(int(epoch), {int(k): int(v) for k, v in manifest["done"].items()})
+        done = {int(k): int(v) for k, v in manifest["done"].items()}
+        job.resume = Resume(int(epoch), done, redone=int(manifest.get("redone", 0)))
     else:
         job.resume = None
 

@@ -61,6 +61,9 @@ class EpochLeases:
             else:
                 self.orphans.append(j)
         self.outstanding: dict[str, Lease] = {}
+        # Completed leases: their last pushes may be unapplied yet, or their events still
+        # on the way (a worker completes a lease right after its last push).
+        self.closed: dict[str, Lease] = {}
         self.completed: list[int] = [
             j for j, n in enumerate(self.shard_batches) if self.done.get(j, 0) >= n
         ]
@@ -96,7 +99,7 @@ class EpochLeases:
     def record(self, lease_id: str, batch_index: int, step: int) -> None:
         """A step event: `batch_index` of the lease was pushed at `step`."""
         with self._lock:
-            lease = self.outstanding.get(lease_id)
+            lease = self.outstanding.get(lease_id) or self.closed.get(lease_id)
             if lease is not None:
                 lease.seen.append((batch_index, step))
 
@@ -106,6 +109,7 @@ class EpochLeases:
             if lease is None or lease.worker_id != worker_id:
                 raise NotFound(f"unknown lease {lease_id!r} for worker {worker_id!r}")
             del self.outstanding[lease_id]
+            self.closed[lease_id] = lease
             self.done[lease.data_shard] = lease.batches
             self.completed.append(lease.data_shard)
 
@@ -146,14 +150,27 @@ class EpochLeases:
                 self.own[order[i % len(order)]].append(j)
 
     def progress(self, below_step: int) -> dict[int, int]:
-        """Batches per data shard that are in the parameters at version `below_step`."""
+        """Batches per data shard that are in the parameters at version `below_step`.
+
+        A lease is completed once its last batch is pushed, before that step is applied:
+        a batch pushed at a step >= `below_step` is not in the parameters, done or not."""
         with self._lock:
             out = dict(self.done)
-            for lease in self.outstanding.values():
+            for lease in [*self.closed.values(), *self.outstanding.values()]:
+                late = [b for b, s in lease.seen if s >= below_step]
                 kept = [b for b, s in lease.seen if s < below_step]
-                if kept:
+                if late:  # batches go in order: the first unapplied one is where to resume
+                    if min(late) or lease.data_shard in out:
+                        out[lease.data_shard] = min(late)
+                elif kept:
                     out[lease.data_shard] = max(out.get(lease.data_shard, 0), max(kept) + 1)
             return out
+
+    def unapplied(self, below_step: int) -> int:
+        """Batches pushed at steps >= `below_step`: not in the parameters at that version."""
+        with self._lock:
+            leases = [*self.closed.values(), *self.outstanding.values()]
+            return sum(1 for lease in leases for _, s in lease.seen if s >= below_step)
 
     @property
     def finished(self) -> bool:
@@ -314,6 +331,30 @@ class LeaseDesk:
 
     def progress(self, below_step: int) -> dict[int, int]:
         return self.book.progress(below_step)
+
+    def unapplied(self, below_step: int) -> int:
+        return self.book.unapplied(below_step)
+
+    def freeze(self, stopper: str) -> int | None:
+        """Stop the epoch at a step boundary: `stopper`, a member that never pushes, joins
+        the barrier at the highest version v, so every server makes the steps below v (a
+        lagging one gets its in-flight push) and none makes v. Returns v; None when the
+        servers kept moving past it (`JOIN_TRIES`).
+
+        SYNC: the same one-version join as `join` (see there); the stopper stays in
+        `active`, so a worker leaving the barrier meanwhile does not take it out."""
+        with self._lock:
+            members = self.active | {stopper}
+            for _ in range(JOIN_TRIES):
+                at = max(self.barrier.versions(self.job_id, self.servers))
+                try:
+                    self.barrier.set_members(self.job_id, self.servers, members, join_at=at)
+                except FailedPrecondition:
+                    self.barrier.set_members(self.job_id, self.servers, self.active)
+                    continue
+                self.active = members
+                return at
+            return None
 
     @property
     def finished(self) -> bool:

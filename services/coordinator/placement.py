@@ -135,16 +135,28 @@ class Placement:
     # -- checkpoints -----------------------------------------------------------------------
 
     def checkpoint(
-        self, job: Job, version: int, epoch: int | None, done: Mapping[int, int]
+        self,
+        job: Job,
+        version: int,
+        epoch: int | None,
+        done: Mapping[int, int],
+        redone: int = 0,
     ) -> Path | None:
-        """Write a consistent checkpoint of `version` (fetched from every server)."""
+        """Write a consistent checkpoint of `version` (fetched from every server); `epoch`,
+        `done` and `redone` say where in an epoch it is (see `jobs.Resume`)."""
         if self.jobs_dir is None:
             return None
         with self._checkpoint_lock:
-            return self._checkpoint(self.jobs_dir, job, version, epoch, done)
+            return self._checkpoint(self.jobs_dir, job, version, epoch, done, redone)
 
     def _checkpoint(
-        self, root: Path, job: Job, version: int, epoch: int | None, done: Mapping[int, int]
+        self,
+        root: Path,
+        job: Job,
+        version: int,
+        epoch: int | None,
+        done: Mapping[int, int],
+        redone: int,
     ) -> Path:
         latest = checkpoint.latest(root, job.job_id)
         if latest is not None and checkpoint.version_of(latest) > version:
@@ -156,6 +168,7 @@ class Placement:
             "epochs_done": job.epochs_done,
             "epoch": epoch,
             "done": {str(k): v for k, v in done.items()},
+            "redone": redone,
             "last_eval_loss": None if math.isnan(job.last_eval_loss) else job.last_eval_loss,
             "servers": sorted(job.servers),
             "shard_bytes": job.settings.shard_bytes,
@@ -166,13 +179,13 @@ class Placement:
         return path
 
     def checkpoint_async(
-        self, job: Job, version: int, epoch: int, done: Mapping[int, int]
+        self, job: Job, version: int, epoch: int, done: Mapping[int, int], redone: int = 0
     ) -> threading.Thread:
         """`checkpoint` in a thread of its own (mid-epoch: training goes on meanwhile)."""
 
         def write() -> None:
             try:
-                self.checkpoint(job, version, epoch=epoch, done=done)
+                self.checkpoint(job, version, epoch=epoch, done=done, redone=redone)
             except Exception as err:  # a missed checkpoint is not fatal: the next one may do
                 log.warning("checkpoint at version %d failed: %s", version, err)
 

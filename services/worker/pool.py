@@ -51,21 +51,38 @@ class ServerPool:
         }
         self._calls: set[grpc.Future] = set()
         self._calls_lock = threading.Lock()
+        self._generation = 0  # one per epoch or evaluation (`begin`)
+        self._cancelled = -1  # the generation cancelled last
         self.executor = ThreadPoolExecutor(
             max_workers=max(1, 2 * len(self.stubs)), thread_name_prefix="ps"
         )
 
+    def begin(self) -> int:
+        """A new generation of calls (an epoch's, an evaluation's); `cancel(generation)`
+        then cancels those in flight and those made later, until the next `begin`."""
+        with self._calls_lock:
+            self._generation += 1
+            return self._generation
+
     def _track(self, call: grpc.Future) -> None:
         with self._calls_lock:
             self._calls.add(call)
+            cancelled = self._cancelled == self._generation
+        if cancelled:  # a pull made just after its epoch was cancelled would wait forever
+            call.cancel()
 
     def _untrack(self, call: grpc.Future) -> None:
         with self._calls_lock:
             self._calls.discard(call)
 
-    def cancel(self) -> None:
-        """Cancel every pull/push in flight (the epoch that needed them was cancelled)."""
+    def cancel(self, generation: int | None = None) -> None:
+        """Cancel every pull/push in flight (the epoch that needed them was cancelled); with
+        `generation`, also those that generation makes later, and nothing if it is over."""
         with self._calls_lock:
+            if generation is not None:
+                if generation != self._generation:
+                    return
+                self._cancelled = generation
             calls = list(self._calls)
         for call in calls:
             call.cancel()

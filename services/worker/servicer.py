@@ -123,8 +123,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if not self._lock.wait_for(lambda: not self._training, timeout=30.0):
                 raise FailedPrecondition("an epoch is already running on this worker")
             self._training = True
-        # A cancelled epoch must not leave pulls blocked on the barrier for minutes.
-        context.add_callback(job.trainer.cancel)
+        # A cancelled epoch must not leave pulls blocked on the barrier for minutes, not
+        # even one made just after the cancellation (the trainer was between calls).
+        generation = job.pool.begin()
+        context.add_callback(lambda: job.pool.cancel(generation))
         try:
             for r in job.trainer.run_epoch(request.epoch, request.start_step, context.is_active):
                 self.metrics.observe(r)
@@ -153,7 +155,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             # version that never comes must not hold this worker's lock.
             remaining = context.time_remaining()
             timeout = 600.0 if remaining is None else max(0.1, min(remaining, 600.0))
-            context.add_callback(job.pool.cancel)
+            generation = job.pool.begin()
+            context.add_callback(lambda: job.pool.cancel(generation))
             version, values = job.pool.pull(request.min_version, timeout_s=timeout)
             job.replica.load(values)
             loss_sum, count = job.replica.evaluate(sequences)

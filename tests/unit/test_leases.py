@@ -348,3 +348,16 @@ def test_any_interleaving_completes_every_shard_exactly_once(shard_batches, n_wo
     assert leases.finished
     assert sorted(leases.completed) == list(range(n))  # each shard exactly once
     assert all(leases.done[j] >= shard_batches[j] for j in range(n))
+
+
+def test_progress_leaves_out_the_unapplied_last_batch_of_a_completed_lease():
+    # A worker completes its lease once the last batch is pushed, before that step is made.
+    leases = EpochLeases(0, [2, 2], ["a", "b"])
+    lease = take(leases, "a")  # shard 0
+    for batch, step in [(0, 5), (1, 6)]:
+        leases.record(lease.lease_id, batch, step)
+    leases.complete(lease.lease_id, "a")
+    assert leases.progress(below_step=6) == {0: 1}
+    assert leases.unapplied(6) == 1
+    assert leases.progress(below_step=7) == {0: 2}
+    assert leases.unapplied(7) == 0
