@@ -204,7 +204,8 @@ def _apply_stream_defects(
 ) -> list[Any]:
     """Turn (header, [(shard_id, tensor)]) into messages with `defects` applied."""
     items = list(items)
-    for d in defects:
+    # Drops first: a drop after a dup could remove the duplicate and leave a valid stream.
+    for d in sorted(defects, key=lambda d: d != "drop"):
         if d in TENSOR_DEFECTS and items:
             i = draw(st.integers(0, len(items) - 1))
             sid = items[i][0]
@@ -222,10 +223,11 @@ def _apply_stream_defects(
             i = draw(st.integers(0, len(items) - 1))
             items[i] = (draw(other_ids(*numel)), items[i][1])
     messages = [header] + [make_item(sid, t) for sid, t in items]
-    if "second_header" in defects:
-        messages.insert(draw(st.integers(1, len(messages))), header)
     if "no_header" in defects:
         messages = messages[1:]
+    if "second_header" in defects:
+        # Never first: with no_header that would make the stream well-formed again.
+        messages.insert(draw(st.integers(min(1, len(messages)), len(messages))), header)
     if "empty" in defects:
         messages = []
     return messages
