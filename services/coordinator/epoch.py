@@ -4,7 +4,8 @@ The coordinator loop of TF2 ParameterServerStrategy, for SYNC training over a pa
 server (Parameter Server, OSDI'14). An attempt runs in phases: plan (workers, data shards,
 leases, the servers' version), start (one TrainEpoch stream per worker), relay (merge their
 events, checkpoint mid-epoch, drop and admit workers: streams.py) and finish (eval,
-checkpoint, summary). A parameter server that dies or restarts takes its shards' state with
+checkpoint, summary); a client that goes away stops the epoch at a step boundary
+(stop.py). A parameter server that dies or restarts takes its shards' state with
 it: with replication the backups take over (failover); without, the epoch rolls back to the
 latest checkpoint once enough servers are back, and carries on.
 """
@@ -24,10 +25,11 @@ from lmps.core.errors import LmpsError, Unavailable
 from lmps.core.model import perplexity
 from lmps.services.coordinator.cluster import Cluster
 from lmps.services.coordinator.fleet import Diverged, Fleet
-from lmps.services.coordinator.jobs import Job, Resume
+from lmps.services.coordinator.jobs import Job
 from lmps.services.coordinator.leases import LeaseDesk
 from lmps.services.coordinator.placement import Placement
 from lmps.services.coordinator.registry import Role
+from lmps.services.coordinator.stop import EpochStop
 from lmps.services.coordinator.streams import (
     Attempt,
     Done,
@@ -40,8 +42,6 @@ from lmps.v1 import job_pb2
 
 log = logging.getLogger("lmps.epoch")
 RECOVERY_WAIT_S = 600.0  # how long a rolled-back epoch waits for servers to come back
-STOPPER = "(stopped)"  # the barrier member that never pushes: no step is made past a stop
-STOP_WAIT_S = 30.0  # how long a stop waits for the workers' last pushes to be reported
 
 
 class EpochRun:
@@ -121,14 +121,14 @@ class EpochRun:
         except BaseException:  # GeneratorExit too: grpc drops the stream of a gone client
             stopped = not self.context.is_active()
             if stopped:
-                self._stop_at_step_boundary(a, streams)
+                self._stop().at_step_boundary(a, streams)
             raise
         finally:
             streams.close()
             if a.checkpointing is not None:
                 a.checkpointing.join(timeout=120)
             if stopped:
-                self._settle_stopped(a)
+                self._stop().settle(a)
         if not a.desk.finished:
             raise Unavailable(
                 f"epoch {self.epoch_no}: data shards left but no worker to train them"
@@ -219,86 +219,14 @@ class EpochRun:
         self.totals.tokens += step.tokens
         self.job.step = max(self.job.step, step.step + 1)  # SYNC: step s makes version s + 1
 
-    # -- the client went away (Ctrl-C): stop at a step boundary, resumable -----------------
-
-    def _stop_at_step_boundary(self, a: Attempt, streams: WorkerStreams) -> None:
-        """Freeze the barrier (no step past version v is made) and take in the workers'
-        events until each has reported its push for v (then it waits for v + 1, forever):
-        every step below v is in the parameters and recorded, the pushes at v are not."""
-        try:
-            at = a.desk.freeze(STOPPER)
-        except (grpc.RpcError, LmpsError) as err:
-            log.warning(
-                "epoch %d: stopping: the barrier could not be frozen: %s", self.epoch_no, err
-            )
-            return
-        if at is None:
-            return  # settling finds out whether what was recorded matches the servers
-        deadline = time.monotonic() + STOP_WAIT_S
-        while a.calls and time.monotonic() < deadline:
-            waiting = [w for w in a.desk.active if w in a.calls and a.last_step.get(w, -1) < at]
-            if not waiting:
-                return
-            try:
-                ev = a.events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if isinstance(ev, ServersLost):
-                return
-            if isinstance(ev, Done):
-                streams.ended(ev)
-            else:
-                self._record(a, ev.step)
-        log.warning("epoch %d: stopping: workers did not report step %d", self.epoch_no, at)
-
-    def _settle_stopped(self, a: Attempt) -> None:
-        """After a stop: the servers' version v, where each data shard stands at v (what
-        the resumed epoch starts from, kept in a checkpoint so that it survives a
-        coordinator restart too) and the batches pushed at steps >= v, to be redone. When
-        the servers disagree (a half-applied step) or an event for a step in the
-        parameters never came, roll back to the latest checkpoint instead."""
-        job = self.job
-        try:
-            version: int | None = self.fleet.version(job.job_id, job.servers)
-        except (grpc.RpcError, LmpsError) as err:
-            log.warning("epoch %d: stopped with the servers apart: %s", self.epoch_no, err)
-            version = None
-        members = a.desk.active - {STOPPER}
-        if version is not None and all(
-            a.last_step.get(w, a.start_step - 1) >= version - 1 for w in members
-        ):
-            done = a.desk.progress(version)
-            redone = self.redone_before + a.desk.unapplied(version)
-            with job.lock:
-                job.step = version
-                job.resume = Resume(self.epoch_no, done, redone=redone)
-            try:
-                self.placement.checkpoint(
-                    job, version, epoch=self.epoch_no, done=done, redone=redone
-                )
-            except (grpc.RpcError, LmpsError, OSError) as err:
-                log.warning("epoch %d: no checkpoint at the stop: %s", self.epoch_no, err)
-            log.info(
-                "epoch %d stopped at step %d: %d batches pushed past it are discarded",
-                self.epoch_no,
-                version,
-                redone - self.redone_before,
-            )
-            return
-        try:
-            with job.lock:
-                restored = self.placement.restore(job, wait_s=60.0)
-        except (grpc.RpcError, LmpsError) as err:
-            log.error("epoch %d: stopped, and no rollback: %s", self.epoch_no, err)
-            with job.lock:
-                job.needs_restore = True
-            return
-        with job.lock:
-            resume = job.resume if job.resume and job.resume.epoch == self.epoch_no else None
-            redone = self.redone_before + a.desk.unapplied(restored)
-            job.resume = Resume(self.epoch_no, resume.done if resume else {}, redone=redone)
-        log.warning(
-            "epoch %d stopped; rolled back to the checkpoint at %d", self.epoch_no, restored
+    def _stop(self) -> EpochStop:
+        return EpochStop(
+            job=self.job,
+            epoch_no=self.epoch_no,
+            fleet=self.fleet,
+            placement=self.placement,
+            redone_before=self.redone_before,
+            record=self._record,
         )
 
     def _maybe_checkpoint(self, a: Attempt) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lmps.services.coordinator.epoch import STOPPER
+from lmps.services.coordinator.stop import STOPPER
 from tests.unit.test_join import JOB, S, Stores, assert_one_history, desk_over, grad, loaded
 from tests.unit.test_join import version as version_of
 

@@ -1,0 +1,131 @@
+"""The client went away (Ctrl-C, SIGTERM) mid-epoch: stop at a step boundary, resumable.
+
+The barrier is frozen at the highest server version v (a member that never pushes: no step
+past v is made), the workers' events are taken in until each has reported its push for v,
+then the servers' settled version, where every data shard stands at it and the batches
+pushed past it are recorded in `job.resume` and in a checkpoint, so `lmps train --resume`
+continues mid-epoch with the same step composition (deterministic leases) and a restarted
+coordinator does too. When the servers disagree (a half-applied step), the epoch rolls back
+to the latest checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+
+import grpc
+
+from lmps.core.errors import LmpsError
+from lmps.services.coordinator.fleet import Fleet
+from lmps.services.coordinator.jobs import Job, Resume
+from lmps.services.coordinator.placement import Placement
+from lmps.services.coordinator.streams import Attempt, Done, ServersLost, WorkerStreams
+from lmps.v1 import job_pb2
+
+log = logging.getLogger("lmps.epoch")
+STOPPER = "(stopped)"  # the barrier member that never pushes: no step is made past a stop
+STOP_WAIT_S = 30.0  # how long a stop waits for the workers' last pushes to be reported
+
+
+class EpochStop:
+    """Stopping one epoch of one job; `record` takes in a step event as the epoch does."""
+
+    def __init__(
+        self,
+        *,
+        job: Job,
+        epoch_no: int,
+        fleet: Fleet,
+        placement: Placement,
+        redone_before: int,
+        record: Callable[[Attempt, job_pb2.StepEvent], None],
+    ) -> None:
+        self.job = job
+        self.epoch_no = epoch_no
+        self.fleet = fleet
+        self.placement = placement
+        self.redone_before = redone_before
+        self.record = record
+
+    def at_step_boundary(self, a: Attempt, streams: WorkerStreams) -> None:
+        """Freeze the barrier (no step past version v is made) and take in the workers'
+        events until each has reported its push for v (then it waits for v + 1, forever):
+        every step below v is in the parameters and recorded, the pushes at v are not."""
+        try:
+            at = a.desk.freeze(STOPPER)
+        except (grpc.RpcError, LmpsError) as err:
+            log.warning(
+                "epoch %d: stopping: the barrier could not be frozen: %s", self.epoch_no, err
+            )
+            return
+        if at is None:
+            return  # settling finds out whether what was recorded matches the servers
+        deadline = time.monotonic() + STOP_WAIT_S
+        while a.calls and time.monotonic() < deadline:
+            waiting = [w for w in a.desk.active if w in a.calls and a.last_step.get(w, -1) < at]
+            if not waiting:
+                return
+            try:
+                ev = a.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(ev, ServersLost):
+                return
+            if isinstance(ev, Done):
+                streams.ended(ev)
+            else:
+                self.record(a, ev.step)
+        log.warning("epoch %d: stopping: workers did not report step %d", self.epoch_no, at)
+
+    def settle(self, a: Attempt) -> None:
+        """After a stop: the servers' version v, where each data shard stands at v (what
+        the resumed epoch starts from, kept in a checkpoint so that it survives a
+        coordinator restart too) and the batches pushed at steps >= v, to be redone. When
+        the servers disagree (a half-applied step) or an event for a step in the
+        parameters never came, roll back to the latest checkpoint instead."""
+        job = self.job
+        try:
+            version: int | None = self.fleet.version(job.job_id, job.servers)
+        except (grpc.RpcError, LmpsError) as err:
+            log.warning("epoch %d: stopped with the servers apart: %s", self.epoch_no, err)
+            version = None
+        members = a.desk.active - {STOPPER}
+        if version is not None and all(
+            a.last_step.get(w, a.start_step - 1) >= version - 1 for w in members
+        ):
+            done = a.desk.progress(version)
+            redone = self.redone_before + a.desk.unapplied(version)
+            with job.lock:
+                job.step = version
+                job.resume = Resume(self.epoch_no, done, redone=redone)
+            try:
+                self.placement.checkpoint(
+                    job, version, epoch=self.epoch_no, done=done, redone=redone
+                )
+            except (grpc.RpcError, LmpsError, OSError) as err:
+                log.warning("epoch %d: no checkpoint at the stop: %s", self.epoch_no, err)
+            log.info(
+                "epoch %d stopped at step %d: %d batches pushed past it are discarded",
+                self.epoch_no,
+                version,
+                redone - self.redone_before,
+            )
+            return
+        try:
+            with job.lock:
+                restored = self.placement.restore(job, wait_s=60.0)
+        except (grpc.RpcError, LmpsError) as err:
+            log.error("epoch %d: stopped, and no rollback: %s", self.epoch_no, err)
+            with job.lock:
+                job.needs_restore = True
+            return
+        with job.lock:
+            resume = job.resume if job.resume and job.resume.epoch == self.epoch_no else None
+            redone = self.redone_before + a.desk.unapplied(restored)
+            job.resume = Resume(self.epoch_no, resume.done if resume else {}, redone=redone)
+        log.warning(
+            "epoch %d stopped; rolled back to the checkpoint at %d", self.epoch_no, restored
+        )
