@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import prometheus_client
@@ -140,6 +140,55 @@ class Service:
     name: str  # full proto name, e.g. "lmps.v1.ParameterService"
     add: Callable[[Any, grpc.Server], None]  # the generated add_XServicer_to_server
     servicer: Any
+
+
+def _passthrough(blob: bytes) -> bytes:
+    return blob
+
+
+class _RawResponses:
+    """A stand-in for `grpc.Server` that the generated add_XServicer_to_server registers
+    into: the named methods' handlers get an identity response serializer, the rest pass
+    through unchanged."""
+
+    def __init__(self, server: grpc.Server, methods: frozenset[str]) -> None:
+        self._server, self._methods = server, methods
+        self.mounted = False
+
+    def add_generic_rpc_handlers(self, generic: Sequence[Any]) -> None:
+        # The generated code passes a generic handler built from the same table it then
+        # hands to `add_registered_method_handlers`: both are mounted from that table there.
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        table = {
+            name: h._replace(response_serializer=_passthrough) if name in self._methods else h
+            for name, h in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, table),)
+        )
+        # Missing from grpc's type stubs; present on every grpcio this project pins.
+        self._server.add_registered_method_handlers(service, table)  # type: ignore[attr-defined]
+        self.mounted = True
+
+
+def raw_responses(
+    add: Callable[[Any, grpc.Server], None], *methods: str
+) -> Callable[[Any, grpc.Server], None]:
+    """The generated `add` with `methods` answering pre-serialized bytes (a servicer of one
+    yields `bytes` that are already the response message on the wire, e.g.
+    `codec.shard_tensor_bytes`). Clients see the same messages; only the server skips
+    building and serializing a message per response. Interceptors still run."""
+    wanted = frozenset(methods)
+
+    def mount(servicer: Any, server: grpc.Server) -> None:
+        proxy = _RawResponses(server, wanted)
+        add(servicer, cast(grpc.Server, proxy))
+        if not proxy.mounted:  # generated code of a grpcio-tools without registered methods
+            raise RuntimeError(f"{add.__name__} registered no method handlers")
+
+    return mount
 
 
 @dataclass

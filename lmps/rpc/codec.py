@@ -110,6 +110,53 @@ def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> tensor_pb2
     return tensor_pb2.Tensor(dtype=to_proto_dtype(t.dtype), shape=shape, data=data)
 
 
+def _varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2) before its payload: tag and length."""
+    return bytes((tag,)) + _varint(len(payload)) if payload else b""
+
+
+def shard_tensor_bytes(
+    shard_id: str, version: int, tensor: torch.Tensor, dtype: torch.dtype | None = None
+) -> bytes:
+    """A serialized `lmps.v1.ShardTensor`, byte for byte what `ShardTensor(shard_id=...,
+    version=..., tensor=encode(tensor, dtype)).SerializeToString()` gives, in one copy of
+    the tensor's bytes instead of three (`tobytes`, the message's own copy, serialization).
+
+    For responses sent pre-serialized (a raw serializer: `bootstrap.raw_responses`): a
+    parameter server encodes each shard once per version for all the pulls of that version.
+    Wire format: protobuf encoding (protobuf.dev/programming-guides/encoding), fields in
+    number order, proto3 defaults (0, empty) left out as protobuf does.
+    """
+    t = tensor.detach()
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    t = t.cpu().contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+    shape = b"".join(_varint(d) for d in t.shape)
+    # Tensor: 1 dtype (varint), 2 shape (packed varints), 3 data (bytes).
+    head = b"\x08" + _varint(to_proto_dtype(t.dtype)) + _field(0x12, shape) + shape
+    if len(data):
+        head += b"\x1a" + _varint(len(data))
+    size = len(head) + len(data)
+    sid = shard_id.encode()
+    # ShardTensor: 1 shard_id (string), 2 version (varint), 3 tensor (message).
+    outer = _field(0x0A, sid) + sid + (b"\x10" + _varint(version) if version else b"")
+    outer += b"\x1a" + _varint(size)
+    return b"".join((outer, head, data))
+
+
 def expected_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     numel = 1
     for d in shape:

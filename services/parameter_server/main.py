@@ -10,7 +10,7 @@ from lmps.rpc.bootstrap import Service, advertised_address, run_until_signal, st
 from lmps.rpc.flags import HelpFormatter, add_serve_flags, run_service, serve_options, setup_logging
 from lmps.rpc.metrics import process_registry
 from lmps.rpc.registration import Registration
-from lmps.v1 import coordinator_pb2, parameter_pb2_grpc
+from lmps.v1 import coordinator_pb2
 
 log = logging.getLogger("lmps.ps")
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     args = args or build_parser().parse_args(argv)
     # Imported here, not at the top: `build_parser` (every `--help`) stays torch-free.
     from lmps.services.parameter_server.metrics import ServerMetrics
-    from lmps.services.parameter_server.servicer import ParameterServicer
+    from lmps.services.parameter_server.servicer import ParameterServicer, add_to_server
     from lmps.services.parameter_server.store import ParameterStore
 
     setup_logging(args.log_level)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         [
             Service(
                 "lmps.v1.ParameterService",
-                parameter_pb2_grpc.add_ParameterServiceServicer_to_server,
+                add_to_server,
                 ParameterServicer(store, ServerMetrics(metrics)),
             )
         ],

@@ -9,6 +9,7 @@ import torch
 
 from lmps.core.errors import Aborted, InvalidArgument
 from lmps.rpc import codec
+from lmps.rpc.bootstrap import raw_responses
 from lmps.rpc.codec import CodecError
 from lmps.services.parameter_server.metrics import ServerMetrics
 from lmps.services.parameter_server.store import ParameterStore, stats_of
@@ -27,6 +28,10 @@ def _complete(context: grpc.ServicerContext, what: str) -> None:
     a truncated request, never a complete one."""
     if not context.is_active():
         raise Aborted(f"{what}: the client cancelled the stream")
+
+
+# The generated registration, with Pull answering the serialized ShardTensors it yields.
+add_to_server = raw_responses(parameter_pb2_grpc.add_ParameterServiceServicer_to_server, "Pull")
 
 
 class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
@@ -80,26 +85,27 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
 
     def Pull(
         self, request: parameter_pb2.PullRequest, context: grpc.ServicerContext
-    ) -> Iterator[tensor_pb2.ShardTensor]:
+    ) -> Iterator[bytes]:
         try:
             dtype = codec.wire_dtype(request.wire_dtype)
         except CodecError as err:
             raise InvalidArgument(f"pull: {err}") from None
         if not dtype.is_floating_point:
             raise InvalidArgument(f"pull: wire dtype must be a float type, got {dtype}")
-        version, values = self.store.pull(
+        # Pre-serialized responses (`add_to_server` mounts Pull with a raw serializer): one
+        # encoding per version and wire dtype, shared by every worker pulling that version.
+        _, blobs = self.store.pull_encoded(
             request.job_id,
             request.min_version,
             list(request.shard_ids),
             context.time_remaining(),
             context.is_active,
+            key=dtype,
+            encode=lambda sid, version, t: codec.shard_tensor_bytes(sid, version, t, dtype),
         )
-        for sid, t in values:
-            msg = tensor_pb2.ShardTensor(
-                shard_id=sid, version=version, tensor=codec.encode(t, dtype)
-            )
-            self.metrics.pulled_bytes.inc(t.numel() * dtype.itemsize)  # no copy of the bytes
-            yield msg
+        for blob in blobs:
+            self.metrics.pulled_bytes.inc(len(blob))
+            yield blob
 
     def Push(
         self, request_iterator: Iterator[parameter_pb2.PushRequest], context: grpc.ServicerContext

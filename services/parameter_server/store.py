@@ -17,8 +17,8 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,6 +76,8 @@ class _Job:
     # whose digests differ applied different steps to their shards: a worker that died
     # between its pushes to two servers counted on one only. The coordinator compares them.
     history: str = ""
+    # (encoding key, shard id) -> the shard encoded at `version` for pulls (`pull_encoded`).
+    encoded: dict[tuple[Hashable, str], bytes] = field(default_factory=dict)
 
     def take_snapshot(self) -> Snapshot:
         values = {sid: t.clone() for sid, t in self.optimizer.values.items()}
@@ -267,6 +269,39 @@ class ParameterStore:
             wanted = shard_ids or list(job.specs)
             return job.version, [(sid, values[sid].clone()) for sid in wanted]
 
+    def pull_encoded(
+        self,
+        job_id: str,
+        min_version: int,
+        shard_ids: Sequence[str],
+        timeout_s: float | None,
+        active: Callable[[], bool] | None = None,
+        *,
+        key: Hashable,
+        encode: Callable[[str, int, torch.Tensor], bytes],
+    ) -> tuple[int, list[bytes]]:
+        """`pull`, each shard as `encode(shard_id, version, value)`: the encoded bytes are
+        the copy, made under the lock once per (version, `key`, shard) and shared by every
+        pull of that version, instead of one clone per pull and an encoding of each.
+
+        The cache goes when the version moves on or a push for the next step arrives (by
+        then its pusher has pulled: the pulls still streaming hold their own references), so
+        it is not held alongside the pending gradients."""
+        with self._cond:
+            job = self._require(job_id)
+            for sid in shard_ids:
+                if sid not in job.specs:
+                    raise NotFound(f"pull: unknown shard {sid!r}")
+            job = self._wait_for(job_id, min_version, timeout_s, active, pull=True)
+            values = job.optimizer.values
+            out = []
+            for sid in shard_ids or list(job.specs):
+                blob = job.encoded.get((key, sid))
+                if blob is None:
+                    blob = job.encoded[(key, sid)] = encode(sid, job.version, values[sid])
+                out.append(blob)
+            return job.version, out
+
     def history(self, job_id: str = "") -> str:
         with self._cond:
             return self._require(job_id).history
@@ -332,9 +367,13 @@ class ParameterStore:
         worker_id: str,
         step: int,
         weight: float,
-        grads: Sequence[tuple[str, torch.Tensor]],
+        grads: list[tuple[str, torch.Tensor]],
     ) -> PushResult:
-        """Accept one worker's complete gradient for `step`; apply when the barrier is met."""
+        """Accept one worker's complete gradient for `step`; apply when the barrier is met.
+
+        Takes the gradients: once they are checked `grads` is emptied, so that the barrier
+        holds the only references and frees each as soon as it is summed (a caller's list
+        would keep a whole push alive through the update and a snapshot)."""
         if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
             raise InvalidArgument(f"push: weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
         with self._cond:
@@ -342,7 +381,12 @@ class ParameterStore:
             job.barrier.admit(worker_id, step, job.version)
             checked = _check_values(job.specs, grads, "push", max_abs=MAX_GRAD_ABS)
             # All checks passed: from here on nothing can fail half-way.
-            applied = self._apply(job, job.barrier.push(worker_id, step, weight, checked))
+            job.encoded.clear()  # the pusher has pulled this version (see `pull_encoded`)
+            grads.clear()
+            update = job.barrier.push(worker_id, step, weight, checked)
+            del checked
+            applied = self._apply(job, update)
+            del update
             pending = 0 if applied else job.barrier.pending
             return PushResult(job.version, applied, pending)
 
@@ -376,6 +420,7 @@ class ParameterStore:
         if update is None:
             return False
         # SYNC: an update is the step at `version`: its lr, then exactly one version up.
+        job.encoded.clear()  # encodings of the version about to be replaced
         job.optimizer.step(update.grads, job.version)
         # The update's gradients are spent: let them go now, before a snapshot is taken
         # (the caller's frame still holds `update` until this returns).

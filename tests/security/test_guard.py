@@ -23,7 +23,7 @@ from lmps.client.certs import DevPki, issue, pem_cert, pem_key
 from lmps.rpc import codec, security
 from lmps.rpc.bootstrap import RunningServer, ServeOptions, Service, start_server
 from lmps.rpc.channel import open_channel
-from lmps.services.parameter_server.servicer import ParameterServicer
+from lmps.services.parameter_server.servicer import ParameterServicer, add_to_server
 from lmps.services.parameter_server.store import ParameterStore
 from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
 from tests.security.helpers import client_security, server_security
@@ -38,7 +38,7 @@ LIMITS = {
 def _serve(sec: security.Security, health_port: int = -1) -> RunningServer:
     service = Service(
         "lmps.v1.ParameterService",
-        parameter_pb2_grpc.add_ParameterServiceServicer_to_server,
+        add_to_server,
         ParameterServicer(ParameterStore("ps-test")),
     )
     opts = ServeOptions(host="127.0.0.1", health_port=health_port, grace_s=0, security=sec)

@@ -191,3 +191,25 @@ def test_wire_dtype_defaults_only_when_unspecified() -> None:
     assert codec.wire_dtype(tensor_pb2.FLOAT16) == torch.float16
     with pytest.raises(CodecError):
         codec.wire_dtype(42)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+@pytest.mark.parametrize("wire", [None, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 129)])
+@pytest.mark.parametrize(("shard_id", "version"), [("", 0), ("tok.wte:3", 1), ("x" * 300, 2**40)])
+def test_shard_tensor_bytes_is_what_protobuf_serializes(
+    dtype: torch.dtype,
+    wire: torch.dtype | None,
+    shape: tuple[int, ...],
+    shard_id: str,
+    version: int,
+) -> None:
+    t = (torch.randn(shape) * 100).to(dtype)
+    if wire is not None and not dtype.is_floating_point:
+        wire = None
+    got = codec.shard_tensor_bytes(shard_id, version, t, wire)
+    msg = tensor_pb2.ShardTensor(shard_id=shard_id, version=version, tensor=codec.encode(t, wire))
+    assert got == msg.SerializeToString()
+    back = tensor_pb2.ShardTensor.FromString(got)
+    assert (back.shard_id, back.version) == (shard_id, version)
+    assert torch.equal(codec.decode(back.tensor), t if wire is None else t.to(wire))

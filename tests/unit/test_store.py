@@ -400,3 +400,44 @@ def test_a_join_at_a_version_already_made_changes_nothing() -> None:
     assert before[:2] == after[:2] and before[0][4] == ["w0"]
     assert_equal(before[2], after[2])
     assert store.set_members(JOB, ["w0", "w1", "j"], join_at=2) == (2, False)  # now is fine
+
+
+# -- encoded pulls -------------------------------------------------------------------------
+
+
+def test_pulls_of_one_version_share_one_encoding_until_the_next_push() -> None:
+    store = new_store(members=("w0", "w1"))
+    calls: list[tuple[str, int]] = []
+
+    def encode(sid: str, v: int, t: torch.Tensor) -> bytes:
+        calls.append((sid, v))
+        return t.numpy().tobytes()
+
+    def pull() -> list[bytes]:
+        return store.pull_encoded(JOB, 0, [], 0, key="f32", encode=encode)[1]
+
+    first, second = pull(), pull()
+    assert [b is c for b, c in zip(first, second, strict=True)] == [True] * len(SHARDS)
+    assert calls == [(s.shard_id, 0) for s in SHARDS]  # once per shard, not per pull
+    assert first == [t.numpy().tobytes() for _, t in randn(0)]
+    # Another key (wire dtype) is its own encoding.
+    store.pull_encoded(JOB, 0, [SHARDS[0].shard_id], 0, key="bf16", encode=encode)
+    assert len(calls) == len(SHARDS) + 1
+    # A push for the pending step lets the cache go; the version is still 0.
+    store.push(JOB, "w0", 0, 1.0, randn(1))
+    calls.clear()
+    pull()
+    assert calls == [(s.shard_id, 0) for s in SHARDS]
+    # The step is made: the next pull encodes the new values at version 1.
+    store.push(JOB, "w1", 0, 1.0, randn(2))
+    calls.clear()
+    after = pull()
+    assert calls == [(s.shard_id, 1) for s in SHARDS]
+    assert after == [t.numpy().tobytes() for _, t in values(store).items()]
+
+
+def test_a_push_hands_its_gradients_to_the_store() -> None:
+    store = new_store()
+    grads = randn(1)
+    store.push(JOB, "w0", 0, 1.0, grads)
+    assert grads == []  # the store holds the only references: freed as they are summed
