@@ -15,7 +15,8 @@ values travel as flat arrays (`SArray`), this is the one module that converts; B
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -128,16 +129,24 @@ def _field(tag: int, payload: bytes) -> bytes:
 
 
 def shard_tensor_bytes(
-    shard_id: str, version: int, tensor: torch.Tensor, dtype: torch.dtype | None = None
+    shard_id: str,
+    version: int,
+    tensor: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    *,
+    wrap: int = 0,
 ) -> bytes:
     """A serialized `lmps.v1.ShardTensor`, byte for byte what `ShardTensor(shard_id=...,
     version=..., tensor=encode(tensor, dtype)).SerializeToString()` gives, in one copy of
-    the tensor's bytes instead of three (`tobytes`, the message's own copy, serialization).
+    the tensor's bytes instead of three or more (`tobytes`, the message's own copy, one per
+    enclosing message, serialization). `wrap`: the field number of an enclosing message the
+    ShardTensor is the only field of (2: a `PushRequest.grad`).
 
-    For responses sent pre-serialized (a raw serializer: `bootstrap.raw_responses`): a
-    parameter server encodes each shard once per version for all the pulls of that version.
-    Wire format: protobuf encoding (protobuf.dev/programming-guides/encoding), fields in
-    number order, proto3 defaults (0, empty) left out as protobuf does.
+    For messages sent pre-serialized (raw serializers: `bootstrap.raw_responses` on the
+    server, raw multicallables in the worker's `ServerPool`): a parameter server encodes each
+    shard once per version for all the pulls of that version. Wire format: protobuf encoding
+    (protobuf.dev/programming-guides/encoding), fields in number order, proto3 defaults (0,
+    empty) left out as protobuf does.
     """
     t = tensor.detach()
     if dtype is not None and t.dtype != dtype:
@@ -154,7 +163,91 @@ def shard_tensor_bytes(
     # ShardTensor: 1 shard_id (string), 2 version (varint), 3 tensor (message).
     outer = _field(0x0A, sid) + sid + (b"\x10" + _varint(version) if version else b"")
     outer += b"\x1a" + _varint(size)
+    if wrap:
+        outer = bytes((wrap << 3 | 2,)) + _varint(len(outer) + size) + outer
     return b"".join((outer, head, data))
+
+
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise CodecError("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, value or start, end) of each field in buf[pos:end]: a
+    varint's value (end = -1), or a length-delimited field's byte range. Skips 32/64-bit
+    fields; raises CodecError on anything malformed."""
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, kind = key >> 3, key & 7
+        if kind == 0:
+            value, pos = _read_varint(buf, pos, end)
+            yield number, kind, value, -1
+        elif kind == 2:
+            n, pos = _read_varint(buf, pos, end)
+            if pos + n > end:
+                raise CodecError("length-delimited field runs past the message")
+            yield number, kind, pos, pos + n
+            pos += n
+        elif kind in (1, 5):
+            pos += 8 if kind == 1 else 4
+        else:
+            raise CodecError(f"unsupported wire type {kind}")
+    if pos != end:
+        raise CodecError("field runs past the message")
+
+
+def view_shard_tensor(blob: bytes) -> tuple[str, int, torch.Tensor]:
+    """A serialized `lmps.v1.ShardTensor` -> (shard_id, version, tensor), the tensor a view
+    of `blob`'s bytes (no copy: READ-ONLY, valid while `blob` lives; copy it into its
+    destination). The inverse of `shard_tensor_bytes`, for a worker that loads pulled shards
+    straight into its parameters; any valid encoding of the message parses (fields in any
+    order, packed or unpacked shape, unknown fields skipped). CodecError when malformed."""
+    shard_id, version, tensor = "", 0, (0, 0)
+    dtype_value, shape, data = 0, [], (0, 0)
+    for number, kind, a, b in _fields(blob, 0, len(blob)):
+        if number == 1 and kind == 2:
+            shard_id = bytes(blob[a:b]).decode()
+        elif number == 2 and kind == 0:
+            version = a
+        elif number == 3 and kind == 2:
+            tensor = (a, b)
+    for number, kind, a, b in _fields(blob, *tensor):
+        if number == 1 and kind == 0:
+            dtype_value = a
+        elif number == 2 and kind == 0:
+            shape.append(a)
+        elif number == 2 and kind == 2:
+            pos = a
+            while pos < b:
+                d, pos = _read_varint(blob, pos, b)
+                shape.append(d)
+        elif number == 3 and kind == 2:
+            data = (a, b)
+    dtype = to_torch_dtype(dtype_value)
+    if any(d >= 1 << 63 for d in shape):  # int64 on the wire: negative as two's complement
+        raise CodecError("negative dimension in shape")
+    want = expected_nbytes(dtype, shape)
+    if data[1] - data[0] != want:
+        raise CodecError(
+            f"tensor of shape {shape} and dtype {str(dtype).removeprefix('torch.')} "
+            f"needs {want} bytes, got {data[1] - data[0]}"
+        )
+    if not want:
+        return shard_id, version, torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # torch warns that `blob` is not writable: the view is only ever read.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(blob, dtype=dtype, count=want // dtype.itemsize, offset=data[0])
+    return shard_id, version, flat.view(shape)
 
 
 def expected_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:

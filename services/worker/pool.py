@@ -16,7 +16,10 @@ import torch
 from lmps.core.partition import Shard
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
-from lmps.v1 import parameter_pb2, parameter_pb2_grpc, tensor_pb2
+from lmps.v1 import parameter_pb2
+
+PULL = "/lmps.v1.ParameterService/Pull"
+PUSH = "/lmps.v1.ParameterService/Push"
 
 
 class ServerPool:
@@ -46,15 +49,30 @@ class ServerPool:
         if missing:
             raise ValueError(f"no address for servers {sorted(missing)}")
         self.channels = {sid: open_channel(addresses[sid]) for sid in self.by_server}
-        self.stubs = {
-            sid: parameter_pb2_grpc.ParameterServiceStub(ch) for sid, ch in self.channels.items()
+        # Pull and Push carry their tensors pre-serialized (no message objects: one copy each
+        # way, `codec.shard_tensor_bytes` / `codec.view_shard_tensor`); same wire messages.
+        self._pull_raw = {
+            sid: ch.unary_stream(
+                PULL,
+                request_serializer=parameter_pb2.PullRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            for sid, ch in self.channels.items()
         }
-        self._calls: set[grpc.Future] = set()
+        self._push_raw = {
+            sid: ch.stream_unary(
+                PUSH,
+                request_serializer=None,
+                response_deserializer=parameter_pb2.PushResponse.FromString,
+            )
+            for sid, ch in self.channels.items()
+        }
+        self._calls: set[grpc.RpcContext] = set()  # calls in flight (each can `cancel`)
         self._calls_lock = threading.Lock()
         self._generation = 0  # one per epoch or evaluation (`begin`)
         self._cancelled = -1  # the generation cancelled last
         self.executor = ThreadPoolExecutor(
-            max_workers=max(1, 2 * len(self.stubs)), thread_name_prefix="ps"
+            max_workers=max(1, 2 * len(self.channels)), thread_name_prefix="ps"
         )
 
     def begin(self) -> int:
@@ -64,14 +82,14 @@ class ServerPool:
             self._generation += 1
             return self._generation
 
-    def _track(self, call: grpc.Future) -> None:
+    def _track(self, call: grpc.RpcContext) -> None:
         with self._calls_lock:
             self._calls.add(call)
             cancelled = self._cancelled == self._generation
         if cancelled:  # a pull made just after its epoch was cancelled would wait forever
             call.cancel()
 
-    def _untrack(self, call: grpc.Future) -> None:
+    def _untrack(self, call: grpc.RpcContext) -> None:
         with self._calls_lock:
             self._calls.discard(call)
 
@@ -98,7 +116,7 @@ class ServerPool:
         # Only the shards this server owns (it may also hold backups of others). No
         # wait_for_ready: a dead server must fail the step now, not in ten minutes.
         owned = self.owned[server_id]
-        stream = self.stubs[server_id].Pull(
+        stream = self._pull_raw[server_id](
             parameter_pb2.PullRequest(
                 job_id=self.job_id,
                 min_version=min_version,
@@ -111,9 +129,10 @@ class ServerPool:
         versions = set()
         self._track(stream)
         try:
-            for msg in stream:
-                values[msg.shard_id] = codec.decode(msg.tensor)
-                versions.add(msg.version)
+            for blob in stream:
+                # A view of the received bytes: `Replica.load` copies it into the parameter.
+                sid, version, values[sid] = codec.view_shard_tensor(blob)
+                versions.add(version)
         finally:
             self._untrack(stream)
         if len(versions) != 1:
@@ -140,23 +159,19 @@ class ServerPool:
 
     def _push_messages(
         self, server_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
-    ) -> Iterator[parameter_pb2.PushRequest]:
-        yield parameter_pb2.PushRequest(
-            header=parameter_pb2.PushHeader(
-                job_id=self.job_id, worker_id=self.worker_id, step=step, weight=weight
-            )
+    ) -> Iterator[bytes]:
+        header = parameter_pb2.PushHeader(
+            job_id=self.job_id, worker_id=self.worker_id, step=step, weight=weight
         )
+        yield parameter_pb2.PushRequest(header=header).SerializeToString()
         for sid in self.by_server[server_id]:
-            yield parameter_pb2.PushRequest(
-                grad=tensor_pb2.ShardTensor(
-                    shard_id=sid, version=step, tensor=codec.encode(grads[sid], self.wire_dtype)
-                )
-            )
+            # PushRequest.grad (field 2), encoded straight from the gradient's memory.
+            yield codec.shard_tensor_bytes(sid, step, grads[sid], self.wire_dtype, wrap=2)
 
     def _push_one(
         self, server_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
     ) -> parameter_pb2.PushResponse:
-        call = self.stubs[server_id].Push.future(
+        call = self._push_raw[server_id].future(
             self._push_messages(server_id, step, weight, grads),
             timeout=self.timeout_s,
         )
@@ -169,7 +184,9 @@ class ServerPool:
 
     def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
         """Push to every server in parallel; raises the first server error."""
-        futures = [self.executor.submit(self._push_one, s, step, weight, grads) for s in self.stubs]
+        futures = [
+            self.executor.submit(self._push_one, s, step, weight, grads) for s in self.channels
+        ]
         errors = []
         for f in futures:
             try:

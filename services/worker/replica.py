@@ -51,7 +51,10 @@ class Replica:
                 shard_view(self.params[s.param].data, s).copy_(value, non_blocking=True)
 
     def train_step(self, batch: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-        """Forward/backward on `batch` (B, T+1) int tokens -> (mean loss, shard grads on CPU)."""
+        """Forward/backward on `batch` (B, T+1) int tokens -> (mean loss, shard grads on CPU).
+
+        On CPU the shard gradients are views of the parameters' .grad buffers (no copy: the
+        push encodes from them), valid until the next `train_step` zeroes them."""
         self.model.train()
         tokens = batch.to(self.device, dtype=torch.long, non_blocking=True)
         x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
@@ -63,7 +66,8 @@ class Replica:
         for sid, s in self.shards.items():
             g = self.params[s.param].grad
             assert g is not None
-            grads[sid] = shard_view(g, s).detach().to("cpu", copy=True)
+            view = shard_view(g, s).detach()
+            grads[sid] = view if view.device.type == "cpu" else view.to("cpu")
         return float(loss.detach()), grads
 
     @torch.no_grad()

@@ -213,3 +213,58 @@ def test_shard_tensor_bytes_is_what_protobuf_serializes(
     back = tensor_pb2.ShardTensor.FromString(got)
     assert (back.shard_id, back.version) == (shard_id, version)
     assert torch.equal(codec.decode(back.tensor), t if wire is None else t.to(wire))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 129)])
+def test_view_shard_tensor_reads_what_protobuf_writes(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    t = (torch.randn(shape) * 100).to(dtype)
+    msg = tensor_pb2.ShardTensor(shard_id="h.0.attn:2", version=9, tensor=codec.encode(t))
+    blob = msg.SerializeToString()
+    sid, version, got = codec.view_shard_tensor(blob)
+    assert (sid, version) == ("h.0.attn:2", 9)
+    assert got.dtype == dtype and torch.equal(got, t)
+    assert codec.view_shard_tensor(codec.shard_tensor_bytes(sid, version, t))[2].equal(t)
+
+
+def test_view_shard_tensor_takes_any_valid_encoding() -> None:
+    """Fields out of order, an unpacked shape and an unknown field still parse."""
+    t = torch.arange(6, dtype=torch.float32)
+    data = t.numpy().tobytes()
+    inner = b"\x1a" + bytes([len(data)]) + data + b"\x10\x02\x10\x03" + b"\x08\x01"
+    blob = b"\x10\x05" + b"\x1a" + bytes([len(inner)]) + inner + b"\x0a\x01s" + b"\x78\x01"
+    assert tensor_pb2.ShardTensor.FromString(blob).tensor.shape == [2, 3]
+    sid, version, got = codec.view_shard_tensor(blob)
+    assert (sid, version) == ("s", 5) and torch.equal(got, t.view(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("blob", "needle"),
+    [
+        (b"\x1a\x05\x08\x01", "runs past"),
+        (b"\x1a\x02\x08\x63", "unsupported wire dtype"),
+        (b"\x1a\x06\x08\x01\x12\x01\x02", "runs past"),
+        (b"\x1a\x07\x08\x01\x12\x01\x02\x1a\x00", "needs 8 bytes, got 0"),
+        (b"\x1a\x0e\x08\x01\x12\x0a" + b"\xff" * 9 + b"\x01", "negative dimension"),
+        (b"\x0f", "wire type 7"),
+        (b"\x10\xff", "varint"),
+    ],
+)
+def test_view_shard_tensor_refuses_malformed_messages(blob: bytes, needle: str) -> None:
+    with pytest.raises(CodecError, match=needle):
+        codec.view_shard_tensor(blob)
+
+
+def test_shard_tensor_bytes_wraps_a_push_request() -> None:
+    from lmps.v1 import parameter_pb2
+
+    t = torch.randn(300)
+    blob = codec.shard_tensor_bytes("b:0", 4, t, torch.bfloat16, wrap=2)
+    want = parameter_pb2.PushRequest(
+        grad=tensor_pb2.ShardTensor(
+            shard_id="b:0", version=4, tensor=codec.encode(t, torch.bfloat16)
+        )
+    )
+    assert blob == want.SerializeToString()
