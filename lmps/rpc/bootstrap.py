@@ -146,13 +146,14 @@ def _passthrough(blob: bytes) -> bytes:
     return blob
 
 
-class _RawResponses:
+class _RawMessages:
     """A stand-in for `grpc.Server` that the generated add_XServicer_to_server registers
-    into: the named methods' handlers get an identity response serializer, the rest pass
-    through unchanged."""
+    into: the named methods' handlers get identity serializers, the rest pass through."""
 
-    def __init__(self, server: grpc.Server, methods: frozenset[str]) -> None:
-        self._server, self._methods = server, methods
+    def __init__(
+        self, server: grpc.Server, responses: frozenset[str], requests: frozenset[str]
+    ) -> None:
+        self._server, self._responses, self._requests = server, responses, requests
         self.mounted = False
 
     def add_generic_rpc_handlers(self, generic: Sequence[Any]) -> None:
@@ -161,10 +162,13 @@ class _RawResponses:
         pass
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        table = {
-            name: h._replace(response_serializer=_passthrough) if name in self._methods else h
-            for name, h in handlers.items()
-        }
+        table = {}
+        for name, h in handlers.items():
+            if name in self._responses:
+                h = h._replace(response_serializer=_passthrough)
+            if name in self._requests:
+                h = h._replace(request_deserializer=_passthrough)
+            table[name] = h
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, table),)
         )
@@ -173,17 +177,22 @@ class _RawResponses:
         self.mounted = True
 
 
-def raw_responses(
-    add: Callable[[Any, grpc.Server], None], *methods: str
+def raw_messages(
+    add: Callable[[Any, grpc.Server], None],
+    *,
+    responses: Sequence[str] = (),
+    requests: Sequence[str] = (),
 ) -> Callable[[Any, grpc.Server], None]:
-    """The generated `add` with `methods` answering pre-serialized bytes (a servicer of one
-    yields `bytes` that are already the response message on the wire, e.g.
-    `codec.shard_tensor_bytes`). Clients see the same messages; only the server skips
-    building and serializing a message per response. Interceptors still run."""
-    wanted = frozenset(methods)
+    """The generated `add` with the methods in `responses` answering pre-serialized bytes
+    (the servicer yields `bytes` that already are the response message on the wire, e.g.
+    `codec.shard_tensor_bytes`) and those in `requests` handed their request messages as
+    received bytes (the servicer parses them, e.g. `codec.read_push_request`). Clients see
+    the same messages; the server skips building a message object per message, which for
+    tensor streams is copies of every byte. Interceptors still run."""
+    out, into = frozenset(responses), frozenset(requests)
 
     def mount(servicer: Any, server: grpc.Server) -> None:
-        proxy = _RawResponses(server, wanted)
+        proxy = _RawMessages(server, out, into)
         add(servicer, cast(grpc.Server, proxy))
         if not proxy.mounted:  # generated code of a grpcio-tools without registered methods
             raise RuntimeError(f"{add.__name__} registered no method handlers")

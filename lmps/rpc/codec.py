@@ -142,7 +142,7 @@ def shard_tensor_bytes(
     enclosing message, serialization). `wrap`: the field number of an enclosing message the
     ShardTensor is the only field of (2: a `PushRequest.grad`).
 
-    For messages sent pre-serialized (raw serializers: `bootstrap.raw_responses` on the
+    For messages sent pre-serialized (raw serializers: `bootstrap.raw_messages` on the
     server, raw multicallables in the worker's `ServerPool`): a parameter server encodes each
     shard once per version for all the pulls of that version. Wire format: protobuf encoding
     (protobuf.dev/programming-guides/encoding), fields in number order, proto3 defaults (0,
@@ -168,7 +168,10 @@ def shard_tensor_bytes(
     return b"".join((outer, head, data))
 
 
-def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+Buffer = bytes | memoryview
+
+
+def _read_varint(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -181,7 +184,7 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+def _fields(buf: Buffer, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, value or start, end) of each field in buf[pos:end]: a
     varint's value (end = -1), or a length-delimited field's byte range. Skips 32/64-bit
     fields; raises CodecError on anything malformed."""
@@ -205,7 +208,7 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int
         raise CodecError("field runs past the message")
 
 
-def view_shard_tensor(blob: bytes) -> tuple[str, int, torch.Tensor]:
+def view_shard_tensor(blob: Buffer) -> tuple[str, int, torch.Tensor]:
     """A serialized `lmps.v1.ShardTensor` -> (shard_id, version, tensor), the tensor a view
     of `blob`'s bytes (no copy: READ-ONLY, valid while `blob` lives; copy it into its
     destination). The inverse of `shard_tensor_bytes`, for a worker that loads pulled shards
@@ -215,7 +218,10 @@ def view_shard_tensor(blob: bytes) -> tuple[str, int, torch.Tensor]:
     dtype_value, shape, data = 0, [], (0, 0)
     for number, kind, a, b in _fields(blob, 0, len(blob)):
         if number == 1 and kind == 2:
-            shard_id = bytes(blob[a:b]).decode()
+            try:
+                shard_id = bytes(blob[a:b]).decode()
+            except UnicodeDecodeError:
+                raise CodecError("shard_id is not UTF-8") from None
         elif number == 2 and kind == 0:
             version = a
         elif number == 3 and kind == 2:
@@ -248,6 +254,26 @@ def view_shard_tensor(blob: bytes) -> tuple[str, int, torch.Tensor]:
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(blob, dtype=dtype, count=want // dtype.itemsize, offset=data[0])
     return shard_id, version, flat.view(shape)
+
+
+def read_push_request(blob: bytes) -> parameter_pb2.PushHeader | tuple[str, int, torch.Tensor]:
+    """A serialized `lmps.v1.PushRequest` -> its header, or its gradient as
+    `view_shard_tensor` gives it (a read-only view of `blob`: no copy on the server's push
+    path). CodecError when malformed or when neither field is set."""
+    view = memoryview(blob)
+    kind = None
+    for number, wire, a, b in _fields(view, 0, len(view)):
+        if wire == 2 and number in (1, 2):
+            kind = (number, a, b)  # a oneof: the last one on the wire wins, as in protobuf
+    if kind is None:
+        raise CodecError("a PushRequest with neither header nor grad")
+    number, a, b = kind
+    if number == 1:
+        try:
+            return parameter_pb2.PushHeader.FromString(bytes(view[a:b]))
+        except Exception as err:  # protobuf's DecodeError
+            raise CodecError(f"malformed PushHeader: {err}") from None
+    return view_shard_tensor(view[a:b])
 
 
 def expected_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from lmps.core.errors import Aborted, InvalidArgument
 from lmps.rpc import codec
-from lmps.rpc.bootstrap import raw_responses
+from lmps.rpc.bootstrap import raw_messages
 from lmps.rpc.codec import CodecError
 from lmps.services.parameter_server.metrics import ServerMetrics
 from lmps.services.parameter_server.store import ParameterStore, stats_of
@@ -23,6 +23,13 @@ def _decode(msg: tensor_pb2.Tensor, what: str) -> torch.Tensor:
         raise InvalidArgument(f"{what}: {err}") from None
 
 
+def _read_push(blob: bytes) -> parameter_pb2.PushHeader | tuple[str, int, torch.Tensor]:
+    try:
+        return codec.read_push_request(blob)
+    except CodecError as err:
+        raise InvalidArgument(f"push: {err}") from None
+
+
 def _complete(context: grpc.ServicerContext, what: str) -> None:
     """A client that cancels its stream can make the request iterator simply stop: that is
     a truncated request, never a complete one."""
@@ -30,8 +37,13 @@ def _complete(context: grpc.ServicerContext, what: str) -> None:
         raise Aborted(f"{what}: the client cancelled the stream")
 
 
-# The generated registration, with Pull answering the serialized ShardTensors it yields.
-add_to_server = raw_responses(parameter_pb2_grpc.add_ParameterServiceServicer_to_server, "Pull")
+# The generated registration, with Pull answering the serialized ShardTensors it yields and
+# Push reading its PushRequests as received bytes (tensor streams without message objects).
+add_to_server = raw_messages(
+    parameter_pb2_grpc.add_ParameterServiceServicer_to_server,
+    responses=("Pull",),
+    requests=("Push",),
+)
 
 
 class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
@@ -108,23 +120,26 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             yield blob
 
     def Push(
-        self, request_iterator: Iterator[parameter_pb2.PushRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> parameter_pb2.PushResponse:
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
+        # Raw requests (`add_to_server`): each gradient is a view of the bytes received, so
+        # the pending contribution is those bytes, not a decoded copy of them.
+        head = next(request_iterator, None)
+        first = None if head is None else _read_push(head)
+        if not isinstance(first, parameter_pb2.PushHeader):
             raise InvalidArgument("push: the first message must be a PushHeader")
-        h = first.header
         grads = []
         nbytes = 0
-        for msg in request_iterator:
-            if not msg.HasField("grad"):
+        for blob in request_iterator:
+            msg = _read_push(blob)
+            if isinstance(msg, parameter_pb2.PushHeader):
                 raise InvalidArgument("push: only one PushHeader is allowed")
-            # Counted from the decoded tensor: each read of a protobuf bytes field is a copy.
-            grad = _decode(msg.grad.tensor, msg.grad.shard_id)
+            sid, _, grad = msg
             nbytes += grad.numel() * grad.element_size()
-            grads.append((msg.grad.shard_id, grad))
-            del msg, grad  # the wire message goes now, not when the next one arrives
+            grads.append((sid, grad))
+            del blob, msg, grad
         _complete(context, "push")
+        h = first
         result = self.store.push(h.job_id, h.worker_id, h.step, h.weight, grads)
         self.metrics.pushes.inc()
         self.metrics.pushed_bytes.inc(nbytes)
