@@ -128,6 +128,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         first = None if head is None else _read_push(head)
         if not isinstance(first, parameter_pb2.PushHeader):
             raise InvalidArgument("push: the first message must be a PushHeader")
+        self.store.pushing(first.job_id, first.step)
         grads = []
         nbytes = 0
         for blob in request_iterator:

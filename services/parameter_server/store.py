@@ -290,9 +290,9 @@ class ParameterStore:
         the copy, made under the lock once per (version, `key`, shard) and shared by every
         pull of that version, instead of one clone per pull and an encoding of each.
 
-        The cache goes when the version moves on or a push for the next step arrives (by
-        then its pusher has pulled: the pulls still streaming hold their own references), so
-        it is not held alongside the pending gradients."""
+        The cache goes when the version moves on or a push for the next step begins
+        (`pushing`: by then its pusher has pulled; the pulls still streaming hold their own
+        references), so it is not held alongside the incoming gradients."""
         with self._cond:
             job = self._require(job_id)
             for sid in shard_ids:
@@ -307,6 +307,15 @@ class ParameterStore:
                     blob = job.encoded[(key, sid)] = encode(sid, job.version, values[sid])
                 out.append(blob)
             return job.version, out
+
+    def pushing(self, job_id: str, step: int) -> None:
+        """A push for `step` has begun arriving: its worker has pulled that version, so the
+        pull encodings can go now rather than be held while the gradients stream in (the
+        pulls still streaming keep their own references). Only a hint: changes no state."""
+        with self._cond:
+            job = self._job
+            if job is not None and job.job_id == job_id and job.version == step:
+                job.encoded.clear()
 
     def history(self, job_id: str = "") -> str:
         with self._cond:

@@ -423,7 +423,16 @@ def test_pulls_of_one_version_share_one_encoding_until_the_next_push() -> None:
     # Another key (wire dtype) is its own encoding.
     store.pull_encoded(JOB, 0, [SHARDS[0].shard_id], 0, key="bf16", encode=encode)
     assert len(calls) == len(SHARDS) + 1
-    # A push for the pending step lets the cache go; the version is still 0.
+    # A push beginning for another step leaves it; one for the pending step lets it go.
+    store.pushing(JOB, 1)
+    store.pushing("another-job", 0)
+    pull()
+    assert len(calls) == len(SHARDS) + 1
+    store.pushing(JOB, 0)
+    calls.clear()
+    pull()
+    assert calls == [(s.shard_id, 0) for s in SHARDS]
+    # So does an accepted push (a caller that did not say `pushing`); the version is still 0.
     store.push(JOB, "w0", 0, 1.0, randn(1))
     calls.clear()
     pull()
