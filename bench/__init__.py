@@ -14,5 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "training": "tokens/s of a 2-server, 2-worker cluster vs one torch process",
     "wire_dtype": "pull+push rounds with bfloat16 vs float32 on the wire",
     "ps_memory": "parameter-server peak RSS growth vs state held (small, AdamW, 2 workers)",
+    "peers": "lmps vs torch (1 / N threads), DDP and a torch.distributed.rpc PS: same job",
+    "wire": "GB/s of the small model's bytes: lmps Pull/Push vs bare grpcio vs raw TCP",
 }
 """Benchmark name -> one line on what it measures. Each name is a module of this package."""
