@@ -119,6 +119,9 @@ class SyncBarrier:
         self._first = dict.fromkeys(members, 0)  # member -> first version it is required for
         self._contrib: dict[str, dict[str, torch.Tensor]] = {}  # worker -> fp32 grad per shard
         self._weight: dict[str, float] = {}  # worker -> weight (samples) for the pending step
+        # The fp64 accumulator, reused for every shard of every step: a fresh 2 x shard-sized
+        # buffer each time is page faults on every byte (large blocks are their own mappings).
+        self._scratch = torch.empty(max(self._numel.values(), default=0), dtype=torch.float64)
 
     @property
     def members(self) -> frozenset[str]:
@@ -192,7 +195,7 @@ class SyncBarrier:
         mean = {}
         for sid, numel in self._numel.items():
             # fp64: weight * grad sums cannot overflow, and the mean is back in fp32 range.
-            acc = torch.zeros(numel, dtype=torch.float64)
+            acc = self._scratch[:numel].zero_()
             for w in workers:
                 # Each contribution is let go of as soon as it is summed: the means replace
                 # the gradients shard by shard, never a full extra copy of them.
