@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 
 from lmps.rpc.bootstrap import Service, advertised_address, run_until_signal, start_server
 from lmps.rpc.flags import HelpFormatter, add_serve_flags, run_service, serve_options, setup_logging
+from lmps.rpc.malloc import tune_malloc
 from lmps.rpc.metrics import process_registry
 from lmps.rpc.registration import Registration
 from lmps.v1 import coordinator_pb2
@@ -27,24 +27,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-# Fixed glibc mmap threshold: every allocation from 128 KiB up (tensor buffers, wire bytes)
-# is its own mapping, given back to the OS when freed. glibc's default raises the threshold
-# after the first such free (up to 32 MiB), after which shard-sized buffers come from
-# per-thread heaps that the many gRPC handler threads fragment, and RSS keeps freed gradients
-# (bench `ps_memory`, small preset: peak growth 441 -> 262 MiB on top of the copy fixes).
-MMAP_THRESHOLD = 128 << 10
-_M_MMAP_THRESHOLD = -3  # <malloc.h>
-
-
-def bound_malloc() -> bool:
-    """Pin glibc's mmap threshold (see MMAP_THRESHOLD); False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc (musl, macOS): leave malloc alone
-        return False
-
-
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     args = args or build_parser().parse_args(argv)
     # Imported here, not at the top: `build_parser` (every `--help`) stays torch-free.
@@ -53,7 +35,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     from lmps.services.parameter_server.store import ParameterStore
 
     setup_logging(args.log_level)
-    bound_malloc()  # before the first shard is allocated
+    tune_malloc()  # before the first shard is allocated
     store = ParameterStore(server_id=args.id or "ps")
     metrics = process_registry()  # this role's series only (docs/metrics.md)
     running = start_server(
