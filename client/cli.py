@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from lmps.client.train import TrainOptions
 
 CLUSTER_FILE = Path(".lmps/cluster.json")
+COORDINATOR_STATE = Path(".lmps/coordinator")  # `lmps serve coordinator --state-dir` default
 CACHE_DIR = ".cache/lmps"
 console = Console()
 
@@ -103,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model:
         trained = model_io.load(Path(args.model))
     else:
-        trained = model_io.fetch_model(args.coordinator, args.job)
+        trained = model_io.fetch_model(args.coordinator, args.job, wait=False)
     for i in range(args.samples):
         text = model_io.sample(
             trained,
@@ -177,24 +178,37 @@ def cmd_clean(args: argparse.Namespace) -> int:
     """Remove what `lmps cluster up` leaves under .lmps/ (and the corpus cache with --cache),
     once no process of a recorded cluster is still running."""
     from lmps.client.launcher import running_saved
+    from lmps.services.coordinator.main import state_dir_in_use
 
     running = running_saved(CLUSTER_FILE)
     if running:
         names = ", ".join(p.name for p in running)
         _error(f"a local cluster is still running ({names}); stop it with `lmps cluster down`")
         return 1
-    targets = [CLUSTER_FILE, CLUSTER_FILE.parent / "logs"]
+    logs = CLUSTER_FILE.parent / "logs"
+    # The local cluster's coordinator keeps its state in logs/state; `lmps serve coordinator`
+    # in COORDINATOR_STATE (its --state-dir default). Neither is deleted under a live one.
+    for state in (logs / "state", COORDINATOR_STATE):
+        if state_dir_in_use(state):
+            _error(
+                f"a coordinator is running with its state in {state}; stop it first "
+                "(`lmps clean` would delete its jobs and checkpoints)"
+            )
+            return 1
+    targets = [CLUSTER_FILE, logs, COORDINATOR_STATE]
     if args.cache:
         targets.append(Path(args.cache_dir))
     removed = []
     for path in targets:
+        if not path.exists():
+            continue
+        # A coordinator's state: say how many jobs (their data and checkpoints) go with it.
+        jobs = sum(1 for _ in path.glob("**/jobs/*/job.json")) if path.is_dir() else 0
         if path.is_dir():
             shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
         else:
-            continue
-        removed.append(str(path))
+            path.unlink()
+        removed.append(f"{path} ({jobs} job{'s' * (jobs != 1)})" if jobs else str(path))
     console.print(f"removed {', '.join(removed)}" if removed else "nothing to clean")
     return 0
 

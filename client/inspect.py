@@ -7,6 +7,7 @@ import math
 import grpc
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc, parameter_pb2, parameter_pb2_grpc
@@ -16,6 +17,7 @@ _STATE = {
     coordinator_pb2.READY: "ready",
     coordinator_pb2.RUNNING: "running",
     coordinator_pb2.FAILED: "failed",
+    coordinator_pb2.COMPLETED: "completed",
 }
 
 
@@ -41,21 +43,29 @@ def show_status(coordinator: str, console: Console) -> None:
         console.print("no jobs yet: submit one with `lmps train`")
         return
     jobs = Table(title="jobs")
-    for col in ("job", "state", "epochs", "step", "parameters", "shards", "eval loss", "error"):
+    # Ids whole, never cut to "job-1a2b…": they are what `--job` and `--resume` take.
+    jobs.add_column("job", no_wrap=True, min_width=max(len(j.job_id) for j in status.jobs))
+    for col in ("state", "epochs", "step", "parameters", "shards", "eval loss"):
         jobs.add_column(col)
     for j in status.jobs:
         loss = "-" if math.isnan(j.last_eval_loss) else f"{j.last_eval_loss:.4f}"
         jobs.add_row(
             j.job_id,
-            _STATE.get(j.state, "?"),
-            str(j.epochs_done),
+            Text(job_state(j)),  # plain text: an error may hold "[...]", not rich markup
+            f"{j.epochs_done}/{j.spec.epochs}" if j.spec.epochs else str(j.epochs_done),
             str(j.step),
             f"{j.parameters:,}",
             str(j.shards),
             loss,
-            j.error,
         )
     console.print(jobs)
+
+
+def job_state(job: coordinator_pb2.JobStatus) -> str:
+    """`ready`, `running`, `completed`, or `failed: <why>` (the error is the state's reason,
+    so it sits in the same cell rather than in a column that is empty for every other job)."""
+    state = _STATE.get(job.state, "?")
+    return f"{state}: {job.error}" if job.state == coordinator_pb2.FAILED and job.error else state
 
 
 def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = True) -> None:
@@ -63,6 +73,9 @@ def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = T
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
         shard_map = stub.GetShardMap(
             coordinator_pb2.GetShardMapRequest(job_id=job_id), timeout=DEFAULT_TIMEOUT_S
+        )
+        job = stub.GetJob(
+            coordinator_pb2.GetJobRequest(job_id=shard_map.job_id), timeout=DEFAULT_TIMEOUT_S
         )
     infos: dict[str, parameter_pb2.ShardInfo] = {}
     versions: dict[str, str] = {}
@@ -86,7 +99,10 @@ def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = T
         )
     console.print(summary)
     table = Table(title="shards")
-    for col in ("shard", "server", "param shape", "slice", "KiB", "norm", "mean", "max|x|"):
+    # Replication 2: the backup that takes over if the owner is lost ("-": a single copy).
+    replicated = job.spec.replication > 1
+    columns = ("shard", "server", "backup") if replicated else ("shard", "server")
+    for col in (*columns, "param shape", "slice", "KiB", "norm", "mean", "max|x|"):
         table.add_column(col)
     for spec in shard_map.shards:
         info = infos.get(spec.shard_id)
@@ -94,6 +110,7 @@ def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = T
         table.add_row(
             spec.shard_id,
             spec.server_id,
+            *([spec.backup_server_id or "-"] if replicated else []),
             "x".join(map(str, spec.param_shape)) or "scalar",
             f"[{spec.start}:{spec.start + spec.numel}]",
             f"{spec.numel * 4 / 1024:.1f}",

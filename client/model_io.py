@@ -33,12 +33,15 @@ class TrainedModel:
     version: int = 0
 
 
-def fetch_model(coordinator: str, job_id: str = "") -> TrainedModel:
-    """Stream a job's parameters from the cluster (ExportModel) into a GPT."""
+def fetch_model(coordinator: str, job_id: str = "", wait: bool = True) -> TrainedModel:
+    """Stream a job's parameters from the cluster (ExportModel) into a GPT. `wait`: ride out
+    a coordinator that is restarting (`lmps train`, which just talked to it); without it a
+    missing coordinator is UNAVAILABLE at once (`lmps generate`, which would otherwise sit
+    silent until the deadline)."""
     with open_channel(coordinator) as ch:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
         stream: Iterator[coordinator_pb2.ExportModelResponse] = stub.ExportModel(
-            coordinator_pb2.ExportModelRequest(job_id=job_id), timeout=600, wait_for_ready=True
+            coordinator_pb2.ExportModelRequest(job_id=job_id), timeout=600, wait_for_ready=wait
         )
         first = next(stream)
         header = first.header

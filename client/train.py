@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,7 +48,7 @@ class Flag:
     group: str
     """The --help section it is listed under."""
     help: str | None = None
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | tuple[int, ...] | None = None
     metavar: str | None = None
     name: str = ""
     env: str = ""
@@ -57,7 +58,7 @@ def flag(
     group: str,
     help: str | None = None,
     *,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | tuple[int, ...] | None = None,
     metavar: str | None = None,
     name: str = "",
     env: str = "",
@@ -187,6 +188,16 @@ class TrainOptions:
             "checkpoints and recovery", "steps between checkpoints; 0 = at epoch ends only"
         ),
     )
+    replication: int = field(
+        default=1,
+        metadata=flag(
+            "checkpoints and recovery",
+            "copies of every parameter shard: 1, or 2 = each shard also on a backup server, so "
+            "losing a server loses no step and the lost copies are re-created on the others "
+            "(needs 2 or more servers; default %(default)s)",
+            choices=(1, 2),
+        ),
+    )
     retry_s: float = field(
         default=300.0,
         metadata=flag("checkpoints and recovery", "how long to wait for a restarted coordinator"),
@@ -223,6 +234,13 @@ class TrainOptions:
             raise ValueError(f"--optimizer must be {' or '.join(KINDS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be {' or '.join(SCHEDULE_NAMES)}")
+        if self.replication not in (1, 2):
+            raise ValueError("--replication must be 1 or 2")
+        if self.replication == 2 and self.servers == 1:
+            raise ValueError(
+                "--replication 2 keeps every shard on two parameter servers: --servers 1 is "
+                "too few; use --servers 0 (every registered one) or 2 or more"
+            )
 
 
 def flags() -> Iterator[tuple[str, Any, Flag]]:
@@ -270,6 +288,7 @@ def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_
         tokenizer_json=tokenizer_json,
         checkpoint_every=opts.checkpoint_every,
         wait_for_members_s=opts.wait_members_s,
+        replication=opts.replication,
     )
 
 
@@ -322,17 +341,79 @@ def _prepare(
         train_tokens, eval_tokens = corpus.train, corpus.eval
         spec = build_spec(opts, corpus.vocab_size, corpus.tokenizer_json)
         init = {}
-    console.print(
-        f"corpus [bold]{opts.data}[/]: {train_tokens.numel():,} train / "
-        f"{eval_tokens.numel():,} eval tokens, "
-        f"vocab {spec.model.vocab_size}"
-    )
     return spec, train_tokens, eval_tokens, init
+
+
+@dataclass
+class _Where:
+    """How far `lmps train` got: the one line a Ctrl-C (or SIGTERM) prints."""
+
+    doing: str = "while preparing the corpus"
+    resume: str = ""  # the command that continues the job, once there is one
+    saved: str = ""  # the run folder, once the model is in it
+    reported: bool = False  # an interrupted epoch printed its own line
+    recorder: run_log.RunRecorder | None = None  # closed, so metrics.jsonl keeps every line
+
+    def line(self) -> str:
+        if self.saved:
+            return f"interrupted {self.doing}; the model is saved in {self.saved}"
+        if self.resume:
+            return f"interrupted {self.doing}; resume with: {self.resume}"
+        if self.doing.startswith("while submitting"):
+            return (
+                f"interrupted {self.doing}; no job to resume (one the coordinator was still "
+                "creating would show in `lmps status`)"
+            )
+        return f"interrupted {self.doing}; no job was submitted"
+
+
+def resume_command(opts: TrainOptions, job_id: str) -> str:
+    """The `lmps train` line that continues `job_id` as this run would have: `--resume`
+    alone would run the default number of epochs and write to runs/JOB."""
+    cmd = f"lmps train --resume {job_id} --epochs {opts.epochs}"
+    if opts.out:
+        cmd += f" --out {shlex.quote(opts.out)}"
+    if opts.coordinator != TrainOptions.coordinator:
+        cmd += f" --coordinator {opts.coordinator}"
+    return cmd
 
 
 def train(opts: TrainOptions, console: Console) -> dict[str, object]:
     """Run a whole job (or the rest of one, with --resume); returns the report (also
-    written to OUT/report.json)."""
+    written to OUT/report.json). Ctrl-C prints one line saying how far it got and how to go
+    on, then raises KeyboardInterrupt (the CLI exits 130)."""
+    at = _Where()
+    try:
+        return _train(opts, console, at)
+    except KeyboardInterrupt:
+        if at.recorder is not None:
+            at.recorder.close()
+        if not at.reported:
+            _say(console, at.line())
+        raise
+
+
+def _say(console: Console, line: str) -> None:
+    """One line straight to the console's file. A Ctrl-C that lands inside a rich print can
+    leave that print's text in rich's buffer, and the next `console.print` would write it
+    again before this line."""
+    console.file.write(line + "\n")
+    console.file.flush()
+
+
+def _train(opts: TrainOptions, console: Console, at: _Where) -> dict[str, object]:
+    at.doing = f"while waiting for the coordinator at {opts.coordinator}"
+    if opts.resume:
+        at.resume = resume_command(opts, opts.resume)
+    if opts.wait_s > 0:
+        try:  # say why nothing happens for a while, but only when it does not answer at once
+            preflight.check_coordinator(opts.coordinator, 0)
+        except preflight.Refused:
+            console.print(
+                f"waiting up to {opts.wait_s:g}s for the coordinator at {opts.coordinator}",
+                markup=False,
+                highlight=False,
+            )
     opts = preflight.check(opts)  # refusals before anything is uploaded
     preflight.check_out(opts.out or str(run_log.RUNS_ROOT))  # the default run folder's parent
     started = time.perf_counter()
@@ -351,7 +432,14 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
             first_epoch = st.epochs_done
             report.update(job_id=job_id, parameters=st.parameters, resumed_at_step=st.step)
         else:
+            at.doing = "while preparing the corpus"
             spec, train_tokens, eval_tokens, init = _prepare(opts, console)
+            at.doing = "while submitting the job"  # before the line: a Ctrl-C after it is here
+            console.print(
+                f"corpus [bold]{opts.data}[/]: {train_tokens.numel():,} train / "
+                f"{eval_tokens.numel():,} eval tokens, "
+                f"vocab {spec.model.vocab_size}"
+            )
             preflight.check_corpus(opts, spec, train_tokens)
             with console.status(
                 f"submitting job to {opts.coordinator} (waiting for servers and workers)"
@@ -363,6 +451,7 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
                 )
             st = resp.status
             job_id = resp.job_id
+            at.doing, at.resume = f"before epoch 1 of {opts.epochs}", resume_command(opts, job_id)
             console.print(
                 f"job [bold]{job_id}[/]: {st.parameters:,} parameters in {st.shards} shards on "
                 f"{', '.join(st.servers)}; workers {', '.join(st.workers)}; "
@@ -379,13 +468,17 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
                 epoch=0, step=0, eval_loss=first.loss, perplexity=first.perplexity
             )
         epochs: list[dict[str, object]] = []
+        at.recorder = recorder
         for epoch in range(first_epoch, opts.epochs):
+            at.doing = f"before epoch {epoch + 1} of {opts.epochs}"
             try:
                 summary = _run_epoch_retrying(stub, job_id, epoch, opts, console, recorder, bar)
             except KeyboardInterrupt:
                 recorder.close()
-                _report_interrupt(stub, job_id, bar.total, console)
+                _report_interrupt(stub, job_id, bar.total, console, at.resume)
+                at.reported = True
                 raise
+            at.doing = f"after epoch {epoch + 1} of {opts.epochs}"
             row: dict[str, object] = {
                 "epoch": epoch + 1,
                 "train_loss": summary.train_loss,
@@ -416,9 +509,11 @@ def train(opts: TrainOptions, console: Console) -> dict[str, object]:
                 console.print("[yellow]no loss.png: matplotlib is not installed[/]")
         recorder.close()
         report["epochs"] = epochs
+        at.doing = "while saving the model"
         with console.status("exporting the model"):
             trained = model_io.fetch_model(opts.coordinator, job_id)
             model_io.save(trained, out)
+        at.doing, at.saved = "while sampling", str(out)
         console.print(f"saved model to [bold]{out}[/] (version {trained.version})")
         if opts.sample_prompt:
             text = model_io.sample(trained, opts.sample_prompt, max_tokens=80)
@@ -473,7 +568,11 @@ STOP_WAIT_S = 120.0  # how long an interrupted client waits for the coordinator 
 
 
 def _report_interrupt(
-    stub: coordinator_pb2_grpc.CoordinatorServiceStub, job_id: str, total: int, console: Console
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    job_id: str,
+    total: int,
+    console: Console,
+    resume: str,
 ) -> None:
     """After Ctrl-C (the epoch's stream cancelled): wait until the coordinator has stopped
     the job at a step boundary, then say where and how to go on. A second Ctrl-C gives up
@@ -490,12 +589,7 @@ def _report_interrupt(
     except (grpc.RpcError, KeyboardInterrupt):
         pass
     where = f"at step {step} of {total}" if step is not None else "(the job is still stopping)"
-    console.print(
-        f"interrupted {where}; resume with: lmps train --resume {job_id}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
+    _say(console, f"interrupted {where}; resume with: {resume}")
 
 
 def _run_epoch_retrying(

@@ -172,18 +172,29 @@ def plan_shards(
 
 
 def assign_backups(shards: Sequence[Shard], servers: Sequence[str]) -> list[Shard]:
-    """Give every shard a backup on a server other than its owner, balancing what each
-    server holds in total (owned + backups): greedy largest-first onto the least-loaded
-    other server, ties going to the next server after the owner around the ring. Held bytes
-    end up within about twice the largest shard of each other. Deterministic, like `assign`."""
+    """Give every shard without a backup one on a server other than its owner, balancing
+    what each server holds in total (owned + backups): greedy largest-first onto the
+    least-loaded other server, ties going to the next server after the owner around the
+    ring. Held bytes end up within about twice the largest shard of each other.
+    Deterministic, like `assign`.
+
+    Shards that have a backup keep it, and owners never move: after a failover (`promote`)
+    this re-creates only the lost copies, on the survivors or on a server added to
+    `servers`, so a second loss is survived too. ValueError if a shard is held by a server
+    not in `servers`."""
     if len(set(servers)) < 2:
         raise ValueError("replication 2 needs at least 2 parameter servers")
     held = {s: 0 for s in servers}
     for sh in shards:
-        held[sh.server_id] += sh.numel
+        for holder in filter(None, (sh.server_id, sh.backup_server_id)):
+            if holder not in held:
+                raise ValueError(f"shard {sh.shard_id!r} is held by {holder!r}, not a server")
+            held[holder] += sh.numel
     index = {s: i for i, s in enumerate(servers)}
-    backup: dict[int, str] = {}
+    backup = {k: sh.backup_server_id for k, sh in enumerate(shards)}
     for k in sorted(range(len(shards)), key=lambda k: (-shards[k].numel, k)):
+        if backup[k]:
+            continue
         owner = shards[k].server_id
         n = len(servers)
         choice = min(

@@ -39,12 +39,21 @@ WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class JobState(StrEnum):
-    """Where a job is. READY between epochs; RUNNING during one; FAILED for good (its
-    `error` says why; nothing more runs)."""
+    """Where a job is. READY between epochs while its spec's epochs are not all done;
+    COMPLETED once they are (more epochs may still be asked for: they run past the end of
+    the schedule); RUNNING during an epoch; FAILED for good (its `error` says why; nothing
+    more runs)."""
 
     READY = "READY"
     RUNNING = "RUNNING"
     FAILED = "FAILED"
+    COMPLETED = "COMPLETED"
+
+    @staticmethod
+    def between_epochs(epochs_done: int, epochs: int) -> JobState:
+        """The state of a job that is not running and has not failed: COMPLETED once
+        `epochs_done` reached the spec's `epochs`, else READY."""
+        return JobState.COMPLETED if epochs_done >= epochs else JobState.READY
 
 
 def default_total_steps(
@@ -135,6 +144,12 @@ class JobSettings:
             raise ValueError("keep_checkpoints must be > 0")
         if self.replication not in (1, 2):
             raise ValueError("replication must be 1 or 2")
+        if 0 < self.num_servers < self.replication:
+            # Each copy of a shard lives on a different server.
+            raise ValueError(
+                f"replication {self.replication} needs {self.replication} parameter servers, "
+                f"num_servers is {self.num_servers}; ask for 0 (all) or more"
+            )
         if self.optimizer.total_steps <= 0:
             raise ValueError("optimizer.total_steps must be resolved (> 0)")
 

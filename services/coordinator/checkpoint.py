@@ -3,7 +3,7 @@
 A checkpoint is a folder `ROOT/JOB/step-00000042/` with
   model.safetensors      full parameters by name (fp32)
   optimizer.safetensors  optimizer state by "<param>::<key>" (exp_avg, step, ...)
-  manifest.json          version, epoch progress, job spec, sha256 of both files
+  manifest.json          version, epoch progress, servers, workers, sha256 of both files
 Each folder is written under a temporary name, fsynced and renamed; `ROOT/JOB/LATEST` names
 the newest complete one and is replaced atomically too, so a crash at any point leaves the
 previous checkpoint intact. Because tensors are stored whole, a checkpoint restores into
@@ -137,9 +137,14 @@ def write(
         fsync_dir(tmp)
         if (final / "manifest.json").exists():
             # The same version again (a mid-epoch checkpoint that is also the epoch's end, or
-            # a restart): the snapshot of a version is the same, so keep what is on disk
-            # rather than delete a complete checkpoint that LATEST may point at.
+            # a restart): the snapshot of a version is the same, so keep the tensors on disk
+            # rather than delete a complete checkpoint that LATEST may point at. The manifest
+            # is the new one, though: written later, it knows more (the epoch ended), and a
+            # restarted coordinator must not find a finished epoch still to be run.
             shutil.rmtree(tmp)
+            kept = {n: _sha256(final / n) for n in ("model.safetensors", "optimizer.safetensors")}
+            text = json.dumps({**full_manifest, "sha256": kept}, indent=2) + "\n"
+            atomic_write_text(final / "manifest.json", text)
             return final
         if final.exists():  # an incomplete folder (no manifest) from a crash: replace it
             shutil.rmtree(final)
@@ -181,7 +186,23 @@ def read(path: Path, verify: bool = True) -> Checkpoint:
 
 
 def prune(root: Path, job_id: str, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints of a job."""
-    steps = sorted((root / job_id).glob("step-*"))
+    """Delete all but the newest `keep` checkpoints of a job, and the temporary folders a
+    crashed process left half-written (`write` removes its own when it fails)."""
+    job_dir = root / job_id
+    steps = sorted(job_dir.glob("step-*"))
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for tmp in job_dir.glob(".tmp-step-*"):
+        # .tmp-step-VERSION-PID-NS: another PID's is a dead process's (one coordinator per
+        # state dir); this process's may be a checkpoint being written right now.
+        parts = tmp.name.split("-")
+        if len(parts) == 5 and parts[3] != str(os.getpid()):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_jobs(root: Path, job_ids: Sequence[str]) -> None:
+    """Delete the folders of jobs under root: their data, spec and every checkpoint."""
+    for job_id in job_ids:
+        if Path(job_id).name != job_id or job_id in ("", ".", ".."):
+            continue  # an id from a hand-edited job.json: never a path outside root
+        shutil.rmtree(root / job_id, ignore_errors=True)

@@ -9,6 +9,7 @@ epoch fails over or rolls back, see epoch.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -17,6 +18,7 @@ from lmps.services.coordinator.fleet import Fleet
 from lmps.services.coordinator.jobs import Job
 from lmps.services.coordinator.registry import MemberRecord, Registry, Role
 
+log = logging.getLogger("lmps.coordinator")
 _NAMES = {
     Role.PS: ("parameter servers", "lmps serve ps"),
     Role.WORKER: ("workers", "lmps serve worker"),
@@ -62,14 +64,52 @@ class Cluster:
     def wait_back(self, role: Role, want: int, wait_s: float, gone: Callable[[], bool]) -> None:
         """Until `want` members of `role` are reachable (after a loss: maybe new ones);
         Unavailable when `gone()` (the client left) or after `wait_s`."""
+        if self.wait_for(role, want, wait_s, gone) < want:
+            raise Unavailable(f"{_NAMES[role][0]} did not come back in {wait_s:.0f}s")
+
+    def wait_for(self, role: Role, want: int, wait_s: float, gone: Callable[[], bool]) -> int:
+        """How many members of `role` are reachable once `want` are or `wait_s` has passed;
+        Unavailable when `gone()` (the client left) first."""
         deadline = time.monotonic() + wait_s
-        name = _NAMES[role][0]
-        while len(self.reachable(role)) < want:
+        while (here := len(self.reachable(role))) < want:
             if gone():
-                raise Unavailable(f"client went away while waiting for {name}")
+                raise Unavailable(f"client went away while waiting for {_NAMES[role][0]}")
             if time.monotonic() > deadline:
-                raise Unavailable(f"{name} did not come back in {wait_s:.0f}s")
+                return here
             time.sleep(0.5)
+        return here
+
+    def wait_rejoin(self, job: Job, gone: Callable[[], bool]) -> None:
+        """After a restore (a coordinator restart, a rollback) the workers re-register in any
+        order. Wait, up to the job's `wait_for_members_s`, for as many as the checkpointed run
+        had (`job.rejoin`; `num_workers` where the spec names one): the worker count W the
+        epoch plans with fixes the steps' composition (data shard j -> worker j mod W), and a
+        late worker would instead join the running epoch and rebalance it. Past the wait the
+        epoch goes on with the workers there, and says so in the log."""
+        want = job.settings.num_workers or job.rejoin
+        if not job.rejoin:
+            return  # not restored, or a checkpoint from before the manifest kept a count
+        wait_s = job.settings.wait_for_members_s
+        here = len(self.reachable(Role.WORKER))
+        if here < want:  # said, so that a pause before the epoch starts has a reason
+            log.info(
+                "job %s: waiting up to %.0fs for %d workers, %d back",
+                job.job_id,
+                wait_s,
+                want,
+                here,
+            )
+            here = self.wait_for(Role.WORKER, want, wait_s, gone)
+        job.rejoin = 0  # once per restore: later epochs take the workers there (0 = all)
+        if here < want:
+            log.warning(
+                "job %s: %d of %d workers back after %.0fs; the epoch goes on with them "
+                "(another worker count: another composition of the steps)",
+                job.job_id,
+                here,
+                want,
+                wait_s,
+            )
 
     def incarnations(self, ids: Iterable[str]) -> dict[str, str]:
         out = {}

@@ -25,7 +25,7 @@ from lmps.core.model import GPTConfig, init_model
 from lmps.core.partition import Shard
 from lmps.core.settings import JobSettings, JobState, default_total_steps
 from lmps.rpc import codec
-from lmps.services.coordinator import jobs
+from lmps.services.coordinator import checkpoint, jobs
 from lmps.services.coordinator.cluster import Cluster
 from lmps.services.coordinator.epoch import EpochRun
 from lmps.services.coordinator.fleet import Fleet
@@ -75,7 +75,10 @@ def fails_for_good(err: Exception, context: grpc.ServicerContext) -> bool:
 
 
 class Driver:
-    def __init__(self, registry: Registry, state_dir: Path | None = None) -> None:
+    def __init__(
+        self, registry: Registry, state_dir: Path | None = None, keep_jobs: int = 0
+    ) -> None:
+        self.keep_jobs = keep_jobs  # newest jobs kept (`retire_old_jobs`); 0 = all
         self.fleet = Fleet()
         self.cluster = Cluster(registry=registry, fleet=self.fleet)
         self.state_dir = state_dir
@@ -85,6 +88,7 @@ class Driver:
         self._lock = threading.Lock()
         if self.jobs_dir is not None:
             for job in jobs.load_all(self.jobs_dir):
+                job.state = JobState.between_epochs(job.epochs_done, job.settings.epochs)
                 self.jobs[job.job_id] = job
                 self.latest = job.job_id
                 log.info(
@@ -93,6 +97,7 @@ class Driver:
                     job.step,
                     job.epochs_done,
                 )
+            self.retire_old_jobs()  # a state dir from before --keep-jobs, or with a larger one
 
     @property
     def jobs_dir(self) -> Path | None:
@@ -101,8 +106,29 @@ class Driver:
     def job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id or self.latest)
         if job is None:
-            raise NotFound(f"unknown job {job_id!r}" if job_id else "no job has been submitted")
+            if not job_id:
+                raise NotFound("no job has been submitted")
+            kept = f"the newest {self.keep_jobs}" if self.keep_jobs else "every job"
+            raise NotFound(
+                f"unknown job {job_id!r}: `lmps status` lists the jobs this coordinator has "
+                f"(it keeps {kept}: --keep-jobs)"
+            )
         return job
+
+    def retire_old_jobs(self) -> None:
+        """Forget all but the newest `keep_jobs` jobs, in memory and under the state dir, so
+        that neither grows without bound. A job running an epoch is never forgotten."""
+        if not self.keep_jobs:
+            return
+        with self._lock:
+            old = list(self.jobs.values())[: -self.keep_jobs]  # oldest first (submit order)
+            gone = [j.job_id for j in old if j.state != JobState.RUNNING]
+            for job_id in gone:
+                del self.jobs[job_id]
+        if gone and self.jobs_dir is not None:
+            checkpoint.remove_jobs(self.jobs_dir, gone)
+        if gone:
+            log.info("forgot jobs %s (--keep-jobs %d)", ", ".join(gone), self.keep_jobs)
 
     # -- submit ----------------------------------------------------------------------------
 
@@ -144,20 +170,16 @@ class Driver:
             parameters=sum(p.numel() for p in params.values()),
             created=time.time(),
         )
-        try:
-            self.placement.deploy(job, params, {}, version=0, wait_s=settings.wait_for_members_s)
-        except BaseException:
-            # Some servers may already hold the refused job: the others' state there is gone,
-            # so they come back from their checkpoints when next used.
-            for other in self.jobs.values():
-                other.needs_restore = self.state_dir is not None
-            raise
+        # Deploy marks the jobs it replaces on the servers (even when the load fails
+        # halfway): they come back from their checkpoints when next used.
+        self.placement.deploy(job, params, {}, version=0, wait_s=settings.wait_for_members_s)
         with self._lock:
             self.jobs[job.job_id] = job
             self.latest = job.job_id
         if self.jobs_dir is not None:
             jobs.save(self.jobs_dir, job)
             self.placement.checkpoint(job, 0, epoch=None, done={})
+        self.retire_old_jobs()
         log.info(
             "job %s: %d parameters in %d shards on %s; workers %s; %d train / %d eval sequences",
             job.job_id,
@@ -207,7 +229,7 @@ class Driver:
         finally:
             with job.lock:
                 if job.state == JobState.RUNNING:
-                    job.state = JobState.READY
+                    job.state = JobState.between_epochs(job.epochs_done, job.settings.epochs)
                 job.epoch = None
 
     # -- leases ----------------------------------------------------------------------------

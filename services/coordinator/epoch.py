@@ -151,6 +151,7 @@ class EpochRun:
             job.train.shape[0], s.batch_size, s.batches_per_lease, s.seed, self.epoch_no
         )
         done = job.resume.done_in(self.epoch_no) if job.resume else {}
+        self.cluster.wait_rejoin(job, gone=lambda: not self.context.is_active())
         self.placement.refresh_workers(job, self.epoch_no)
         desk = LeaseDesk(
             job_id=job.job_id,

@@ -84,8 +84,12 @@ class Fleet:
         version: int,
         values: Mapping[str, torch.Tensor],
         states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        history: str = "",
     ) -> None:
-        """Load every server with its shards (and optimizer state when restoring)."""
+        """Load every server with its shards (and optimizer state when restoring).
+
+        `history`: the step-composition digest the servers start from; a server loaded to
+        join others mid-job (a re-created backup) must carry theirs, or it looks diverged."""
 
         def load_one(server_id: str) -> None:
             mine = [s for s in shards if s.held_by(server_id)]
@@ -97,6 +101,7 @@ class Fleet:
                 version=version,
                 consistency=codec.consistency_to_proto(settings.consistency),
                 checkpoint_every=settings.checkpoint_every,
+                history=history,
             )
 
             def messages() -> Iterator[parameter_pb2.LoadRequest]:
@@ -167,15 +172,28 @@ class Fleet:
         """The servers' common version. Diverged if they disagree on it, or on the history
         of which workers made each step (a step applied differently on different shards),
         for longer than `settle_s` (pushes still in flight can finish a step meanwhile)."""
+        return self.state(job_id, servers, settle_s)[0]
+
+    def state(
+        self, job_id: str, servers: Mapping[str, str], settle_s: float = 3.0
+    ) -> tuple[int, str]:
+        """(common version, step-composition digest) of the servers; Diverged as `version`."""
         # SYNC: a server's version is its count of applied steps, the same on every server.
         deadline = time.monotonic() + settle_s
         while True:
             try:
-                return self._version_once(job_id, servers)
+                return self._state_once(job_id, servers)
             except Diverged:
                 if time.monotonic() >= deadline:
                     raise
             time.sleep(0.25)
+
+    def idle(self, address: str) -> bool:
+        """The server holds no job (a fresh or restarted process): free to take one on."""
+        resp = self.ps(address).ListShards(
+            parameter_pb2.ListShardsRequest(), timeout=DEFAULT_TIMEOUT_S
+        )
+        return not resp.job_id
 
     def _states(self, job_id: str, servers: Mapping[str, str]) -> list[tuple[int, str]]:
         """(version, step-composition digest) of every server, from ListShards."""
@@ -188,12 +206,12 @@ class Fleet:
 
         return self.fanout(one, list(servers.values()))
 
-    def _version_once(self, job_id: str, servers: Mapping[str, str]) -> int:
+    def _state_once(self, job_id: str, servers: Mapping[str, str]) -> tuple[int, str]:
         seen = set(self._states(job_id, servers))
         if len(seen) != 1:
             versions = sorted({v for v, _ in seen})
             raise Diverged(f"parameter servers diverged: versions {versions}, {len(seen)} states")
-        return seen.pop()[0]
+        return seen.pop()
 
     def lowest_version(self, job_id: str, servers: Mapping[str, str]) -> int:
         """The lowest version among the servers (they may be a step apart mid-epoch)."""

@@ -70,6 +70,9 @@ class Job:
     error: str = ""  # why the job FAILED
     needs_restore: bool = False  # servers must be loaded from the latest checkpoint first
     resume: Resume | None = None  # set when the latest checkpoint is mid-epoch
+    # Workers the run a restored checkpoint came from had (its manifest's "workers"): the
+    # next epoch waits for as many before it plans (`Cluster.wait_rejoin`); 0 = no wait.
+    rejoin: int = 0
     epoch: LeaseDesk | None = None  # the running epoch's leases
     created: float = 0.0
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -130,6 +133,7 @@ def apply_manifest(job: Job, manifest: dict[str, Any]) -> None:
     job.epochs_done = int(manifest.get("epochs_done", 0))
     loss = manifest.get("last_eval_loss")
     job.last_eval_loss = math.nan if loss is None else float(loss)
+    job.rejoin = int(manifest.get("workers", 0))  # absent in checkpoints from before it
     epoch = manifest.get("epoch")
     if epoch is not None and epoch >= job.epochs_done:
         done = {int(k): int(v) for k, v in manifest["done"].items()}

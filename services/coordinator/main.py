@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import logging
 from pathlib import Path
+from typing import IO
 
 from lmps.rpc.bootstrap import Service, run_until_signal, start_server
 from lmps.rpc.flags import (
+    EnvError,
     HelpFormatter,
     add_serve_flags,
     env,
@@ -16,6 +20,10 @@ from lmps.rpc.flags import (
     setup_logging,
 )
 from lmps.rpc.metrics import process_registry
+
+# Enough to come back to the last few runs (generate, resume), few enough that state stays
+# bounded: each kept job holds its data and up to `keep_checkpoints` checkpoints on disk.
+DEFAULT_KEEP_JOBS = 5
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -46,7 +54,62 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="where jobs and checkpoints live; a restarted coordinator resumes from here; "
         "empty = keep nothing (LMPS_STATE_DIR)",
     )
+    parser.add_argument(
+        "--keep-jobs",
+        type=_count,
+        default=env_number("LMPS_KEEP_JOBS", DEFAULT_KEEP_JOBS),
+        metavar="N",
+        help="jobs kept, in memory and under --state-dir: when a job is submitted, all but "
+        "the newest N are forgotten and their folders deleted; 0 = keep every job "
+        "(LMPS_KEEP_JOBS)",
+    )
     return parser
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 (argparse's error names the flag and the value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; 0 keeps every job")
+    return value
+
+
+LOCK = ".lock"
+
+
+def hold_state_dir(state_dir: Path) -> IO[str] | None:
+    """An advisory lock on STATE_DIR/.lock for as long as the returned file stays open (the
+    process's life): `lmps clean` will not delete a state dir a live coordinator uses. Not
+    getting it is only a warning: a filesystem without locks must not stop a coordinator."""
+    log = logging.getLogger("lmps.coordinator")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = (state_dir / LOCK).open("a")
+    except OSError as err:
+        log.warning("%s: no lock file (%s)", state_dir, err)
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        log.warning("%s: not locked (%s); is another coordinator using it?", state_dir, err)
+    return lock
+
+
+def state_dir_in_use(state_dir: Path) -> bool:
+    """Whether a running coordinator holds `state_dir` (see `hold_state_dir`)."""
+    path = state_dir / LOCK
+    if not path.exists():
+        return False
+    with path.open("a") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(probe, fcntl.LOCK_UN)
+    return False
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
@@ -61,7 +124,10 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     setup_logging(args.log_level)
     registry = Registry(heartbeat_s=args.heartbeat, expiry_s=args.expiry)
     state_dir = Path(args.state_dir) if args.state_dir else None
-    driver = Driver(registry, state_dir)
+    if args.keep_jobs < 0:  # LMPS_KEEP_JOBS skips the flag's type check
+        raise EnvError(f"LMPS_KEEP_JOBS={args.keep_jobs} is negative: 0 keeps every job")
+    lock = hold_state_dir(state_dir) if state_dir is not None else None
+    driver = Driver(registry, state_dir, keep_jobs=args.keep_jobs)
     servicer = CoordinatorServicer(registry, driver)
     metrics = process_registry()  # this role's series only (docs/metrics.md)
     metrics.register(CoordinatorCollector(registry, driver))
@@ -76,7 +142,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         ],
         registry=metrics,
     )
-    return run_until_signal(running)
+    try:
+        return run_until_signal(running)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the state dir (a killed process's lock goes with it)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
             "1 while the job runs an epoch, else 0",
             labels=["job_id"],
         ),
+        "state": gauge(
+            "lmps_coordinator_job_state",
+            "1 for the state the job is in, 0 for the others: ready (epochs to run), "
+            "running, completed (every epoch of its spec done), failed",
+            labels=["job_id", "state"],
+        ),
         "eval_loss": gauge(
             "lmps_coordinator_eval_loss",
             "Mean eval loss (nats per token) at the end of the job's last epoch; absent "
@@ -83,10 +89,22 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
             "lmps_coordinator_servers_lost",
             "Parameter servers dropped by failovers",
         ),
+        "replicas_restored": counter(
+            "lmps_coordinator_replicas_restored",
+            "Shard copies re-created after failovers, so that the next server loss is "
+            "survived too (replication 2)",
+        ),
+        "unreplicated": gauge(
+            "lmps_coordinator_shards_unreplicated",
+            "Shards of a replication-2 job held by one server only (a failover left one "
+            "server): the next loss of it rolls back to a checkpoint",
+            labels=["job_id"],
+        ),
         "restores": counter(
             "lmps_coordinator_restores",
             "Times a job's servers were loaded from its latest checkpoint (an epoch rolled "
-            "back after losing a server without a backup, or a restarted coordinator's job)",
+            "back after losing a server without a backup, a restarted coordinator's job, or a "
+            "job another one had replaced on the servers)",
         ),
     }
 
@@ -117,12 +135,20 @@ class CoordinatorCollector(Collector):
             f["total_steps"].add_metric(jid, job.settings.optimizer.total_steps)
             f["epoch"].add_metric(jid, desk.epoch if running and desk else job.epochs_done)
             f["running"].add_metric(jid, 1 if running else 0)
+            # One series per state (a Prometheus state set): alerts and panels select
+            # `state="failed"` without knowing an enum's numbers.
+            for state in JobState:
+                f["state"].add_metric([job.job_id, state.value.lower()], int(job.state == state))
             if not math.isnan(job.last_eval_loss):
                 f["eval_loss"].add_metric(jid, job.last_eval_loss)
             f["leases"].add_metric(jid, len(desk.book.outstanding) if desk else 0)
             f["training"].add_metric(jid, len(desk.active) if desk else 0)
+            if job.settings.replication > 1:
+                single = sum(1 for s in list(job.shards) if not s.backup_server_id)
+                f["unreplicated"].add_metric(jid, single)
         placement = self.driver.placement
         f["failovers"].add_metric([], placement.failovers)
         f["servers_lost"].add_metric([], placement.servers_lost)
+        f["replicas_restored"].add_metric([], placement.replicas_restored)
         f["restores"].add_metric([], placement.restores)
         return iter(f.values())

@@ -8,10 +8,11 @@ onto however many servers are there now (see checkpoint.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import grpc
@@ -20,7 +21,8 @@ import torch
 from lmps.core.errors import FailedPrecondition, InvalidArgument, LmpsError, Unavailable
 from lmps.core.model import decay_mask
 from lmps.core.partition import ParamInfo, assemble, plan_shards, promote
-from lmps.services.coordinator import checkpoint, jobs
+from lmps.core.settings import JobState
+from lmps.services.coordinator import checkpoint, jobs, replicas
 from lmps.services.coordinator.cluster import Cluster
 from lmps.services.coordinator.fleet import Fleet
 from lmps.services.coordinator.jobs import Job, Resume
@@ -38,6 +40,10 @@ class Placement:
         self._checkpoint_lock = threading.Lock()  # one writer at a time, versions never go back
         # Since this process started (lmps_coordinator_*_total, services/coordinator/metrics.py).
         self.failovers = self.servers_lost = self.restores = 0
+        self.replicas_restored = 0  # shard copies re-created after failovers
+        # Server id -> the job this coordinator last loaded there. A server holds one job, so
+        # loading another one evicts it (see `_evict`).
+        self.holders: dict[str, Job] = {}
 
     def deploy(
         self,
@@ -50,18 +56,15 @@ class Placement:
         """Partition `params` (full tensors) over the servers at hand and load them, then
         configure the workers. Used for new jobs and for restores (re-sharding)."""
         s = job.settings
-        servers = self.cluster.wait_members(Role.PS, s.num_servers, wait_s)
+        servers = self._servers_for(s.num_servers, s.replication, wait_s)
         workers = self.cluster.wait_members(Role.WORKER, s.num_workers, wait_s)
         infos = [ParamInfo(n, tuple(t.shape), decay_mask(n, t)) for n, t in params.items()]
-        if s.replication > len(servers):
-            raise Unavailable(
-                f"replication {s.replication} needs {s.replication} parameter servers"
-            )
         try:
             shards = plan_shards(infos, sorted(servers), s.shard_bytes, s.replication)
         except ValueError as err:
             raise InvalidArgument(f"job spec: {err}") from None
         values, states = checkpoint.scatter_state(shards, params, state)
+        self._evict(job, servers)  # before the load: a failed one may have replaced them too
         self.fleet.load(
             job.job_id,
             s,
@@ -76,6 +79,23 @@ class Placement:
         job.shards, job.servers, job.workers = shards, servers, workers
         job.server_epochs = self.cluster.incarnations(servers)
         job.step = version
+
+    def _servers_for(self, want: int, replication: int, wait_s: float) -> dict[str, str]:
+        """`want` parameter servers (0 = every registered one), and at least `replication`:
+        each copy of a shard lives on a different server (`JobSettings` refuses a `want`
+        below it)."""
+        if want or replication < 2:
+            return self.cluster.wait_members(Role.PS, want, wait_s)
+        with contextlib.suppress(Unavailable):  # told below, naming the replication
+            self.cluster.wait_members(Role.PS, replication, wait_s)  # pods start in any order
+        servers = self.cluster.reachable(Role.PS)  # all of them, as num_servers 0 asks
+        if len(servers) < replication:
+            raise Unavailable(
+                f"replication {replication} needs {replication} parameter servers, "
+                f"{len(servers)} registered after {wait_s:.0f}s; start another with "
+                f"`lmps serve ps --coordinator <this address>`, or train with --replication 1"
+            )
+        return servers
 
     def configure(self, job: Job, workers: Mapping[str, str], timeout_s: float = 300.0) -> None:
         """Tell `workers` the job's settings and shard map (a newcomer, or after a failover)."""
@@ -104,9 +124,11 @@ class Placement:
 
     def failover(self, job: Job, epoch_no: int) -> list[str]:
         """Replication 2: drop the lost servers and promote backups, keeping the version;
-        the epoch resumes from what that version holds. Returns the servers dropped; none
-        when that is impossible (no replicas, a shard with no copy left, or the survivors
-        disagree on the version) and the epoch must roll back to a checkpoint instead."""
+        the epoch resumes from what that version holds. The copies lost with those servers
+        are re-created first (`replicas.rereplicate`), so a further loss is survived too. Returns
+        the servers dropped; none when that is impossible (no replicas, a shard with no copy
+        left, the survivors disagree on the version, or re-creating a copy failed) and the
+        epoch must roll back to a checkpoint instead."""
         if job.settings.replication < 2:
             return []
         dead = self.cluster.lost_servers(job)
@@ -115,21 +137,37 @@ class Placement:
         try:
             shards = promote(job.shards, dead)
             survivors = {s: a for s, a in job.servers.items() if s not in dead}
-            version = self.fleet.version(job.job_id, survivors)
+            version, history = self.fleet.state(job.job_id, survivors)
             progress = job.epoch.progress(below_step=version) if job.epoch else {}
             heartbeating = self.cluster.heartbeating(Role.WORKER)
             limit = job.settings.num_workers
             workers = {r.id: r.address for r in (heartbeating[:limit] if limit else heartbeating)}
-            self.fleet.configure(job.job_id, job.settings, shards, survivors, workers)
+            copies = replicas.rereplicate(
+                cluster=self.cluster,
+                fleet=self.fleet,
+                job=job,
+                shards=shards,
+                survivors=survivors,
+                lost=len(dead),
+                version=version,
+                history=history,
+                workers=workers,
+            )
+            shards, servers = copies.shards, copies.servers
+            # Only now may workers go on: with the new map they push to the new copies too.
+            self.fleet.configure(job.job_id, job.settings, shards, servers, workers)
         except (ValueError, grpc.RpcError, LmpsError) as err:
             log.warning("failover impossible: %s", err)
             return []
         with job.lock:
-            job.shards, job.servers, job.workers = shards, survivors, workers
-            job.server_epochs = {s: i for s, i in job.server_epochs.items() if s not in dead}
+            job.shards, job.servers, job.workers = shards, servers, workers
+            kept = {s: i for s, i in job.server_epochs.items() if s not in dead}
+            job.server_epochs = {**kept, **copies.joined}
+            self._evict(job, copies.joined)  # a joined server now holds this job
             job.resume = Resume(epoch_no, progress)
             job.step = version
         self.failovers, self.servers_lost = self.failovers + 1, self.servers_lost + len(dead)
+        self.replicas_restored += copies.restored
         return sorted(dead)
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -171,6 +209,7 @@ class Placement:
             "redone": redone,
             "last_eval_loss": None if math.isnan(job.last_eval_loss) else job.last_eval_loss,
             "servers": sorted(job.servers),
+            "workers": len(job.workers),  # what a restored epoch waits for (Job.rejoin)
             "shard_bytes": job.settings.shard_bytes,
         }
         path = checkpoint.write(root, job.job_id, version, params, state, manifest)
@@ -208,10 +247,38 @@ class Placement:
         log.info("job %s restored from %s onto %s", job.job_id, path, sorted(job.servers))
         return ckpt.version
 
+    def _evict(self, job: Job, servers: Iterable[str]) -> None:
+        """`job` is being loaded onto `servers`, replacing what they hold: every other job
+        that was there is reloaded from its latest checkpoint when next used (an older job's
+        `lmps generate --job`, `--resume`), instead of finding its servers holding another."""
+        for server_id in servers:
+            held = self.holders.get(server_id)
+            if held is not None and held is not job:
+                held.needs_restore = True
+            self.holders[server_id] = job
+
     def ensure_loaded(self, job: Job) -> None:
+        """Reload `job` from its latest checkpoint if its servers do not hold it: a job a
+        restarted coordinator recovered, or one another job has since replaced (`_evict`).
+        FailedPrecondition when that would pull the servers from under a job running an
+        epoch, or when there is nothing to reload from (no --state-dir)."""
         with job.lock:
-            if job.needs_restore:
-                self.restore(job, wait_s=job.settings.wait_for_members_s)
+            if not job.needs_restore:
+                return
+            others = [h for h in self.holders.values() if h is not job]
+            busy = sorted({h.job_id for h in others if h.state == JobState.RUNNING})
+            if busy:
+                raise FailedPrecondition(
+                    f"job {job.job_id} must be reloaded onto the parameter servers, which job "
+                    f"{busy[0]} is running an epoch on; try again after that epoch ends"
+                )
+            if self.jobs_dir is None:
+                raise FailedPrecondition(
+                    f"job {job.job_id} is no longer on the parameter servers (another job was "
+                    "loaded onto them) and this coordinator keeps no checkpoints to reload it "
+                    "from: it runs without --state-dir"
+                )
+            self.restore(job, wait_s=job.settings.wait_for_members_s)
 
     def evaluate(self, job: Job) -> tuple[float, int, int]:
         """(mean loss, tokens, version) on the eval split, spread over the workers."""

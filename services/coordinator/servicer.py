@@ -28,6 +28,7 @@ _STATES = {
     JobState.READY: coordinator_pb2.READY,
     JobState.RUNNING: coordinator_pb2.RUNNING,
     JobState.FAILED: coordinator_pb2.FAILED,
+    JobState.COMPLETED: coordinator_pb2.COMPLETED,
 }
 
 

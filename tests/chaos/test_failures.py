@@ -13,11 +13,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
+from lmps.client import model_io
 from lmps.client.launcher import ClusterSpec, LocalCluster
 from lmps.core.data import plan_data_shards
 from lmps.core.model import GPTConfig
-from lmps.v1 import coordinator_pb2, job_pb2
+from lmps.rpc import codec
+from lmps.rpc.channel import open_channel
+from lmps.v1 import coordinator_pb2, job_pb2, parameter_pb2, parameter_pb2_grpc
 from tests.cluster.jobs import Driver, make_spec, random_tokens
 
 pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
@@ -36,10 +40,19 @@ def start(tmp: Path, servers: int = 2, workers: int = 2) -> LocalCluster:
 
 
 def submit(
-    driver: Driver, checkpoint_every: int = 0, batches_per_lease: int = 2, replication: int = 1
+    driver: Driver,
+    checkpoint_every: int = 0,
+    batches_per_lease: int = 2,
+    replication: int = 1,
+    workers: int = 2,
 ) -> str:
     spec = make_spec(
-        MODEL, SGD, batch_size=BATCH, batches_per_lease=batches_per_lease, shard_bytes=1 << 16
+        MODEL,
+        SGD,
+        batch_size=BATCH,
+        batches_per_lease=batches_per_lease,
+        shard_bytes=1 << 16,
+        workers=workers,
     )
     spec.checkpoint_every = checkpoint_every
     spec.replication = replication
@@ -87,6 +100,11 @@ def assert_every_batch_trained(
     repeats = sum(c - 1 for c in seen.values())
     assert repeats == summary.batches_redone
     assert summary.data_shards_completed == len(plan)
+
+
+def params_of(coordinator: str, job_id: str) -> dict[str, torch.Tensor]:
+    model = model_io.fetch_model(coordinator, job_id).model
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def test_worker_killed_mid_epoch_and_a_replacement_joins(tmp_path: Path) -> None:
@@ -170,6 +188,75 @@ def test_parameter_server_killed_with_replication_backups_take_over(tmp_path: Pa
         print(
             f"\nFAULT ps SIGKILL (replication 2): backups took over, 0 steps lost, "
             f"{summary.batches_redone} batches redone, next step after {recovery:.2f}s"
+        )
+    finally:
+        driver.close()
+        cluster.stop()
+
+
+def held_copies(address: str, job_id: str, version: int) -> dict[str, list[torch.Tensor]]:
+    """Shard id -> [value, optimizer state tensors by name] as the server holds them."""
+    with open_channel(address) as channel:
+        stub = parameter_pb2_grpc.ParameterServiceStub(channel)
+        request = parameter_pb2.SnapshotRequest(job_id=job_id, version=version)
+        return {
+            m.shard_id: [
+                codec.decode(m.value),
+                *(codec.decode(m.state[k]) for k in sorted(m.state)),
+            ]
+            for m in stub.Snapshot(request, timeout=60)
+        }
+
+
+def test_lost_copies_are_recreated_so_a_second_server_loss_is_survived(tmp_path: Path) -> None:
+    """Replication 2 on three servers: ps-1 is lost mid-epoch, the backups take over and the
+    copies it held are re-created on ps-0 and ps-2, equal to the originals (values and
+    momentum) from then on; so losing ps-2 in the next epoch is survived too, with no step
+    lost. (Without re-replication the shards ps-1 shared with ps-2 had one copy left: the
+    second loss rolled back to the last checkpoint and waited for a second server that never
+    came, until the client's deadline.)"""
+    cluster = start(tmp_path, servers=3)
+    driver = Driver(cluster.coordinator)
+    try:
+        job_id = submit(driver, replication=2)
+
+        steps, first, _ = run_with_fault(
+            driver, job_id, 0, 14, lambda: cluster.kill("ps-1", signal.SIGKILL)
+        )
+        assert first.failovers == 1 and list(first.servers_lost) == ["ps-1"]
+        assert first.restores == 0 and first.steps_lost == 0
+        assert_every_batch_trained(steps, first)
+        # Every shard has two copies again, on the two survivors...
+        shard_map = driver.stub.GetShardMap(coordinator_pb2.GetShardMapRequest(), timeout=10)
+        for s in shard_map.shards:
+            assert {s.server_id, s.backup_server_id} == {"ps-0", "ps-2"}, s
+        # ... and the re-created ones were updated like the originals ever since.
+        held = {
+            e.server_id: held_copies(e.address, job_id, first.end_step) for e in shard_map.servers
+        }
+        assert held.keys() == {"ps-0", "ps-2"} and held["ps-0"].keys() == held["ps-2"].keys()
+        worst = 0.0
+        for sid, copy in held["ps-0"].items():
+            other = held["ps-2"][sid]
+            assert len(copy) == len(other) == 2, sid  # value and SGD's momentum buffer
+            for a, b in zip(copy, other, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, i=sid: f"{i}: {m}")  # type: ignore[misc]
+                worst = max(worst, float((a - b).abs().max()))
+
+        steps, second, _ = run_with_fault(
+            driver, job_id, 1, 14, lambda: cluster.kill("ps-2", signal.SIGKILL)
+        )
+        assert second.failovers == 1 and list(second.servers_lost) == ["ps-2"]
+        assert second.restores == 0 and second.steps_lost == 0
+        assert second.start_step == first.end_step
+        assert_every_batch_trained(steps, second)
+        # One server left: one copy of everything, and nowhere for a second.
+        after = driver.stub.GetShardMap(coordinator_pb2.GetShardMapRequest(), timeout=10)
+        assert {(s.server_id, s.backup_server_id) for s in after.shards} == {("ps-0", "")}
+        print(
+            f"\nFAULT ps SIGKILL, then another in the next epoch (replication 2, 3 servers): "
+            f"copies re-created, owner vs backup max abs diff {worst:.1e}; "
+            f"{first.steps_lost + second.steps_lost} steps lost"
         )
     finally:
         driver.close()

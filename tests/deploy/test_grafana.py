@@ -1,6 +1,6 @@
 """The Grafana dashboard (deploy/grafana/) loads as Grafana needs it and asks only for series
-the code defines; the compose `grafana` profile provisions it; docs/metrics.md and the README
-describe what is there.
+the code defines; the compose `monitoring` profile provisions it (and `grafana`, its older
+name); docs/metrics.md and the README describe what is there.
 
 No Grafana server runs here (no image, no package): the dashboard is checked against the
 fields Grafana requires of a dashboard and its panels, and every PromQL `expr` against the
@@ -200,11 +200,13 @@ def test_datasource_uids_are_provisioned(dashboard: Doc) -> None:
             assert ds["uid"] in uids and ds["type"] == "prometheus", ds
 
 
-def test_compose_grafana_profile_provisions_the_dashboard() -> None:
-    compose = compose_config("grafana")
+@pytest.mark.parametrize("profile", ["monitoring", "grafana"])
+def test_compose_monitoring_profile_provisions_the_dashboard(profile: str) -> None:
+    compose = compose_config(profile)
     services = compose["services"]
     grafana = services["grafana"]
-    assert "grafana" in services["prometheus"]["profiles"]  # `--profile grafana` alone works
+    # Either profile alone brings up both: the dashboard needs its datasource.
+    assert profile in services["prometheus"]["profiles"] and profile in grafana["profiles"]
     assert "grafana" not in services["prometheus"].get("depends_on", {})
     mounts = {m["target"]: Path(m["source"]) for m in grafana["volumes"]}
     provisioning = mounts["/etc/grafana/provisioning"]

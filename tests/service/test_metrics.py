@@ -174,6 +174,13 @@ def test_coordinator_exports_training_series(trained: dict[str, str]) -> None:
     assert value(during, "lmps_coordinator_epoch_workers", **job) == 1
     assert value(during, "lmps_coordinator_leases_outstanding", **job) >= 1
     assert "lmps_coordinator_eval_loss" not in samples(during)  # no epoch has ended yet
+    states = ("ready", "running", "completed", "failed")
+    assert {s: value(during, "lmps_coordinator_job_state", state=s, **job) for s in states} == {
+        "ready": 0,
+        "running": 1,
+        "completed": 0,
+        "failed": 0,
+    }
 
     # One worker: one optimizer step per batch.
     assert value(after, "lmps_coordinator_step", **job) == BATCHES
@@ -181,6 +188,13 @@ def test_coordinator_exports_training_series(trained: dict[str, str]) -> None:
     assert value(after, "lmps_coordinator_epoch", **job) == 1  # the next to run
     assert value(after, "lmps_coordinator_epoch_running", **job) == 0
     assert value(after, "lmps_coordinator_leases_outstanding", **job) == 0
+    # Its spec's one epoch is done.
+    assert {s: value(after, "lmps_coordinator_job_state", state=s, **job) for s in states} == {
+        "ready": 0,
+        "running": 0,
+        "completed": 1,
+        "failed": 0,
+    }
     loss = value(after, "lmps_coordinator_eval_loss", **job)
     assert math.isfinite(loss) and loss == float(trained["eval_loss"])
     for role in ("ps", "worker"):

@@ -121,10 +121,15 @@ def test_writing_the_same_version_again_keeps_the_complete_one(tmp_path):
     # One version has one snapshot; a second write of it (a mid-epoch checkpoint that is
     # also the epoch's end) must not delete the complete folder LATEST points at.
     write_version(tmp_path, 4, seed=1)
-    path = write_version(tmp_path, 4, seed=2)
+    path = checkpoint.write(
+        tmp_path, JOB, 4, full_tensors(2), adam_state(2), {"epoch": None, "epochs_done": 1}
+    )
     assert checkpoint.latest(tmp_path, JOB) == path
-    assert_same(checkpoint.read(path).params, full_tensors(1))
+    ckpt = checkpoint.read(path)  # the digests still match the files kept
+    assert_same(ckpt.params, full_tensors(1))
     assert step_folders(tmp_path) == ["step-00000004"]
+    # The progress is the later write's: the epoch ended at this version.
+    assert ckpt.manifest["epoch"] is None and ckpt.manifest["epochs_done"] == 1
 
 
 def test_latest_ignores_a_pointer_to_an_incomplete_folder(tmp_path):

@@ -181,6 +181,27 @@ def test_resume_applies_only_to_its_epoch() -> None:
     assert job.resume == Resume(2, {0: 1})
 
 
+def test_a_restored_job_waits_for_its_workers_then_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    job = Job(
+        job_id="j",
+        settings=codec.job_settings_from_proto(spec(wait_for_members_s=0.2), total_steps=1),
+        train=tokens(10).reshape(2, 5),
+        eval=tokens(0),
+        parameters=1,
+    )
+    jobs.apply_manifest(job, {"version": 7, "epochs_done": 1, "epoch": None, "workers": 2})
+    assert job.rejoin == 2  # the checkpointed run had two workers
+    cluster = Cluster(registry=Registry(), fleet=Fleet())  # none has re-registered yet
+    with pytest.raises(Unavailable, match="client went away"):
+        cluster.wait_rejoin(job, gone=lambda: True)
+    assert job.rejoin == 2  # a retried epoch waits again
+    with caplog.at_level("WARNING"):
+        cluster.wait_rejoin(job, gone=lambda: False)  # past wait_for_members_s: go on
+    assert "0 of 2 workers back" in caplog.text and job.rejoin == 0
+
+
 # -- the plan phase ----------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Replication factor 2 in the slicer: backups (`assign_backups`), failover (`promote`),
-`plan_shards(..., replication=2)` and `Shard.held_by`."""
+re-creating the copies a failover lost (`assign_backups` on the promoted map),
+`plan_shards(..., replication=2)`, `Shard.held_by`; and `lmps train --replication`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmps.client import cli
+from lmps.client.train import TrainOptions, build_spec
 from lmps.core.partition import (
     ParamInfo,
     Shard,
@@ -19,6 +22,7 @@ from lmps.core.partition import (
     split_params,
     validate_cover,
 )
+from lmps.rpc import codec
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -199,3 +203,80 @@ def test_losing_one_server_keeps_every_shard_on_a_survivor(params, servers, shar
             assert after == before  # shards the lost server did not hold are untouched
         else:
             assert after.backup_server_id == ""  # one copy left, until re-replicated
+
+
+# -- re-replication after a failover: assign_backups on a promoted map ---------------------
+
+
+@FAST
+@given(
+    params=param_lists,
+    servers=st.integers(3, 6).map(lambda n: [f"ps-{i}" for i in range(n)]),
+    shard_bytes=st.integers(4, 200),
+    lose=st.integers(0, 5),
+)
+def test_lost_copies_are_recreated_on_survivors_and_a_second_loss_is_survived(
+    params, servers, shard_bytes, lose
+):
+    first = servers[lose % len(servers)]
+    survivors = [s for s in servers if s != first]
+    promoted = promote(plan_shards(params, servers, shard_bytes, replication=2), {first})
+    again = assign_backups(promoted, survivors)
+
+    validate_cover(again, params)
+    for before, after in zip(promoted, again, strict=True):
+        assert after.server_id == before.server_id  # owners never move
+        assert after.backup_server_id in survivors and after.backup_server_id != after.server_id
+        if before.backup_server_id:
+            assert after == before  # a shard that kept its backup is left alone
+    # Whichever survivor goes next, every shard still has a copy.
+    for second in survivors:
+        validate_cover(promote(again, {second}), params)
+
+
+def test_a_joined_server_takes_the_lost_copies_first():
+    # ps-1 owned s1 and backed up s0; the promoted map leaves s0 and s1 with one copy each.
+    shards = [
+        shard("s0", 6, "ps-0", "ps-1"),
+        shard("s1", 4, "ps-1", "ps-2"),
+        shard("s2", 5, "ps-2", "ps-0"),
+    ]
+    promoted = promote(shards, {"ps-1"})
+    assert [s.backup_server_id for s in promoted] == ["", "", "ps-0"]
+    again = assign_backups(promoted, ["ps-0", "ps-2", "ps-3"])  # ps-3 joined, holds nothing
+    assert [(s.server_id, s.backup_server_id) for s in again] == [
+        ("ps-0", "ps-3"),  # largest first, onto the empty newcomer
+        ("ps-2", "ps-3"),  # ps-3 holds 6 < ps-0's 11
+        ("ps-2", "ps-0"),
+    ]
+
+
+def test_a_holder_that_is_not_a_server_is_a_value_error():
+    with pytest.raises(ValueError, match="held by 'gone', not a server"):
+        assign_backups([shard("s", 3, "a", "gone")], ["a", "b"])
+    with pytest.raises(ValueError, match="at least 2"):
+        assign_backups(promote([shard("s", 3, "a", "b")], {"a"}), ["b"])  # one survivor
+
+
+# -- lmps train --replication --------------------------------------------------------------
+
+
+def test_the_replication_flag_reaches_the_job_spec():
+    def parse(*argv: str) -> TrainOptions:
+        return cli._train_options(cli.build_parser().parse_args(["train", *argv]))
+
+    assert parse().replication == 1
+    assert build_spec(parse(), vocab_size=64, tokenizer_json="").replication == 1
+    assert build_spec(parse("--replication", "2"), 64, "").replication == 2
+    with pytest.raises(SystemExit):
+        parse("--replication", "3")
+    with pytest.raises(ValueError, match="--servers 1 is too few"):
+        parse("--replication", "2", "--servers", "1")
+
+
+def test_a_spec_asking_for_fewer_servers_than_copies_is_refused():
+    spec = build_spec(TrainOptions(replication=2), vocab_size=64, tokenizer_json="")
+    assert codec.job_settings_from_proto(spec, total_steps=4).replication == 2  # 0 = all
+    spec.num_servers = 1
+    with pytest.raises(ValueError, match="replication 2 needs 2 parameter servers"):
+        codec.job_settings_from_proto(spec, total_steps=4)
