@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from lmps.client import cli
-from lmps.client.train import WIRE_DTYPE_NAMES, TrainOptions, build_spec, flags, optimizer_request
+from lmps.client.train import build_spec
+from lmps.client.train_options import WIRE_DTYPE_NAMES, TrainOptions, flags, optimizer_request
 from lmps.core.model import PRESETS
 from lmps.core.optim import KINDS, SCHEDULE_NAMES, OptimizerRequest
 from lmps.rpc import codec

@@ -1,0 +1,252 @@
+"""`TrainOptions`: everything `lmps train` and `lmps demo` take, each field with its flag
+(`Flag`), its checks, and the update rule it asks the coordinator for."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmps.client import preflight
+from lmps.core.model import PRESETS
+from lmps.core.optim import (
+    DEFAULTS,
+    KINDS,
+    OPTIMIZERS,
+    SCHEDULE_NAMES,
+    SCHEDULES,
+    OptimizerKind,
+    OptimizerRequest,
+    ScheduleName,
+)
+from lmps.core.settings import WIRE_DTYPES
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a `TrainOptions` field appears on the command line (`lmps train` / `lmps demo`).
+
+    The flag is `--field-name` unless `name` says otherwise; its type and default are the
+    field's, and `env` names an LMPS_* variable that replaces the default."""
+
+    group: str
+    """The --help section it is listed under."""
+    help: str | None = None
+    choices: tuple[str, ...] | tuple[int, ...] | None = None
+    metavar: str | None = None
+    name: str = ""
+    env: str = ""
+
+
+def flag(
+    group: str,
+    help: str | None = None,
+    *,
+    choices: tuple[str, ...] | tuple[int, ...] | None = None,
+    metavar: str | None = None,
+    name: str = "",
+    env: str = "",
+) -> dict[str, Flag]:
+    """A field's metadata that makes it a flag: `field(default=..., metadata=flag(...))`."""
+    return {"flag": Flag(group, help, choices=choices, metavar=metavar, name=name, env=env)}
+
+
+WIRE_DTYPE_NAMES = tuple(str(t).removeprefix("torch.") for t in WIRE_DTYPES)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `lmps train` takes; each field with a `Flag` is one flag of
+    `lmps train --help`, with the field's default (`lmps.client.cli_common` builds them in
+    order)."""
+
+    coordinator: str = "127.0.0.1:50051"
+    """Coordinator address (`lmps train --coordinator`; `lmps demo` starts its own)."""
+    name: str = "lmps"
+    """Human-readable job label."""
+    # -- data
+    data: str = field(
+        default="builtin:pydoc",
+        metadata=flag(
+            "data",
+            "builtin:pydoc (default), a .txt, a folder of .txt, or a .jsonl with a 'text' field",
+        ),
+    )
+    vocab_size: int = field(
+        default=0,
+        metadata=flag(
+            "data",
+            "BPE vocabulary to train; 0 = the preset's ("
+            + ", ".join(f"{n} {c.vocab_size}" for n, c in PRESETS.items())
+            + ")",
+        ),
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata=flag("data", "held-out tail of the corpus (default %(default)s)")
+    )
+    cache_dir: str = field(
+        default=".cache/lmps",
+        metadata=flag("data", "where prepared corpora are cached (default %(default)s)"),
+    )
+    # -- model
+    preset: str = field(
+        default="",
+        metadata=flag("model", f"{' | '.join(PRESETS)} (default: {preflight.DEFAULT_PRESET})"),
+    )
+    block_size: int = field(default=0, metadata=flag("model", "context length; 0 = the preset's"))
+    dropout: float = field(default=0.0, metadata=flag("model"))
+    # -- optimisation
+    epochs: int = field(default=3, metadata=flag("optimisation"))
+    batch_size: int = field(
+        default=16,
+        metadata=flag("optimisation", "sequences per worker per step (default %(default)s)"),
+    )
+    batches_per_lease: int = field(
+        default=8, metadata=flag("optimisation", "batches in one data lease")
+    )
+    optimizer: OptimizerKind = field(default="adamw", metadata=flag("optimisation", choices=KINDS))
+    lr: float = field(
+        default=3e-3, metadata=flag("optimisation", "peak learning rate (default %(default)s)")
+    )
+    momentum: float = field(default=0.9, metadata=flag("optimisation", "SGD momentum"))
+    weight_decay: float = field(
+        default=0.1, metadata=flag("optimisation", "decoupled decay on weights (not biases/norms)")
+    )
+    schedule: ScheduleName = field(
+        default="cosine", metadata=flag("optimisation", choices=SCHEDULE_NAMES)
+    )
+    warmup_steps: int = field(default=10, metadata=flag("optimisation"))
+    min_lr: float = field(default=3e-4, metadata=flag("optimisation"))
+    seed: int = field(default=1337, metadata=flag("optimisation"))
+    # -- cluster
+    servers: int = field(
+        default=0, metadata=flag("cluster", "parameter servers to use; 0 = all registered")
+    )
+    workers: int = field(default=0, metadata=flag("cluster", "workers to use; 0 = all registered"))
+    wait_s: float = field(
+        default=0.0,
+        metadata=flag(
+            "cluster",
+            "seconds to wait for the coordinator to answer; 0 = fail at once if none does",
+            name="--wait",
+            metavar="SECONDS",
+        ),
+    )
+    wait_members_s: float = field(
+        default=60.0,
+        metadata=flag(
+            "cluster",
+            "seconds to wait for enough servers and workers to register (LMPS_WAIT_MEMBERS_S)",
+            name="--wait-members",
+            env="LMPS_WAIT_MEMBERS_S",
+        ),
+    )
+    wire_dtype: str = field(
+        default="float32",
+        metadata=flag(
+            "cluster", "dtype of parameters/gradients on the wire", choices=WIRE_DTYPE_NAMES
+        ),
+    )
+    shard_bytes: int = field(
+        default=0, metadata=flag("cluster", "largest parameter shard in bytes; 0 = default")
+    )
+    # -- checkpoints and recovery
+    resume: str = field(
+        default="",
+        metadata=flag(
+            "checkpoints and recovery",
+            "continue JOB from its latest checkpoint (the coordinator's --state-dir keeps it)",
+            metavar="JOB",
+        ),
+    )
+    init_from: str = field(
+        default="",
+        metadata=flag(
+            "checkpoints and recovery",
+            "fine-tune the model saved in DIR (its config and tokenizer are used)",
+            metavar="DIR",
+        ),
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=flag(
+            "checkpoints and recovery", "steps between checkpoints; 0 = at epoch ends only"
+        ),
+    )
+    replication: int = field(
+        default=1,
+        metadata=flag(
+            "checkpoints and recovery",
+            "copies of every parameter shard: 1, or 2 = each shard also on a backup server, so "
+            "losing a server loses no step and the lost copies are re-created on the others "
+            "(needs 2 or more servers; default %(default)s)",
+            choices=(1, 2),
+        ),
+    )
+    retry_s: float = field(
+        default=300.0,
+        metadata=flag("checkpoints and recovery", "how long to wait for a restarted coordinator"),
+    )
+    # -- output
+    out: str = field(
+        default="",
+        metadata=flag(
+            "output",
+            "run folder: model.safetensors, config.json, tokenizer.json, report.json, "
+            "metrics.jsonl, loss.png (default: runs/JOB)",
+        ),
+    )
+    log_every: int = field(
+        default=10,
+        metadata=flag(
+            "output", "when output is piped: one progress line every N steps (default %(default)s)"
+        ),
+    )
+    sample_prompt: str = field(
+        default="", metadata=flag("output", "print a sample from the trained model")
+    )
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("--epochs must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        if self.log_every < 1:
+            raise ValueError("--log-every must be >= 1")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError("--eval-fraction must be in (0, 1)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be {' or '.join(KINDS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be {' or '.join(SCHEDULE_NAMES)}")
+        if self.replication not in (1, 2):
+            raise ValueError("--replication must be 1 or 2")
+        if self.replication == 2 and self.servers == 1:
+            raise ValueError(
+                "--replication 2 keeps every shard on two parameter servers: --servers 1 is "
+                "too few; use --servers 0 (every registered one) or 2 or more"
+            )
+
+
+def flags() -> Iterator[tuple[str, Any, Flag]]:
+    """(field name, default, `Flag`) of each `TrainOptions` field that is a flag, in order."""
+    for f in dataclasses.fields(TrainOptions):
+        if "flag" in f.metadata:
+            yield f.name, f.default, f.metadata["flag"]
+
+
+def optimizer_request(opts: TrainOptions) -> OptimizerRequest:
+    """The update rule the options ask for. total_steps stays open (0): the coordinator
+    sizes it from the data, the epochs and the workers at submit."""
+    takes = OPTIMIZERS[opts.optimizer].takes
+    return OptimizerRequest(
+        kind=opts.optimizer,
+        lr=opts.lr,
+        # Only the chosen rule's own settings travel (AdamW refuses momentum).
+        momentum=opts.momentum if "momentum" in takes else DEFAULTS["momentum"],
+        weight_decay=opts.weight_decay,
+        schedule=opts.schedule,
+        warmup_steps=opts.warmup_steps,
+        min_lr=opts.min_lr,
+    )
