@@ -241,7 +241,7 @@ def reference(
             lr=settings.lr,
             betas=(settings.beta1, settings.beta2),
             eps=settings.eps,
-            foreach=False,
+            fused=True,
         )
     steps: dict[int, list[StepResult]] = defaultdict(list)
     for r in results:
