@@ -66,6 +66,11 @@ if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("lmps.rpc.codec needs a little-endian host")
 
 
+# torch warns on every `frombuffer` of read-only bytes; `view_shard_tensor`'s views are
+# only ever read (a filter once here: `catch_warnings` per message costs more than the parse).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
 class CodecError(ValueError):
     """A wire tensor is malformed (unknown dtype, byte length not matching its shape...)."""
 
@@ -249,11 +254,8 @@ def view_shard_tensor(blob: Buffer) -> tuple[str, int, torch.Tensor]:
         )
     if not want:
         return shard_id, version, torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # torch warns that `blob` is not writable: the view is only ever read.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(blob, dtype=dtype, count=want // dtype.itemsize, offset=data[0])
-    return shard_id, version, flat.view(shape)
+    flat = torch.frombuffer(blob, dtype=dtype, count=want // dtype.itemsize, offset=data[0])
+    return shard_id, version, flat if len(shape) == 1 else flat.view(shape)
 
 
 def read_push_request(blob: bytes) -> parameter_pb2.PushHeader | tuple[str, int, torch.Tensor]:
