@@ -30,10 +30,6 @@ from torch import Tensor
 
 DEFAULT_SHARD_BYTES = 1 << 20
 """Largest shard in bytes (fp32) when a job does not set one. A first guess, to be tuned."""
-ALIGN = 64
-"""Slices start at multiples of this many elements (256 bytes of fp32) where they are that
-big: vectorised kernels (fused AdamW) then see every element at the same lane whatever
-the layout, which keeps results independent of the number of servers."""
 
 
 @dataclass(frozen=True)
@@ -93,12 +89,8 @@ def _check_params(params: Sequence[ParamInfo]) -> None:
 def split_params(params: Sequence[ParamInfo], shard_bytes: int, itemsize: int = 4) -> list[Shard]:
     """Cut every parameter into contiguous slices of at most `shard_bytes` each.
 
-    A parameter of `n` elements that does not fit becomes near-equal slices: where a slice
-    holds at least ALIGN elements, `ceil(n / cap)` slices (cap: the elements that fit, rounded
-    down to a multiple of ALIGN) of one size that is a multiple of ALIGN, the last shorter, so
-    every slice starts at a multiple of ALIGN; with smaller slices,
-    `ceil(n / (shard_bytes // itemsize))` slices whose sizes differ by at most one element
-    (the first ones get the extra element);
+    A parameter of `n` elements that does not fit becomes `ceil(n / (shard_bytes // itemsize))`
+    slices whose sizes differ by at most one element (the first ones get the extra element);
     one that fits stays whole, and so does an empty one (a single slice of 0 elements, so that
     every parameter has an owner). Output order: parameter order, then slice order.
     `server_id` is left empty.
@@ -111,21 +103,15 @@ def split_params(params: Sequence[ParamInfo], shard_bytes: int, itemsize: int = 
     # Counting whole elements (not bytes) keeps every slice <= shard_bytes even when
     # shard_bytes is not a multiple of itemsize.
     max_elems = shard_bytes // itemsize
-    # Slices start at multiples of ALIGN elements where shards are that big: vectorised
-    # kernels (fused AdamW) then treat every element the same whatever the layout.
-    align = ALIGN if max_elems >= ALIGN else 1
-    cap = max_elems - max_elems % align
     shards: list[Shard] = []
     for p in params:
         shape = tuple(p.shape)
         n = _numel(shape)
-        parts = max(1, -(-n // cap))
-        even = -(-n // parts)  # ceil: near-equal parts, rounded up to whole ALIGN blocks
-        chunk = -(-even // align) * align if align > 1 else even
+        parts = max(1, -(-n // max_elems))
         base, extra = divmod(n, parts)
         start = 0
         for i in range(parts):
-            size = min(chunk, n - start) if align > 1 else base + (1 if i < extra else 0)
+            size = base + (1 if i < extra else 0)
             shards.append(
                 Shard(
                     shard_id=f"{p.name}#{i}",

@@ -66,7 +66,7 @@ def reference(
             lr=settings.lr,
             betas=(settings.beta1, settings.beta2),
             eps=settings.eps,
-            fused=True,
+            foreach=False,
         )
     sequences = to_sequences(train, SMALL.block_size)
     model.train()

@@ -22,7 +22,7 @@ from lmps.core.optim import (
     ShardOptimizer,
     lr_at,
 )
-from lmps.core.partition import ALIGN, ParamInfo, Shard, assemble, plan_shards, shard_view
+from lmps.core.partition import ParamInfo, Shard, assemble, plan_shards, shard_view
 from lmps.rpc import codec
 from lmps.v1 import job_pb2
 
@@ -71,7 +71,7 @@ def reference_run(
             lr=settings.lr,
             betas=(settings.beta1, settings.beta2),
             eps=settings.eps,
-            fused=True,
+            foreach=False,
         )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(settings, s) / settings.lr)
     for g in grads:
@@ -330,44 +330,13 @@ def test_registries_name_what_the_literals_name():
             assert name in DEFAULTS, name
 
 
-def test_registry_builds_the_torch_rule_with_its_kernels():
-    """SGD: single-tensor kernels (fused SGD differs with the layout, see optim._sgd);
-    AdamW: the fused kernel, which the parity references use too."""
-    expected: dict[OptimizerKind, tuple[type, str]] = {
-        "sgd": (torch.optim.SGD, "foreach"),
-        "adamw": (torch.optim.AdamW, "fused"),
-    }
+def test_registry_builds_the_torch_rule_with_single_tensor_kernels():
+    expected: dict[OptimizerKind, type] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
     assert set(expected) == set(OPTIMIZERS)
-    for kind, (cls, kernel) in expected.items():
+    for kind, cls in expected.items():
         opt = small_optimizer(OptimizerSettings(kind, lr=0.1))
         assert type(opt._optimizer) is cls
-        for group in opt._optimizer.param_groups:
-            assert bool(group["fused"]) is (kernel == "fused")  # None: not asked for
-            assert not group["foreach"]
-
-
-def test_fused_adamw_does_not_depend_on_the_layout():
-    """ALIGN-ed slices of a tensor, each its own param, end bit-identical to the whole
-    tensor stepped at once: what lets servers shard AdamW state freely (resume onto another
-    number of servers included)."""
-    n = 10 * ALIGN + 17
-    g = torch.Generator().manual_seed(3)
-    start = torch.randn(n, generator=g)
-    grads = [torch.randn(n, generator=g) for _ in range(4)]
-    settings = OptimizerSettings("adamw", lr=0.01, weight_decay=0.1)
-
-    def run(sizes: list[int]) -> torch.Tensor:
-        parts = [p.clone() for p in start.split(sizes)]
-        opt = OPTIMIZERS["adamw"].build([{"params": parts, "weight_decay": 0.1}], 0.01, settings)
-        for grad in grads:
-            for p, gp in zip(parts, grad.split(sizes), strict=True):
-                p.grad = gp.clone()
-            opt.step()
-        return torch.cat([p.detach() for p in parts])
-
-    whole = run([n])
-    for sizes in ([3 * ALIGN, n - 3 * ALIGN], [ALIGN, 5 * ALIGN, n - 6 * ALIGN]):
-        assert torch.equal(run(sizes), whole), sizes
+        assert all(group["foreach"] is False for group in opt._optimizer.param_groups)
 
 
 def test_every_registry_name_has_its_proto_enum_value_and_back():
