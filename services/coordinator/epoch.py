@@ -77,10 +77,15 @@ class EpochRun:
             except ServerLost as lost:
                 first = False
                 reached = self.job.step
+                desk = self.job.epoch  # the failed attempt's
                 dead = self.placement.failover(self.job, self.epoch_no)
                 if dead:
                     self.totals.failovers += 1
                     self.totals.servers_lost += dead
+                    if desk is not None:  # it resumes at the survivors' version, job.step
+                        self.totals.unreported += desk.unreported
+                        self.redone_before += desk.book.redone_batches
+                        self.redone_before += desk.unapplied(self.job.step)
                     log.warning("epoch %d: %s; backups took over", self.epoch_no, lost)
                     continue
                 log.warning(
@@ -175,7 +180,7 @@ class EpochRun:
             except Unavailable as err:
                 raise ServerLost(str(err)) from None
             # SYNC: the active set = the barrier's members; discard_pending at attempt start.
-            desk.open(sorted(job.workers))
+            desk.open(sorted(job.workers), at=job.step)
         every = s.checkpoint_every
         next_ckpt = (job.step // every + 1) * every if every else 0
         return Attempt(desk, job.step, every, next_ckpt)
@@ -270,7 +275,7 @@ class EpochRun:
                 wall_s=wall,
                 tokens_per_s=t.tokens / wall if wall > 0 else 0.0,
                 data_shards_completed=len(book.completed),
-                batches=self.batches_before + len(t.losses),
+                batches=self.batches_before + len(t.losses) + t.unreported,
                 leases_released=book.releases,
                 batches_redone=book.redone_batches + self.redone_before,
                 workers_lost=t.lost,

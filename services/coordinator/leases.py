@@ -68,8 +68,11 @@ class EpochLeases:
             j for j, n in enumerate(self.shard_batches) if self.done.get(j, 0) >= n
         ]
         self.lost: set[str] = set()
+        # The leases each worker took since it (re)joined, in order: it trains them so.
+        self.taken: dict[str, list[Lease]] = {}
         self.releases = 0  # leases handed back by lost workers
         self.redone_batches = 0  # batches trained by a lost worker but not applied, trained again
+        self.unreported = 0  # batches pushed whose event never came (`account`)
         self._next_id = 0
         self._lock = threading.Lock()
 
@@ -94,6 +97,7 @@ class EpochLeases:
             )
             self._next_id += 1
             self.outstanding[lease.lease_id] = lease
+            self.taken.setdefault(worker_id, []).append(lease)
             return lease
 
     def record(self, lease_id: str, batch_index: int, step: int) -> None:
@@ -118,6 +122,7 @@ class EpochLeases:
         `applied_below` are kept (they are in the parameters); the rest will be redone."""
         with self._lock:
             self.lost.add(worker_id)
+            self.taken.pop(worker_id, None)
             orphaned: list[int] = []
             for lid in [
                 lid for lid, lease in self.outstanding.items() if lease.worker_id == worker_id
@@ -137,6 +142,7 @@ class EpochLeases:
         """A dropped worker is back (it re-registered): it may take leases again."""
         with self._lock:
             self.lost.discard(worker_id)
+            self.taken[worker_id] = []  # its order starts again at the version it joins at
 
     def rebalance(self, workers: list[str]) -> None:
         """Spread every shard not yet leased over `workers` (those training now plus a
@@ -171,6 +177,47 @@ class EpochLeases:
         with self._lock:
             leases = [*self.closed.values(), *self.outstanding.values()]
             return sum(1 for lease in leases for _, s in lease.seen if s >= below_step)
+
+    def account(self, members: Mapping[str, int], below_step: int) -> int | None:
+        """Record the pushes of the barrier's `members` that no step event reported, so that
+        `progress(below_step)` and `unapplied` count them. `members[w]`: the step from which
+        the barrier has required worker w (it still does). Returns how many were recorded;
+        None, recording nothing, when the events or leases do not fit (see below).
+
+        SYNC: every step a server made needed one push of every member, and a worker trains
+        the batches of its leases in the order it took them, one per step. So w pushed the
+        first `below_step - members[w]` of them at the steps `members[w]`, ... `below_step -
+        1`, reported or not (a push that reached the servers that made the step but failed on
+        a lost one is never reported, yet it is in the parameters), and the rest of a lease
+        it completed right after them (pushed, not in the parameters). None when an event
+        is not where this order puts it, a member made more steps than its leases hold, or
+        a worker that is not a member (nor lost) holds a lease: its steps are unknown."""
+        with self._lock:
+            found: list[tuple[Lease, int, int]] = []
+            for worker, since in sorted(members.items()):
+                leases = self.taken.get(worker, [])
+                order = [
+                    (lease, b) for lease in leases for b in range(lease.first_batch, lease.batches)
+                ]
+                at = {(lease.lease_id, b): since + i for i, (lease, b) in enumerate(order)}
+                if any(at.get((lease.lease_id, b)) != s for lease in leases for b, s in lease.seen):
+                    return None
+                applied = below_step - since
+                if applied > len(order):
+                    return None
+                for i, (lease, b) in enumerate(order):
+                    pushed = i < applied or lease.lease_id in self.closed
+                    if pushed and (b, since + i) not in lease.seen:
+                        found.append((lease, b, since + i))
+            if any(
+                lease.worker_id not in members and lease.worker_id not in self.lost
+                for lease in self.outstanding.values()
+            ):
+                return None
+            for lease, b, step in found:
+                lease.seen.append((b, step))
+            self.unreported += len(found)
+            return len(found)
 
     @property
     def finished(self) -> bool:
@@ -244,6 +291,7 @@ class LeaseDesk:
         self.servers = dict(servers)
         self.barrier = barrier
         self.active: set[str] = set()  # SYNC: the workers the barrier waits for
+        self.since: dict[str, int] = {}  # member -> the version the barrier requires it from
         self._lock = threading.RLock()
 
     @property
@@ -252,11 +300,14 @@ class LeaseDesk:
         done = self.book.done
         return sum(n - min(n, done.get(j, 0)) for j, n in enumerate(self.shard_batches))
 
-    def open(self, workers: Sequence[str]) -> None:
-        """`workers` become the barrier's members. SYNC: a step half-collected before this
-        attempt (an aborted one's pushes) is discarded, or it would mix into the first step."""
+    def open(self, workers: Sequence[str], at: int | None = None) -> None:
+        """`workers` become the barrier's members, from version `at` (the servers' common
+        version; None: unknown, and `account` cannot tell their unreported pushes). SYNC: a
+        step half-collected before this attempt (an aborted one's pushes) is discarded, or
+        it would mix into the first step."""
         with self._lock:
             self.active = set(workers)
+            self.since = {} if at is None else dict.fromkeys(workers, at)
             self.barrier.set_members(self.job_id, self.servers, self.active, discard_pending=True)
 
     def take(self, worker_id: str) -> DataLease | None:
@@ -324,6 +375,7 @@ class LeaseDesk:
                     self.barrier.set_members(self.job_id, self.servers, self.active)
                     continue
                 self.active = members
+                self.since[worker_id] = at
                 self.book.readmit(worker_id)
                 self.book.rebalance([*training, worker_id])
                 return at
@@ -334,6 +386,24 @@ class LeaseDesk:
 
     def unapplied(self, below_step: int) -> int:
         return self.book.unapplied(below_step)
+
+    def account(self, below_step: int) -> int | None:
+        """The servers are at version `below_step` (the ones left after a loss, or after a
+        stop): record the members' pushes below it, and those of leases they completed,
+        that no event reported (`EpochLeases.account`), before `progress(below_step)` says
+        where each data shard stands. Returns how many; None when that cannot be told (then
+        the epoch must roll back to a checkpoint instead of resuming at `below_step`).
+        Members without a known first version (a stopper) count only if they hold leases."""
+        with self._lock:
+            members = {w: self.since[w] for w in self.active if w in self.since}
+            if any(self.book.taken.get(w) for w in self.active - members.keys()):
+                return None
+            return self.book.account(members, below_step)
+
+    @property
+    def unreported(self) -> int:
+        """Batches pushed whose event never came, recorded by `account`."""
+        return self.book.unreported
 
     def freeze(self, stopper: str) -> int | None:
         """Stop the epoch at a step boundary: `stopper`, a member that never pushes, joins

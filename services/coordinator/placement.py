@@ -138,6 +138,13 @@ class Placement:
             shards = promote(job.shards, dead)
             survivors = {s: a for s, a in job.servers.items() if s not in dead}
             version, history = self.fleet.state(job.job_id, survivors)
+            # SYNC: the steps below `version` are in the survivors, reported or not: a push
+            # that reached them but failed on a lost server has no event, and training its
+            # batch again would apply it twice.
+            if job.epoch is not None and job.epoch.account(version) is None:
+                raise FailedPrecondition(
+                    f"the workers' step events do not add up to version {version}"
+                )
             progress = job.epoch.progress(below_step=version) if job.epoch else {}
             heartbeating = self.cluster.heartbeating(Role.WORKER)
             limit = job.settings.num_workers

@@ -83,19 +83,18 @@ class EpochStop:
     def settle(self, a: Attempt) -> None:
         """After a stop: the servers' version v, where each data shard stands at v (what
         the resumed epoch starts from, kept in a checkpoint so that it survives a
-        coordinator restart too) and the batches pushed at steps >= v, to be redone. When
-        the servers disagree (a half-applied step) or an event for a step in the
-        parameters never came, roll back to the latest checkpoint instead."""
+        coordinator restart too) and the batches pushed at steps >= v, to be redone. A push
+        below v whose event never came is told from the member's leases (`LeaseDesk.account`,
+        as after a failover). When the servers disagree (a half-applied step) or it cannot
+        be told, roll back to the latest checkpoint instead."""
         job = self.job
         try:
             version: int | None = self.fleet.version(job.job_id, job.servers)
         except (grpc.RpcError, LmpsError) as err:
             log.warning("epoch %d: stopped with the servers apart: %s", self.epoch_no, err)
             version = None
-        members = a.desk.active - {STOPPER}
-        if version is not None and all(
-            a.last_step.get(w, a.start_step - 1) >= version - 1 for w in members
-        ):
+        # SYNC: a member's pushes below v whose events never came are in the parameters.
+        if version is not None and a.desk.account(version) is not None:
             done = a.desk.progress(version)
             redone = self.redone_before + a.desk.unapplied(version)
             with job.lock:

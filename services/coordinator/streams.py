@@ -55,7 +55,8 @@ Event = job_pb2.ProgressEvent | Done | ServersLost
 class Totals:
     """What the epoch's summary counts, over all its attempts."""
 
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # one per step event
+    unreported: int = 0  # batches trained whose event never came (LeaseDesk.account)
     tokens: int = 0
     lost: list[str] = field(default_factory=list)
     joined: list[str] = field(default_factory=list)

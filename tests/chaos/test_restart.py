@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lmps.v1 import coordinator_pb2, job_pb2
-from tests.chaos.test_failures import params_of, start, submit
+from tests.chaos.test_failures import by_step, params_of, start, submit
 from tests.cluster.jobs import Driver
 
 pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
@@ -25,14 +25,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
 # How long the test keeps a worker from re-registering once the restored epoch is RUNNING:
 # well below the jobs' wait_for_members_s (30 s), which bounds how long the epoch waits.
 HOLD_S = 5.0
-
-
-def by_step(steps: list[job_pb2.StepEvent]) -> dict[int, set[tuple[int, int]]]:
-    """Which (data shard, batch) pairs made each step: the step's composition."""
-    out: dict[int, set[tuple[int, int]]] = {}
-    for s in steps:
-        out.setdefault(s.step, set()).add((s.data_shard, s.batch_index))
-    return out
 
 
 def state_of(driver: Driver, job_id: str) -> int:

@@ -188,3 +188,101 @@ def test_every_shard_exactly_once_whoever_is_lost(
     assert desk.finished
     assert sorted(desk.book.completed) == list(range(shards))
     assert barrier.members == []  # everyone left the barrier when out of data
+
+
+def opened_at(barrier: FakeBarrier, at: int, shards: int = 6) -> LeaseDesk:
+    """Two workers, data shards of two batches, the barrier requiring both from `at`."""
+    desk = make_desk(barrier, shards=shards)
+    desk.open(["w0", "w1"], at=at)
+    return desk
+
+
+def leased(desk: LeaseDesk, worker: str) -> DataLease:
+    lease = desk.take(worker)
+    assert lease is not None
+    return lease
+
+
+def test_a_step_the_servers_made_but_nobody_reported_is_counted_done() -> None:
+    """After a server loss the survivors stand at version 12: w1's push for step 11 reached
+    them (it failed on the lost server, so w1 never reported it). Step 11 is in the
+    parameters: resuming must not train w1's batch again."""
+    barrier = FakeBarrier()
+    desk = opened_at(barrier, 10)
+    a, b = leased(desk, "w0"), leased(desk, "w1")  # data shards 0 and 1
+    desk.record(a.lease_id, 0, 10)
+    desk.record(b.lease_id, 0, 10)
+    desk.record(a.lease_id, 1, 11)
+    desk.complete(a.lease_id, "w0")
+    c = leased(desk, "w0")  # shard 2, not trained yet: w0 waits for version 12
+    assert desk.progress(12) == {0: 2, 1: 1}  # without the inference: shard 1 batch 1 again
+    assert desk.account(12) == 1
+    assert desk.progress(12) == {0: 2, 1: 2}
+    assert desk.unapplied(12) == 0 and desk.unreported == 1
+    assert desk.account(12) == 0  # recorded once: asking again adds nothing
+    assert (c.data_shard, c.first_batch) == (2, 0)
+
+
+def test_unreported_steps_follow_each_workers_lease_order_across_leases() -> None:
+    """No event at all from w1 since step 10, the survivors at 13: w1 trained the leases it
+    took in order, one batch per step: shard 1's two batches at 10 and 11, shard 3's first
+    at 12. (w0 was lost meanwhile: not a member, so nothing is inferred for it.)"""
+    barrier = FakeBarrier()
+    desk = opened_at(barrier, 10)
+    first = leased(desk, "w1")
+    desk.complete(first.lease_id, "w1")
+    second = leased(desk, "w1")
+    assert (first.data_shard, second.data_shard) == (1, 3)
+    leased(desk, "w0")
+    desk.lose("w0")
+    assert desk.account(13) == 3
+    assert desk.progress(13) == {0: 0, 1: 2, 3: 1}  # shard 0: w0's, orphaned
+    assert desk.unapplied(13) == 0
+
+
+def test_a_completed_lease_pushed_past_the_version_is_redone_not_skipped() -> None:
+    """w1 pushed its lease's last batch at step 11 and completed it, but no event came and
+    the survivors stand at 11 (step 11 was not made): that batch is not in the parameters."""
+    barrier = FakeBarrier()
+    desk = opened_at(barrier, 10)
+    a, b = leased(desk, "w0"), leased(desk, "w1")
+    desk.record(a.lease_id, 0, 10)
+    desk.record(b.lease_id, 0, 10)
+    desk.complete(b.lease_id, "w1")
+    assert desk.progress(11) == {0: 1, 1: 2}  # the completed lease claims both batches
+    assert desk.account(11) == 1
+    assert desk.progress(11) == {0: 1, 1: 1} and desk.unapplied(11) == 1
+
+
+def test_events_that_do_not_fit_the_lease_order_are_not_guessed_at() -> None:
+    barrier = FakeBarrier()
+    desk = opened_at(barrier, 10)
+    b = leased(desk, "w1")
+    desk.record(b.lease_id, 1, 10)  # batch 1 at the step batch 0 was due
+    assert desk.account(12) is None and desk.unreported == 0
+
+    desk = opened_at(FakeBarrier(), 10)
+    leased(desk, "w1")
+    assert desk.account(13) is None  # three steps, but w1 only took a lease of two batches
+
+    desk = make_desk(FakeBarrier())  # opened without a version: its members' steps unknown
+    leased(desk, "w1")
+    assert desk.account(11) is None
+
+
+def test_a_joiner_counts_from_its_join_and_a_stopper_holds_nothing() -> None:
+    barrier = FakeBarrier()
+    desk = opened_at(barrier, 10)
+    a = leased(desk, "w0")
+    desk.record(a.lease_id, 0, 10)
+    desk.record(a.lease_id, 1, 11)
+    desk.complete(a.lease_id, "w0")
+    desk.active = {"w0"}  # w1 ran out of data and left the barrier
+    barrier.at = [12]
+    assert desk.join("w2", training=["w0"]) == 12
+    assert desk.freeze("(stopped)") == 12
+    assert desk.account(12) == 0  # the joiner is required from 12: nothing below it
+    j = leased(desk, "w2")
+    assert desk.account(13) is None  # w0 made step 12 with no lease left: does not add up
+    desk.active = desk.active - {"w0"}
+    assert desk.account(13) == 1 and desk.progress(13)[j.data_shard] == 1
