@@ -6,9 +6,11 @@ worker talks to every server directly and each link is used once per direction p
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import grpc
 import torch
@@ -17,6 +19,13 @@ from lmps.core.partition import Shard
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.v1 import parameter_pb2
+
+
+class Cancellable(Protocol):
+    """A call in flight (a Pull's iterator, a Push's future)."""
+
+    def cancel(self) -> bool: ...
+
 
 PULL = "/lmps.v1.ParameterService/Pull"
 PUSH = "/lmps.v1.ParameterService/Push"
@@ -67,7 +76,7 @@ class ServerPool:
             )
             for sid, ch in self.channels.items()
         }
-        self._calls: set[grpc.RpcContext] = set()  # calls in flight (each can `cancel`)
+        self._calls: set[Cancellable] = set()  # calls in flight
         self._calls_lock = threading.Lock()
         self._generation = 0  # one per epoch or evaluation (`begin`)
         self._cancelled = -1  # the generation cancelled last
@@ -82,14 +91,14 @@ class ServerPool:
             self._generation += 1
             return self._generation
 
-    def _track(self, call: grpc.RpcContext) -> None:
+    def _track(self, call: Cancellable) -> None:
         with self._calls_lock:
             self._calls.add(call)
             cancelled = self._cancelled == self._generation
         if cancelled:  # a pull made just after its epoch was cancelled would wait forever
             call.cancel()
 
-    def _untrack(self, call: grpc.RpcContext) -> None:
+    def _untrack(self, call: Cancellable) -> None:
         with self._calls_lock:
             self._calls.discard(call)
 
@@ -157,41 +166,82 @@ class ServerPool:
             raise RuntimeError(f"servers are at different versions {sorted(versions)}")
         return versions.pop(), values
 
-    def _push_messages(
-        self, server_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
-    ) -> Iterator[bytes]:
-        header = parameter_pb2.PushHeader(
-            job_id=self.job_id, worker_id=self.worker_id, step=step, weight=weight
-        )
-        yield parameter_pb2.PushRequest(header=header).SerializeToString()
-        for sid in self.by_server[server_id]:
-            # PushRequest.grad (field 2), encoded straight from the gradient's memory.
-            yield codec.shard_tensor_bytes(sid, step, grads[sid], self.wire_dtype, wrap=2)
-
-    def _push_one(
-        self, server_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
-    ) -> parameter_pb2.PushResponse:
-        call = self._push_raw[server_id].future(
-            self._push_messages(server_id, step, weight, grads),
-            timeout=self.timeout_s,
-        )
-        self._track(call)
-        try:
-            resp: parameter_pb2.PushResponse = call.result()
-            return resp
-        finally:
-            self._untrack(call)
+    def open_push(self, step: int, weight: float) -> PushStream:
+        """Start this worker's push for `step` to every server now, before the gradients
+        exist: each shard goes out as soon as it is `add`ed (during backward), so the push
+        overlaps the computation that produces it (DDP's bucketed all-reduce idea)."""
+        return PushStream(self, step, weight)
 
     def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
         """Push to every server in parallel; raises the first server error."""
-        futures = [
-            self.executor.submit(self._push_one, s, step, weight, grads) for s in self.channels
-        ]
+        stream = self.open_push(step, weight)
+        try:
+            for sid, grad in grads.items():
+                stream.add(sid, grad)
+        except BaseException:
+            stream.abort()
+            raise
+        stream.close()
+
+
+class PushStream:
+    """One push of one step, one client stream per server fed from a queue: the header at
+    once, then each shard's gradient as it is added (a shard goes to its owner and backup).
+    The server sees an ordinary Push; it is keyed by shard id, so order does not matter."""
+
+    def __init__(self, pool: ServerPool, step: int, weight: float) -> None:
+        self._pool, self._step = pool, step
+        header = parameter_pb2.PushHeader(
+            job_id=pool.job_id, worker_id=pool.worker_id, step=step, weight=weight
+        )
+        self._header = parameter_pb2.PushRequest(header=header).SerializeToString()
+        self._queues: dict[str, queue.SimpleQueue[tuple[str, torch.Tensor] | None]] = {
+            s: queue.SimpleQueue() for s in pool.by_server
+        }
+        self._holders: dict[str, list[str]] = {}
+        for server, sids in pool.by_server.items():
+            for sid in sids:
+                self._holders.setdefault(sid, []).append(server)
+        self._calls: dict[str, grpc.Future] = {}
+        for server in pool.by_server:
+            call = pool._push_raw[server].future(self._messages(server), timeout=pool.timeout_s)
+            pool._track(call)
+            self._calls[server] = call
+
+    def _messages(self, server: str) -> Iterator[bytes]:
+        yield self._header
+        for _ in self._pool.by_server[server]:
+            item = self._queues[server].get()
+            if item is None:  # aborted: the call is being cancelled, the server refuses it
+                return
+            sid, grad = item
+            # PushRequest.grad (field 2), encoded straight from the gradient's memory, here
+            # on gRPC's request thread rather than on the one running backward.
+            yield codec.shard_tensor_bytes(sid, self._step, grad, self._pool.wire_dtype, wrap=2)
+
+    def add(self, shard_id: str, grad: torch.Tensor) -> None:
+        """The final gradient of `shard_id` (not written to until `close` returns)."""
+        for server in self._holders[shard_id]:
+            self._queues[server].put((shard_id, grad))
+
+    def close(self) -> None:
+        """Wait for every server's answer (each shard must have been added); raises the first
+        server error."""
         errors = []
-        for f in futures:
+        for call in self._calls.values():
             try:
-                f.result()
+                call.result()
             except grpc.RpcError as err:
                 errors.append(err)
+            finally:
+                self._pool._untrack(call)
         if errors:
             raise errors[0]
+
+    def abort(self) -> None:
+        """Give up this push (backward failed, the epoch was cancelled): every stream is
+        cancelled, so no server applies a partial gradient."""
+        for server, call in self._calls.items():
+            self._queues[server].put(None)
+            call.cancel()
+            self._pool._untrack(call)

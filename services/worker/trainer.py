@@ -71,9 +71,43 @@ class ParameterClient(Protocol):
         """This worker's gradient for `step`, weighted by `weight` (its batch's sequences)."""
         ...
 
+    def open_push(self, step: int, weight: float) -> GradientSink:
+        """`push`, fed shard by shard while backward runs (see `GradientSink`)."""
+        ...
+
     def cancel(self) -> None:
         """Abort pulls and pushes in flight (the epoch that needed them was cancelled)."""
         ...
+
+
+class GradientSink(Protocol):
+    """One push in progress: `add` each shard's final gradient (any order, each once), then
+    `close` (waits for the servers, raises their error); `abort` gives it up, applying
+    nothing anywhere."""
+
+    def add(self, shard_id: str, grad: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class CollectingPush:
+    """A `GradientSink` that collects and makes one `push` at `close`: for clients that
+    cannot stream (the in-process tests' stores)."""
+
+    def __init__(self, client: ParameterClient, step: int, weight: float) -> None:
+        self.client, self.step, self.weight = client, step, weight
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def add(self, shard_id: str, grad: torch.Tensor) -> None:
+        self.grads[shard_id] = grad
+
+    def close(self) -> None:
+        self.client.push(self.step, self.weight, self.grads)
+
+    def abort(self) -> None:
+        self.grads = {}
 
 
 class StepModel(Protocol):
@@ -81,7 +115,13 @@ class StepModel(Protocol):
 
     def load(self, values: Mapping[str, torch.Tensor]) -> None: ...
 
-    def train_step(self, batch: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]: ...
+    def train_step(
+        self,
+        batch: torch.Tensor,
+        on_grad: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> tuple[float, dict[str, torch.Tensor]]:
+        """(loss, every shard's gradient); `on_grad` gets each one as soon as it is made."""
+        ...
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -168,10 +208,16 @@ class Trainer:
         self.step = version
         self.model.load(values)
         t1 = time.perf_counter()
-        loss, grads = self.model.train_step(batch)
+        # SYNC: push the plain gradient of this step, weighted by the batch's sequences; each
+        # shard leaves while backward still runs (push_s: the part not hidden behind it).
+        sink = self.params.open_push(self.step, float(batch.shape[0]))
+        try:
+            loss, _ = self.model.train_step(batch, on_grad=sink.add)
+        except BaseException:
+            sink.abort()
+            raise
         t2 = time.perf_counter()
-        # SYNC: push the plain gradient of this step, weighted by the batch's sequences.
-        self.params.push(self.step, float(batch.shape[0]), grads)
+        sink.close()
         t3 = time.perf_counter()
         n_tokens = batch.shape[0] * (batch.shape[1] - 1)
         return StepResult(

@@ -19,9 +19,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
+from lmps.client.launcher import LocalCluster
 from lmps.core.optim import OptimizerSettings
 from lmps.core.partition import Shard
 from lmps.rpc import codec
+from lmps.services.worker.pool import ServerPool
 from lmps.v1 import job_pb2, parameter_pb2, parameter_pb2_grpc, tensor_pb2
 from tests.conftest import LoadJob, health_status, load_messages
 
@@ -642,3 +644,33 @@ def test_pull_with_integer_wire_dtype_is_invalid(ps_stub: Stub, job: Job) -> Non
     with pytest.raises(grpc.RpcError) as info:
         _pull(ps_stub, job_id=job.job_id, wire_dtype=tensor_pb2.INT32)
     assert info.value.code() == Code.INVALID_ARGUMENT
+
+
+def test_a_streamed_push_applies_and_an_aborted_one_changes_nothing(
+    ps_stub: Stub, ps_cluster: LocalCluster, job: Job
+) -> None:
+    """The worker's `PushStream` (shards added while backward runs): a push opened and then
+    aborted half-way is refused by the server as a cancelled stream, leaving no trace; two
+    full streamed pushes make the step as plain pushes do."""
+    address = {SERVER: ps_cluster.procs[1].address}
+    pools = {w: ServerPool(job.job_id, w, SHARDS, address) for w in MEMBERS}
+    try:
+        g0, g1 = random_values(1), random_values(2)
+        half = pools["w0"].open_push(0, 3.0)
+        half.add(SHARDS[0].shard_id, g0[SHARDS[0].shard_id])
+        half.abort()
+        listing = ps_stub.ListShards(parameter_pb2.ListShardsRequest(job_id=job.job_id))
+        assert (listing.version, list(listing.pushed)) == (0, [])
+        for worker, g, weight in (("w0", g0, 3.0), ("w1", g1, 1.0)):
+            stream = pools[worker].open_push(0, weight)
+            for sid in reversed(list(g)):  # any order: backward makes the last layers first
+                stream.add(sid, g[sid])
+            stream.close()
+        version, values = pull_all(ps_stub, job.job_id, min_version=1)
+        assert version == 1
+        want = sgd(job.init, [(3.0, g0), (1.0, g1)])
+        for sid in want:
+            torch.testing.assert_close(values[sid], want[sid])
+    finally:
+        for pool in pools.values():
+            pool.close()

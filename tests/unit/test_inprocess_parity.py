@@ -25,7 +25,7 @@ from lmps.core.optim import OptimizerSettings, lr_at
 from lmps.core.partition import ParamInfo, Shard, assemble, plan_shards, shard_view
 from lmps.services.parameter_server.store import ParameterStore
 from lmps.services.worker.replica import Replica
-from lmps.services.worker.trainer import Lease, StepResult, Trainer
+from lmps.services.worker.trainer import CollectingPush, Lease, StepResult, Trainer
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
 JOB = "job-parity"
@@ -87,6 +87,9 @@ class StoreClient:
     def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
         for sid, store in self.stores.items():
             store.push(JOB, self.worker_id, step, weight, [(s, grads[s]) for s in self.owned[sid]])
+
+    def open_push(self, step: int, weight: float) -> CollectingPush:
+        return CollectingPush(self, step, weight)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -241,7 +244,7 @@ def reference(
             lr=settings.lr,
             betas=(settings.beta1, settings.beta2),
             eps=settings.eps,
-            fused=True,
+            foreach=False,
         )
     steps: dict[int, list[StepResult]] = defaultdict(list)
     for r in results:

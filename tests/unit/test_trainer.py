@@ -4,7 +4,7 @@ fake stub."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import pytest
@@ -15,7 +15,13 @@ from lmps.core.model import GPTConfig
 from lmps.rpc import codec
 from lmps.rpc.channel import DEFAULT_TIMEOUT_S
 from lmps.services.worker.leases import CoordinatorLeases
-from lmps.services.worker.trainer import Lease, StepResult, Trainer, check_eval_tokens
+from lmps.services.worker.trainer import (
+    CollectingPush,
+    Lease,
+    StepResult,
+    Trainer,
+    check_eval_tokens,
+)
 from lmps.v1 import coordinator_pb2
 
 B, T = 2, 4  # sequences per batch, tokens per sequence (inputs)
@@ -62,6 +68,9 @@ class FakeParams:
     def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
         self.pushes.append((step, weight, dict(grads)))
 
+    def open_push(self, step: int, weight: float) -> CollectingPush:
+        return CollectingPush(self, step, weight)
+
     def cancel(self) -> None:
         self.cancelled += 1
 
@@ -74,9 +83,16 @@ class FakeModel:
     def load(self, values: Mapping[str, torch.Tensor]) -> None:
         self.loaded.append(float(values["s"]))
 
-    def train_step(self, batch: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    def train_step(
+        self,
+        batch: torch.Tensor,
+        on_grad: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> tuple[float, dict[str, torch.Tensor]]:
         self.batches.append(batch)
-        return float(batch[0, 0]), {"s": batch[:, 0].float().sum().reshape(1)}
+        grads = {"s": batch[:, 0].float().sum().reshape(1)}
+        if on_grad is not None:
+            on_grad("s", grads["s"])
+        return float(batch[0, 0]), grads
 
 
 def make(
