@@ -286,3 +286,45 @@ def test_a_joiner_counts_from_its_join_and_a_stopper_holds_nothing() -> None:
     assert desk.account(13) is None  # w0 made step 12 with no lease left: does not add up
     desk.active = desk.active - {"w0"}
     assert desk.account(13) == 1 and desk.progress(13)[j.data_shard] == 1
+
+
+def test_a_lost_workers_push_the_servers_applied_without_its_event_is_not_trained_again() -> None:
+    """w1's push for step 11 reached every server (they made 11 with it), then w1 was killed
+    before its event got out; dropping it finds the servers at 12. Its lease is all in the
+    parameters: nobody trains shard 1's last batch again."""
+    barrier = FakeBarrier()
+    desk = opened_at(barrier, 10)
+    a, b = leased(desk, "w0"), leased(desk, "w1")  # data shards 0 and 1
+    desk.record(a.lease_id, 0, 10)
+    desk.record(b.lease_id, 0, 10)
+    desk.record(a.lease_id, 1, 11)
+    desk.complete(a.lease_id, "w0")
+    barrier.applied = 12
+    desk.lose("w1")
+    assert barrier.calls[-1] == (["w0"], False, ["w1"])
+    assert desk.progress(12)[1] == 2 and 1 in desk.book.completed
+    assert desk.book.redone_batches == 0 and desk.book.releases == 0
+    assert desk.unreported == 1  # trained, in the parameters, counted in `batches`
+    assert list(desk.book.orphans) == [3, 5]  # only the shards w1 had not taken
+
+
+def test_a_lost_workers_completed_lease_whose_last_push_was_discarded_is_leased_again() -> None:
+    """w1 pushed its lease's last batch for step 11 and completed the lease, then was
+    killed: its push was still pending (w0 had not pushed 11) and the drop discarded it.
+    That batch is not in the parameters: it is leased again, and counted as redone."""
+    for event in (False, True):  # whether its event for step 11 got out
+        barrier = FakeBarrier()
+        desk = opened_at(barrier, 10)
+        a, b = leased(desk, "w0"), leased(desk, "w1")
+        desk.record(a.lease_id, 0, 10)
+        desk.record(b.lease_id, 0, 10)
+        if event:
+            desk.record(b.lease_id, 1, 11)
+        desk.complete(b.lease_id, "w1")
+        barrier.applied = 11
+        desk.lose("w1")
+        assert desk.book.redone_batches == 1 and desk.book.releases == 1
+        assert desk.unreported == (0 if event else 1)
+        assert desk.progress(11) == {0: 1, 1: 1} and 1 not in desk.book.completed
+        redo = leased(desk, "w0")  # orphans first
+        assert (redo.data_shard, redo.first_batch, redo.batches) == (1, 1, 1)
