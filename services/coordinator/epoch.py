@@ -275,8 +275,7 @@ class EpochRun:
                 wall_s=wall,
                 tokens_per_s=t.tokens / wall if wall > 0 else 0.0,
                 data_shards_completed=len(book.completed),
-                # Unreported pushes: a failed attempt's, and a lost worker's (`lose`).
-                batches=self.batches_before + len(t.losses) + t.unreported + a.desk.unreported,
+                batches=self.batches_before + len(t.losses) + t.unreported,
                 leases_released=book.releases,
                 batches_redone=book.redone_batches + self.redone_before,
                 workers_lost=t.lost,

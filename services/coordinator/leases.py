@@ -117,46 +117,20 @@ class EpochLeases:
             self.done[lease.data_shard] = lease.batches
             self.completed.append(lease.data_shard)
 
-    def lose(self, worker_id: str, applied_below: int, since: int | None = None) -> list[int]:
+    def lose(self, worker_id: str, applied_below: int) -> list[int]:
         """Worker lost: its shards become orphans. Batches it pushed at steps below
-        `applied_below` are kept (they are in the parameters); the rest will be redone.
-
-        `since`: the version from which the barrier required the worker (it was a member
-        until now; None: unknown). SYNC: then every step below `applied_below` had one push
-        of it, in the order of its leases (`account`), reported or not: those batches are
-        kept, and a lease it completed whose pushes are at or past `applied_below` (discarded)
-        is leased again. Where the events do not fit that order, only the events count."""
+        `applied_below` are kept (they are in the parameters); the rest will be redone."""
         with self._lock:
-            if since is not None and worker_id not in self.lost:
-                found = self._infer(worker_id, since, applied_below)
-                if found is not None:
-                    for lease, b, step in found:
-                        lease.seen.append((b, step))
-                    self.unreported += len(found)
             self.lost.add(worker_id)
             self.taken.pop(worker_id, None)
             orphaned: list[int] = []
-            for lid, lease in [
-                (lid, lease)
-                for lid, lease in [*self.outstanding.items(), *self.closed.items()]
-                if lease.worker_id == worker_id
+            for lid in [
+                lid for lid, lease in self.outstanding.items() if lease.worker_id == worker_id
             ]:
+                lease = self.outstanding.pop(lid)
                 kept = [b for b, s in lease.seen if s < applied_below]
-                late = len(lease.seen) - len(kept)
                 first = max([lease.first_batch - 1, *kept]) + 1
-                if lid in self.closed:
-                    if not late:
-                        continue  # every push of it is in the parameters
-                    del self.closed[lid]
-                    self.completed.remove(lease.data_shard)
-                else:
-                    del self.outstanding[lid]
-                    if first >= lease.batches:  # its last push is in: it was done
-                        self.closed[lid] = lease
-                        self.done[lease.data_shard] = lease.batches
-                        self.completed.append(lease.data_shard)
-                        continue
-                self.redone_batches += late
+                self.redone_batches += len(lease.seen) - len(kept)
                 self.done[lease.data_shard] = first
                 orphaned.append(lease.data_shard)
                 self.releases += 1
@@ -221,10 +195,20 @@ class EpochLeases:
         with self._lock:
             found: list[tuple[Lease, int, int]] = []
             for worker, since in sorted(members.items()):
-                mine = self._infer(worker, since, below_step)
-                if mine is None:
+                leases = self.taken.get(worker, [])
+                order = [
+                    (lease, b) for lease in leases for b in range(lease.first_batch, lease.batches)
+                ]
+                at = {(lease.lease_id, b): since + i for i, (lease, b) in enumerate(order)}
+                if any(at.get((lease.lease_id, b)) != s for lease in leases for b, s in lease.seen):
                     return None
-                found += mine
+                applied = below_step - since
+                if applied > len(order):
+                    return None
+                for i, (lease, b) in enumerate(order):
+                    pushed = i < applied or lease.lease_id in self.closed
+                    if pushed and (b, since + i) not in lease.seen:
+                        found.append((lease, b, since + i))
             if any(
                 lease.worker_id not in members and lease.worker_id not in self.lost
                 for lease in self.outstanding.values()
@@ -234,26 +218,6 @@ class EpochLeases:
                 lease.seen.append((b, step))
             self.unreported += len(found)
             return len(found)
-
-    def _infer(
-        self, worker: str, since: int, below_step: int
-    ) -> list[tuple[Lease, int, int]] | None:
-        """`account` for one member required from `since`: (lease, batch, step) of its
-        pushes that no event reported; None when its events or leases do not fit."""
-        leases = self.taken.get(worker, [])
-        order = [(lease, b) for lease in leases for b in range(lease.first_batch, lease.batches)]
-        at = {(lease.lease_id, b): since + i for i, (lease, b) in enumerate(order)}
-        if any(at.get((lease.lease_id, b)) != s for lease in leases for b, s in lease.seen):
-            return None
-        applied = below_step - since
-        if applied > len(order):
-            return None
-        found: list[tuple[Lease, int, int]] = []
-        for i, (lease, b) in enumerate(order):
-            pushed = i < applied or lease.lease_id in self.closed
-            if pushed and (b, since + i) not in lease.seen:
-                found.append((lease, b, since + i))
-        return found
 
     @property
     def finished(self) -> bool:
@@ -379,15 +343,11 @@ class LeaseDesk:
         server), its shards orphaned, batches it pushed but that were never applied redone."""
         with self._lock:
             # SYNC: the barrier stops waiting for it and drops its half of the pending step.
-            member = worker_id in self.active
             self.active = self.active - {worker_id}
             applied_below = self.barrier.set_members(
                 self.job_id, self.servers, self.active, discard=[worker_id]
             )
-            # SYNC: every step below `applied_below` had its push (it was required from
-            # `since`), reported or not; a push pending now was discarded.
-            since = self.since.pop(worker_id, None)
-            self.book.lose(worker_id, applied_below, since if member else None)
+            self.book.lose(worker_id, applied_below)
 
     def join(self, worker_id: str, training: Sequence[str]) -> int | None:
         """The worker enters the barrier (before its stream starts: its first push must find
