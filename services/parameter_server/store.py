@@ -266,26 +266,14 @@ class ParameterStore:
     ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         """Copies of the shards at one version >= min_version (waits up to timeout_s)."""
         with self._cond:
-            job, wanted = self._pull_at(job_id, min_version, shard_ids, timeout_s, active)
+            job = self._require(job_id)
+            for sid in shard_ids:
+                if sid not in job.specs:
+                    raise NotFound(f"pull: unknown shard {sid!r}")
+            job = self._wait_for(job_id, min_version, timeout_s, active, pull=True)
             values = job.optimizer.values
+            wanted = shard_ids or list(job.specs)
             return job.version, [(sid, values[sid].clone()) for sid in wanted]
-
-    def _pull_at(
-        self,
-        job_id: str,
-        min_version: int,
-        shard_ids: Sequence[str],
-        timeout_s: float | None,
-        active: Callable[[], bool] | None,
-    ) -> tuple[_Job, Sequence[str]]:
-        """Under the lock: check `shard_ids` (empty: all), wait until a pull for
-        `min_version` may be answered; (the job, the shard ids to answer)."""
-        job = self._require(job_id)
-        for sid in shard_ids:
-            if sid not in job.specs:
-                raise NotFound(f"pull: unknown shard {sid!r}")
-        job = self._wait_for(job_id, min_version, timeout_s, active, pull=True)
-        return job, shard_ids or list(job.specs)
 
     def pull_encoded(
         self,
@@ -306,10 +294,14 @@ class ParameterStore:
         (`pushing`: by then its pusher has pulled; the pulls still streaming hold their own
         references), so it is not held alongside the incoming gradients."""
         with self._cond:
-            job, wanted = self._pull_at(job_id, min_version, shard_ids, timeout_s, active)
+            job = self._require(job_id)
+            for sid in shard_ids:
+                if sid not in job.specs:
+                    raise NotFound(f"pull: unknown shard {sid!r}")
+            job = self._wait_for(job_id, min_version, timeout_s, active, pull=True)
             values = job.optimizer.values
             out = []
-            for sid in wanted:
+            for sid in shard_ids or list(job.specs):
                 blob = job.encoded.get((key, sid))
                 if blob is None:
                     blob = job.encoded[(key, sid)] = encode(sid, job.version, values[sid])
