@@ -89,7 +89,7 @@ def run_with_fault(
 
 
 def assert_every_batch_trained(
-    steps: list[job_pb2.StepEvent], summary: job_pb2.EpochSummary
+    steps: list[job_pb2.StepEvent], summary: job_pb2.EpochSummary, batches_per_lease: int = 2
 ) -> set[tuple[int, int]]:
     """Every batch of every data shard appears, or the summary counts it as trained without
     an event; repeats only where the summary owns up. Returns the batches with no event.
@@ -97,7 +97,7 @@ def assert_every_batch_trained(
     (After a server loss with replication, a push that reached the surviving servers but not
     the lost one is never reported, yet the survivors applied it: the coordinator counts it.)"""
     n_seq = BATCHES * BATCH
-    plan = plan_data_shards(n_seq, BATCH, 2, 7, summary.epoch)
+    plan = plan_data_shards(n_seq, BATCH, batches_per_lease, 7, summary.epoch)
     expected = {(j, b) for j, ids in enumerate(plan) for b in range(len(ids) // BATCH)}
     seen = Counter((s.data_shard, s.batch_index) for s in steps)
     unreported = expected - set(seen)

@@ -24,10 +24,14 @@ from tests.cluster.jobs import Driver
 pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
 
 IP = shutil.which("ip")
+IPTABLES = shutil.which("iptables")
+LEASE = 8  # batches per lease (a cut early in one finds the worker pulling or pushing)
 
 
 def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
+    done = subprocess.run(args, capture_output=True)
+    if done.returncode:
+        raise RuntimeError(f"{args} failed: {done.stderr.decode().strip()}")
 
 
 @pytest.fixture
@@ -75,6 +79,8 @@ def test_partitioned_worker_is_dropped_and_its_stale_pushes_refused(
     tmp_path: Path, netns: tuple[str, str, str, str]
 ) -> None:
     ns, host_if, host_ip, ns_ip = netns
+    if IPTABLES is None:
+        pytest.skip("needs iptables to keep the healed worker away from the coordinator")
     env = {"LMPS_EXPIRY_S": "3", "LMPS_HEARTBEAT_S": "0.5"}
     spec = ClusterSpec(
         servers=2, workers=1, worker_threads=1, host=host_ip, run_dir=str(tmp_path), extra_env=env
@@ -110,9 +116,23 @@ def test_partitioned_worker_is_dropped_and_its_stale_pushes_refused(
         env={**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
     )
     driver = Driver(cluster.coordinator)
+    coord_port = cluster.coordinator.rsplit(":", 1)[1]
+    # The link heals to the servers only: were the coordinator's cancel of the dropped
+    # worker's epoch to arrive first, the worker would drop its step unpushed (a race the
+    # test must not depend on). The rules live in the worker's namespace, gone with it.
+    block = [
+        ["OUTPUT", "-p", "tcp", "--dport", coord_port, "-j", "DROP"],
+        ["INPUT", "-p", "tcp", "--sport", coord_port, "-j", "DROP"],
+    ]
+
+    def heal() -> None:
+        for rule in block:
+            sh(IP or "ip", "netns", "exec", ns, IPTABLES or "iptables", "-A", *rule)
+        sh(IP or "ip", "link", "set", host_if, "up")
+
     try:
         wait_healthy(f"{ns_ip}:{port}", timeout_s=60)
-        job_id = submit(driver)
+        job_id = submit(driver, batches_per_lease=LEASE)
         stream = driver.stub.RunEpoch(
             coordinator_pb2.RunEpochRequest(job_id=job_id, epoch=0), timeout=300
         )
@@ -126,17 +146,21 @@ def test_partitioned_worker_is_dropped_and_its_stale_pushes_refused(
             if ev.WhichOneof("kind") != "step":
                 continue
             steps.append(ev.step)
-            if not cut and sum(s.worker_id == "worker-p" for s in steps) >= 3:
+            mine = sum(s.worker_id == "worker-p" for s in steps)
+            # Cut early in one of its leases: the worker is then pulling, computing or
+            # pushing (not asking the coordinator for a lease), so it holds a step to push.
+            early = ev.step.worker_id == "worker-p" and ev.step.batch_index % LEASE < LEASE // 2
+            if not cut and mine >= 3 and early:
                 sh(IP or "ip", "link", "set", host_if, "down")  # the partition
                 cut = time.monotonic()
             if cut and not healed and time.monotonic() - cut > 6:
-                sh(IP or "ip", "link", "set", host_if, "up")  # heal, mid-epoch
+                heal()  # mid-epoch
                 healed = time.monotonic()
         if not healed:  # the epoch outran the partition: heal now, the stale step still comes
-            sh(IP or "ip", "link", "set", host_if, "up")
+            heal()
         assert summary is not None and cut
         assert "worker-p" in summary.workers_lost
-        assert_every_batch_trained(steps, summary)
+        assert_every_batch_trained(steps, summary, LEASE)
         # After the heal the cut-off worker's in-flight step reaches the servers and is refused.
         ports = [p.metrics_port for p in cluster.procs if p.name.startswith("ps-")]
         deadline = time.monotonic() + 30
@@ -144,6 +168,8 @@ def test_partitioned_worker_is_dropped_and_its_stale_pushes_refused(
             time.sleep(0.5)
         refused = push_refusals(host_ip, ports)
         assert refused > 0, "no stale push was refused after the heal"
+        for rule in block:  # and now the coordinator too: the worker finds itself dropped
+            sh(IP or "ip", "netns", "exec", ns, IPTABLES or "iptables", "-D", *rule)
         status = driver.stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), timeout=10)
         assert status.step == summary.end_step
         print(
