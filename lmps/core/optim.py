@@ -287,6 +287,27 @@ class ShardOptimizer:
         """The live master values by shard id (updated in place by `step`; do not write)."""
         return dict(self._params)
 
+    def assign(self, values: Mapping[str, Tensor]) -> None:
+        """Overwrite the master values with `values` (one per shard, any float dtype), keeping
+        the optimizer state: a worker's inner optimizer starts each local-steps round from
+        the global parameters with the moments it built in the rounds before (DiLoCo).
+
+        Raises ValueError, changing nothing, unless `values` has exactly the shard ids, each
+        with the shard's number of elements."""
+        if set(values) != set(self._params):
+            missing = sorted(set(self._params) - set(values))
+            extra = sorted(set(values) - set(self._params))
+            raise ValueError(f"values: missing {missing}, unexpected {extra}")
+        for sid, v in values.items():
+            if v.numel() != self._params[sid].numel() or not v.is_floating_point():
+                raise ValueError(
+                    f"value of {sid!r}: expected {self._params[sid].numel()} float elements, "
+                    f"got {v.dtype} {tuple(v.shape)}"
+                )
+        with torch.no_grad():
+            for sid, p in self._params.items():
+                p.copy_(values[sid].reshape(p.shape))
+
     def step(self, grads: Mapping[str, Tensor], step: int) -> None:
         """Apply one update with `grads` (one per shard) at the lr of global step `step`.
 

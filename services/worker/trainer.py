@@ -26,6 +26,7 @@ import torch
 
 from lmps.core.errors import InvalidArgument
 from lmps.core.model import GPTConfig
+from lmps.services.worker.local_steps import InnerLoop
 
 # -- collaborators -------------------------------------------------------------------------
 
@@ -164,6 +165,7 @@ class Trainer:
         leases: LeaseSource,
         batch_size: int,
         step: int = 0,
+        local: InnerLoop | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.model = model
@@ -171,6 +173,9 @@ class Trainer:
         self.leases = leases
         self.batch_size = batch_size
         self.step = step
+        self.local = local
+        """Local steps (DiLoCo): each push is a round of `local.steps` batches; None: each
+        batch pushes its gradient."""
 
     def cancel(self) -> None:
         """Unblock a pull waiting on the barrier (the epoch was cancelled)."""
@@ -191,13 +196,63 @@ class Trainer:
                 # SYNC: out of data; the source has released this worker from the barrier,
                 # so the others' next steps no longer wait for its push.
                 return
-            for b in range(lease.batches):
+            # SYNC: one push per version. A push is one batch's gradient, or under local
+            # steps one round's pseudo-gradient: up to H batches of this lease (rounds never
+            # cross leases, so the last round of a lease may be shorter).
+            per = 1 if self.local is None else self.local.steps
+            for first in range(0, lease.batches, per):
                 if not active():
                     return
-                batch = lease.tokens[b * self.batch_size : (b + 1) * self.batch_size]
-                yield self._train_batch(lease, b, batch)
-                self.step += 1  # SYNC: one push per version; the next step is the next version
+                if self.local is None:
+                    yield self._train_batch(lease, first, self._batch(lease, first))
+                else:
+                    n = min(per, lease.batches - first)
+                    results = self._train_round(lease, first, n, active)
+                    if results is None:
+                        return  # cancelled mid-round: nothing was pushed
+                    yield from results
+                self.step += 1  # the next step is the next version
             self.leases.complete(lease)
+
+    def _batch(self, lease: Lease, b: int) -> torch.Tensor:
+        return lease.tokens[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def _train_round(
+        self, lease: Lease, first: int, n: int, active: Callable[[], bool]
+    ) -> list[StepResult] | None:
+        """Local steps: pull, `n` inner steps on batches `first`.. of the lease, push Δ.
+        One result per batch, all at the round's version; the round's pull time is on its
+        first batch and its push time on its last."""
+        assert self.local is not None
+        t0 = time.perf_counter()
+        version, values = self.params.pull(self.step)
+        self.step = version  # SYNC: as `_train_batch`, follow the servers' version
+        t1 = time.perf_counter()
+        batches = [self._batch(lease, first + k) for k in range(n)]
+        done = self.local.run_round(version, values, batches, active)
+        if done is None:
+            return None
+        del values
+        t2 = time.perf_counter()
+        self.params.push(self.step, float(sum(b.shape[0] for b in batches)), done.delta)
+        t3 = time.perf_counter()
+        tokens = [b.shape[0] * (b.shape[1] - 1) for b in batches]
+        return [
+            StepResult(
+                worker_id=self.worker_id,
+                step=self.step,
+                loss=done.losses[k],
+                tokens=tokens[k],
+                tokens_per_s=sum(tokens) / max(t3 - t0, 1e-9),
+                pull_s=t1 - t0 if k == 0 else 0.0,
+                compute_s=done.compute_s[k],
+                push_s=t3 - t2 if k == n - 1 else 0.0,
+                lease_id=lease.lease_id,
+                data_shard=lease.data_shard,
+                batch_index=lease.first_batch + first + k,
+            )
+            for k in range(n)
+        ]
 
     def _train_batch(self, lease: Lease, b: int, batch: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
