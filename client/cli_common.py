@@ -59,7 +59,9 @@ def train_flags(p: argparse.ArgumentParser) -> None:
             else:
                 default = env_number(how.env, default, type(default))
         kwargs: dict[str, Any] = {"default": default}
-        if not isinstance(default, str):
+        if isinstance(default, bool):  # an on/off switch: --flag turns it on
+            kwargs["action"] = "store_false" if default else "store_true"
+        elif not isinstance(default, str):
             kwargs["type"] = type(default)
         for key in ("help", "choices", "metavar"):
             if getattr(how, key) is not None:

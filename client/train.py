@@ -14,8 +14,9 @@ from rich.console import Console
 from lmps.client import model_io, preflight, run_log
 from lmps.client.epoch_run import job_status, run_epoch_retrying
 from lmps.client.progress import RunProgress
-from lmps.client.train_options import TrainOptions, optimizer_request
+from lmps.client.train_options import TrainOptions, inner_optimizer_request, optimizer_request
 from lmps.client.train_stop import Where, report_interrupt, resume_command, say
+from lmps.core.compress import compression_from_name
 from lmps.core.data import encode_corpus, load_corpus, prepare_corpus, split_tokens
 from lmps.core.model import preset
 from lmps.core.optim import lr_at
@@ -34,6 +35,15 @@ def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_
         config = dataclasses.replace(
             config, block_size=opts.block_size or config.block_size, dropout=opts.dropout
         )
+    inner = inner_optimizer_request(opts)
+    local_steps = (
+        None
+        if inner is None
+        else job_pb2.LocalSteps(
+            steps=opts.local_steps, inner_optimizer=codec.optimizer_to_proto(inner)
+        )
+    )
+    mode, staleness = opts.staleness()
     return job_pb2.JobSpec(
         name=opts.name,
         model=codec.model_to_proto(config),
@@ -44,13 +54,16 @@ def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_
         epochs=opts.epochs,
         num_servers=opts.servers,
         num_workers=opts.workers,
-        consistency=codec.consistency_to_proto("sync"),
+        consistency=codec.consistency_to_proto(mode),
+        max_staleness=staleness,
         shard_bytes=opts.shard_bytes,
         wire_dtype=codec.to_proto_dtype(codec.dtype_from_name(opts.wire_dtype)),
         tokenizer_json=tokenizer_json,
         checkpoint_every=opts.checkpoint_every,
         wait_for_members_s=opts.wait_members_s,
         replication=opts.replication,
+        local_steps=local_steps,
+        push_compression=codec.compression_to_proto(compression_from_name(opts.push_compression)),
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmps.client import preflight
+from lmps.core.compress import compression_from_name
 from lmps.core.model import PRESETS
 from lmps.core.optim import (
     DEFAULTS,
@@ -20,7 +21,7 @@ from lmps.core.optim import (
     OptimizerRequest,
     ScheduleName,
 )
-from lmps.core.settings import WIRE_DTYPES
+from lmps.core.settings import MAX_LOCAL_STEPS, MAX_STALENESS, WIRE_DTYPES, Consistency
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,29 @@ class TrainOptions:
         metadata=flag("optimisation", "sequences per worker per step (default %(default)s)"),
     )
     batches_per_lease: int = field(
-        default=8, metadata=flag("optimisation", "batches in one data lease")
+        default=0,
+        metadata=flag(
+            "optimisation",
+            "batches in one data lease; 0 = 8, or H with --local-steps (then a multiple of H)",
+        ),
     )
     optimizer: OptimizerKind = field(default="adamw", metadata=flag("optimisation", choices=KINDS))
     lr: float = field(
         default=3e-3, metadata=flag("optimisation", "peak learning rate (default %(default)s)")
     )
     momentum: float = field(default=0.9, metadata=flag("optimisation", "SGD momentum"))
+    nesterov: bool = field(
+        default=False, metadata=flag("optimisation", "SGD Nesterov momentum (DiLoCo's outer)")
+    )
+    consistency: str = field(
+        default="sync",
+        metadata=flag(
+            "optimisation",
+            "sync (every step waits for every worker), or ssp:S (bounded staleness: a worker "
+            "may run up to S steps ahead of the slowest; ssp:0 is sync)",
+            metavar="MODE",
+        ),
+    )
     weight_decay: float = field(
         default=0.1, metadata=flag("optimisation", "decoupled decay on weights (not biases/norms)")
     )
@@ -119,6 +136,33 @@ class TrainOptions:
     warmup_steps: int = field(default=10, metadata=flag("optimisation"))
     min_lr: float = field(default=3e-4, metadata=flag("optimisation"))
     seed: int = field(default=1337, metadata=flag("optimisation"))
+    # -- local steps (DiLoCo); the --optimizer above is then the outer one, on the servers
+    local_steps: int = field(
+        default=0,
+        metadata=flag(
+            "local steps (DiLoCo)",
+            "H: inner steps each worker runs per push of its pseudo-gradient (one version per "
+            "round of H batches); --optimizer/--lr become the outer optimizer (DiLoCo: sgd, "
+            "lr 0.7, momentum 0.9); 0 = off",
+            metavar="H",
+        ),
+    )
+    inner_optimizer: OptimizerKind = field(
+        default="adamw", metadata=flag("local steps (DiLoCo)", "run on each worker", choices=KINDS)
+    )
+    inner_lr: float = field(
+        default=1e-3, metadata=flag("local steps (DiLoCo)", "inner peak learning rate")
+    )
+    inner_weight_decay: float = field(default=0.1, metadata=flag("local steps (DiLoCo)"))
+    inner_warmup_steps: int = field(
+        default=0, metadata=flag("local steps (DiLoCo)", "in inner steps (H per version)")
+    )
+    inner_schedule: ScheduleName = field(
+        default="constant",
+        metadata=flag(
+            "local steps (DiLoCo)", "over inner steps (outer steps x H)", choices=SCHEDULE_NAMES
+        ),
+    )
     # -- cluster
     servers: int = field(
         default=0, metadata=flag("cluster", "parameter servers to use; 0 = all registered")
@@ -150,6 +194,15 @@ class TrainOptions:
     )
     shard_bytes: int = field(
         default=0, metadata=flag("cluster", "largest parameter shard in bytes; 0 = default")
+    )
+    push_compression: str = field(
+        default="none",
+        metadata=flag(
+            "cluster",
+            "none, int8[:CHUNK] (per-chunk int8, ~4x fewer bytes) or topk[:RATIO] (largest "
+            "RATIO of each shard, e.g. topk:0.01), with error feedback on the workers",
+            metavar="KIND",
+        ),
     )
     # -- checkpoints and recovery
     resume: str = field(
@@ -220,6 +273,14 @@ class TrainOptions:
             raise ValueError(f"--optimizer must be {' or '.join(KINDS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be {' or '.join(SCHEDULE_NAMES)}")
+        self._check_local_steps()
+        self.staleness()  # raises on a bad --consistency
+        try:
+            compression_from_name(self.push_compression)
+        except ValueError as err:
+            raise ValueError(f"--push-compression: {err}") from None
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError("--nesterov is an SGD setting: add --optimizer sgd")
         if self.replication not in (1, 2):
             raise ValueError("--replication must be 1 or 2")
         if self.replication == 2 and self.servers == 1:
@@ -227,6 +288,61 @@ class TrainOptions:
                 "--replication 2 keeps every shard on two parameter servers: --servers 1 is "
                 "too few; use --servers 0 (every registered one) or 2 or more"
             )
+
+    def staleness(self) -> tuple[Consistency, int]:
+        """--consistency as (mode, max_staleness): "sync" -> ("sync", 0), "ssp:S" ->
+        ("bounded_staleness", S)."""
+        if self.consistency == "sync":
+            return "sync", 0
+        name, _, bound = self.consistency.partition(":")
+        if name != "ssp" or not bound.isdigit() or int(bound) > MAX_STALENESS:
+            raise ValueError(
+                f"--consistency must be sync or ssp:S with S in [0, {MAX_STALENESS}], got "
+                f"{self.consistency!r}"
+            )
+        return "bounded_staleness", int(bound)
+
+    def _check_local_steps(self) -> None:
+        if not 0 <= self.local_steps <= MAX_LOCAL_STEPS:
+            raise ValueError(f"--local-steps must be in [0, {MAX_LOCAL_STEPS}] (0 = off)")
+        if self.batches_per_lease < 0:
+            raise ValueError("--batches-per-lease must be >= 0 (0 = the default)")
+        if not self.local_steps:
+            given = [
+                f"--{f.name.replace('_', '-')}"
+                for f in dataclasses.fields(self)
+                if f.name in INNER_FLAGS and getattr(self, f.name) != f.default
+            ]
+            if given:
+                # Never silently ignored: without local steps no inner optimizer runs.
+                raise ValueError(
+                    f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} "
+                    "with local steps: add --local-steps H"
+                )
+            return
+        if self.inner_optimizer not in OPTIMIZERS:
+            raise ValueError(f"--inner-optimizer must be {' or '.join(KINDS)}")
+        if self.inner_schedule not in SCHEDULES:
+            raise ValueError(f"--inner-schedule must be {' or '.join(SCHEDULE_NAMES)}")
+        if self.batches_per_lease % self.local_steps:
+            raise ValueError(
+                f"--batches-per-lease {self.batches_per_lease} must be a multiple of "
+                f"--local-steps {self.local_steps} (or 0: {self.local_steps}, one round a lease)"
+            )
+        try:
+            inner_optimizer_request(self)
+        except ValueError as err:
+            raise ValueError(f"inner optimizer (--inner-*): {err}") from None
+
+
+INNER_FLAGS = (
+    "inner_optimizer",
+    "inner_lr",
+    "inner_weight_decay",
+    "inner_warmup_steps",
+    "inner_schedule",
+)
+"""`TrainOptions` fields that only apply with --local-steps."""
 
 
 def flags() -> Iterator[tuple[str, Any, Flag]]:
@@ -245,8 +361,23 @@ def optimizer_request(opts: TrainOptions) -> OptimizerRequest:
         lr=opts.lr,
         # Only the chosen rule's own settings travel (AdamW refuses momentum).
         momentum=opts.momentum if "momentum" in takes else DEFAULTS["momentum"],
+        nesterov=opts.nesterov,
         weight_decay=opts.weight_decay,
         schedule=opts.schedule,
         warmup_steps=opts.warmup_steps,
         min_lr=opts.min_lr,
+    )
+
+
+def inner_optimizer_request(opts: TrainOptions) -> OptimizerRequest | None:
+    """The inner optimizer the options ask for (None without --local-steps). total_steps
+    stays open (0): the coordinator makes it the outer total_steps x H."""
+    if not opts.local_steps:
+        return None
+    return OptimizerRequest(
+        kind=opts.inner_optimizer,
+        lr=opts.inner_lr,
+        weight_decay=opts.inner_weight_decay,
+        schedule=opts.inner_schedule,
+        warmup_steps=opts.inner_warmup_steps,
     )

@@ -17,24 +17,33 @@ from typing import Literal, get_args
 
 import torch
 
+from lmps.core.compress import NONE, Compression
 from lmps.core.model import GPTConfig
 from lmps.core.optim import OptimizerSettings
 from lmps.core.partition import DEFAULT_SHARD_BYTES
 
-Consistency = Literal["sync"]
+Consistency = Literal["sync", "bounded_staleness"]
 """How workers and servers agree on a version (the consistency seam's modes).
 
 "sync": bulk synchronous (BSP): step s is applied once every active worker's gradient for s
-has arrived (weighted mean), and pulls for s + 1 see exactly that version. Asynchronous and
-bounded-staleness modes (Petuum SSP, ps-lite's bounded delay) are siblings to come.
+has arrived (weighted mean), and pulls for s + 1 see exactly that version. With local steps
+(`JobSettings.local_steps`, DiLoCo) the same barrier averages pseudo-gradients instead, one
+version per round of H inner steps: local steps change what a push carries, not the mode.
+"bounded_staleness": stale synchronous parallel (Petuum SSP; ps-lite's bounded delay) with
+bound s = `JobSettings.max_staleness`: steps are made as under SYNC, one at a time, each the
+weighted mean of every active worker's push for it, but a worker at step c may compute on any
+version >= c - s, so the fast run up to s steps ahead of the slowest before they wait. s = 0
+is SYNC exactly. An asynchronous mode (every push applied at once) is a sibling to come.
 """
 CONSISTENCIES: tuple[str, ...] = get_args(Consistency)
+MAX_STALENESS = 1000  # steps; each step ahead holds one more pending gradient per worker
 
-DEFAULT_BATCHES_PER_LEASE = 8
+DEFAULT_BATCHES_PER_LEASE = 8  # without local steps; with them, H (one round a lease)
 DEFAULT_KEEP_CHECKPOINTS = 3
 DEFAULT_WAIT_FOR_MEMBERS_S = 60.0
 MAX_WAIT_FOR_MEMBERS_S = 3600.0
 MIN_SHARD_BYTES = 4  # one fp32 element
+MAX_LOCAL_STEPS = 10_000  # H; a round longer than this is a typo, not a plan
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -57,22 +66,60 @@ class JobState(StrEnum):
 
 
 def default_total_steps(
-    epochs: int, train_sequences: int, batch_size: int, workers: int, batches_per_lease: int = 1
+    epochs: int,
+    train_sequences: int,
+    batch_size: int,
+    workers: int,
+    batches_per_lease: int = 1,
+    local_steps: int = 1,
 ) -> int:
-    """Steps of a whole job when the spec leaves it open, at least one.
+    """Steps (versions) of a whole job when the spec leaves it open, at least one.
 
-    SYNC: one step takes one batch from every worker still holding data, and data shard j
+    SYNC: one step takes one push from every worker still holding data, and data shard j
     (of `batches_per_lease` batches; the last may be short) belongs to worker j mod W, so an
-    epoch lasts as many steps as the busiest worker has batches. (Dividing the batches evenly
+    epoch lasts as many steps as the busiest worker has pushes. (Dividing the batches evenly
     over the workers undercounts whenever the shards do not split evenly, and the last steps
     would run past the end of the learning-rate schedule.)
+
+    A push is one batch, or with `local_steps` H one round: up to H batches of one lease
+    (rounds never cross a lease), so a lease of b batches makes ceil(b / H) steps.
     """
     batches = train_sequences // max(1, batch_size)
     per = max(1, batches_per_lease)
+    h = max(1, local_steps)
     w = max(1, workers)
-    shard_batches = [min(per, batches - start) for start in range(0, batches, per)]
-    per_worker = [sum(shard_batches[i::w]) for i in range(w)]
+    shard_rounds = [-(-min(per, batches - start) // h) for start in range(0, batches, per)]
+    per_worker = [sum(shard_rounds[i::w]) for i in range(w)]
     return max(1, epochs) * max(1, max(per_worker))
+
+
+@dataclass(frozen=True)
+class LocalSteps:
+    """DiLoCo local steps (Douillard et al., 2023, "DiLoCo: Distributed Low-Communication
+    Training of Language Models"). Mirrors `lmps.v1.LocalSteps`.
+
+    Each worker runs `steps` inner optimizer steps (`inner`) on its own batches from the
+    global parameters of version v, then pushes the pseudo-gradient (global - local); the
+    servers average the members' pseudo-gradients as any SYNC step and apply the job's
+    `optimizer`, the outer one. A version is one round: up to H batches of one lease.
+    """
+
+    steps: int
+    """H: inner steps per round, in [1, MAX_LOCAL_STEPS]."""
+    inner: OptimizerSettings
+    """The inner optimizer each worker runs, resolved: its schedule counts inner steps (the
+    lr of inner step k of the round made at version v is the schedule at v * H + k), and its
+    `total_steps` (> 0) is (outer total_steps) x H unless the spec set it."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= MAX_LOCAL_STEPS:
+            raise ValueError(
+                f"local_steps.steps must be in [1, {MAX_LOCAL_STEPS}], got {self.steps}"
+            )
+        if not isinstance(self.inner, OptimizerSettings):
+            raise ValueError("local_steps.inner must be resolved OptimizerSettings")
+        if self.inner.total_steps <= 0:
+            raise ValueError("local_steps.inner.total_steps must be resolved (> 0)")
 
 
 @dataclass(frozen=True)
@@ -115,6 +162,12 @@ class JobSettings:
     """Newest checkpoints kept on disk; > 0."""
     replication: int = 1
     """Copies of every shard: 1, or 2 (a backup server takes over with no step lost)."""
+    local_steps: LocalSteps | None = None
+    """DiLoCo local steps: each push is a round of H inner steps' pseudo-gradient, and a
+    version (a step of `optimizer`, the outer one) is one round. None: plain SYNC, one
+    gradient per batch. `batches_per_lease` must then be a multiple of H."""
+    push_compression: Compression = NONE
+    """How workers compress their pushes, with error feedback (`lmps.core.compress`)."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -129,6 +182,8 @@ class JobSettings:
             )
         if self.consistency == "sync" and self.max_staleness:
             raise ValueError("max_staleness is for bounded-staleness modes; SYNC needs 0")
+        if not 0 <= self.max_staleness <= MAX_STALENESS:
+            raise ValueError(f"max_staleness must be in [0, {MAX_STALENESS}]")
         if self.shard_bytes < MIN_SHARD_BYTES:
             raise ValueError(f"shard_bytes must be >= {MIN_SHARD_BYTES}")
         if self.wire_dtype not in WIRE_DTYPES:
@@ -152,6 +207,13 @@ class JobSettings:
             )
         if self.optimizer.total_steps <= 0:
             raise ValueError("optimizer.total_steps must be resolved (> 0)")
+        if self.local_steps is not None and self.batches_per_lease % self.local_steps.steps:
+            # Every full lease is whole rounds; only a shard cut short by the data ends in a
+            # shorter one.
+            raise ValueError(
+                f"batches_per_lease {self.batches_per_lease} must be a multiple of "
+                f"local_steps.steps {self.local_steps.steps}"
+            )
 
     def for_workers(self) -> JobSettings:
         """The same settings without what workers never use (the tokenizer can be MBs)."""

@@ -22,6 +22,16 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from lmps.core.compress import (
+    DEFAULT_CHUNK,
+    DEFAULT_RATIO,
+    Compression,
+    CompressionKind,
+    Dense,
+    Encoded,
+    Int8Chunks,
+    TopK,
+)
 from lmps.core.model import GPTConfig
 from lmps.core.optim import (
     DEFAULTS,
@@ -40,6 +50,7 @@ from lmps.core.settings import (
     DEFAULT_WAIT_FOR_MEMBERS_S,
     Consistency,
     JobSettings,
+    LocalSteps,
 )
 from lmps.v1 import job_pb2, parameter_pb2, tensor_pb2
 
@@ -133,6 +144,39 @@ def _field(tag: int, payload: bytes) -> bytes:
     return bytes((tag,)) + _varint(len(payload)) if payload else b""
 
 
+Buffer = bytes | memoryview
+
+
+def _tensor_fields(tensor: torch.Tensor, dtype: torch.dtype | None) -> tuple[bytes, Buffer]:
+    """A `lmps.v1.Tensor` as (its bytes up to its data's, the data): the data is a view of
+    the CPU tensor's memory, copied once when the caller joins the parts."""
+    t = tensor.detach()
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    t = t.cpu().contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+    shape = b"".join(_varint(d) for d in t.shape)
+    # Tensor: 1 dtype (varint), 2 shape (packed varints), 3 data (bytes).
+    head = b"\x08" + _varint(to_proto_dtype(t.dtype)) + _field(0x12, shape) + shape
+    if len(data):
+        head += b"\x1a" + _varint(len(data))
+    return head, data
+
+
+def _shard_frame(
+    shard_id: str, version: int, head: bytes, data: Buffer, tail: bytes, wrap: int
+) -> bytes:
+    """ShardTensor: 1 shard_id (string), 2 version (varint), 3 tensor (`head` + `data`), then
+    `tail` (field 4, compression, already framed); inside field `wrap` of a message when set."""
+    size = len(head) + len(data)
+    sid = shard_id.encode()
+    outer = _field(0x0A, sid) + sid + (b"\x10" + _varint(version) if version else b"")
+    outer += b"\x1a" + _varint(size)
+    if wrap:
+        outer = bytes((wrap << 3 | 2,)) + _varint(len(outer) + size + len(tail)) + outer
+    return b"".join((outer, head, data, tail))
+
+
 def shard_tensor_bytes(
     shard_id: str,
     version: int,
@@ -153,27 +197,40 @@ def shard_tensor_bytes(
     (protobuf.dev/programming-guides/encoding), fields in number order, proto3 defaults (0,
     empty) left out as protobuf does.
     """
-    t = tensor.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    t = t.cpu().contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
-    shape = b"".join(_varint(d) for d in t.shape)
-    # Tensor: 1 dtype (varint), 2 shape (packed varints), 3 data (bytes).
-    head = b"\x08" + _varint(to_proto_dtype(t.dtype)) + _field(0x12, shape) + shape
-    if len(data):
-        head += b"\x1a" + _varint(len(data))
-    size = len(head) + len(data)
-    sid = shard_id.encode()
-    # ShardTensor: 1 shard_id (string), 2 version (varint), 3 tensor (message).
-    outer = _field(0x0A, sid) + sid + (b"\x10" + _varint(version) if version else b"")
-    outer += b"\x1a" + _varint(size)
-    if wrap:
-        outer = bytes((wrap << 3 | 2,)) + _varint(len(outer) + size) + outer
-    return b"".join((outer, head, data))
+    head, data = _tensor_fields(tensor, dtype)
+    return _shard_frame(shard_id, version, head, data, b"", wrap)
 
 
-Buffer = bytes | memoryview
+def _compressed_tail(kind: int, numel: int, chunk: int, scales: bytes, indices: bytes) -> bytes:
+    """ShardTensor field 4, a `Compressed`: 1 kind, 2 numel, 3 chunk (varints), 4 scales,
+    5 indices (bytes); zeros and empty bytes left out, as protobuf does."""
+    body = b"\x08" + _varint(kind) + (b"\x10" + _varint(numel) if numel else b"")
+    body += (b"\x18" + _varint(chunk)) if chunk else b""
+    body += _field(0x22, scales) + scales + _field(0x2A, indices) + indices
+    return b"\x22" + _varint(len(body)) + body
+
+
+def _le_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().numpy().tobytes()
+
+
+def compressed_shard_bytes(shard_id: str, version: int, sent: Encoded, *, wrap: int = 0) -> bytes:
+    """A serialized `lmps.v1.ShardTensor` carrying a compressed shard (`lmps.core.compress`):
+    byte for byte what protobuf serializes for it, the payload copied once as in
+    `shard_tensor_bytes`. A `Dense` one is a plain ShardTensor. Only pushes may carry these."""
+    if isinstance(sent, Dense):
+        return shard_tensor_bytes(shard_id, version, sent.values, wrap=wrap)
+    if isinstance(sent, Int8Chunks):
+        head, data = _tensor_fields(sent.q, None)
+        tail = _compressed_tail(
+            tensor_pb2.Compressed.INT8, sent.numel, sent.chunk, _le_bytes(sent.scales), b""
+        )
+    else:
+        head, data = _tensor_fields(sent.values, None)
+        tail = _compressed_tail(
+            tensor_pb2.Compressed.TOPK, sent.numel, 0, b"", _le_bytes(sent.indices)
+        )
+    return _shard_frame(shard_id, version, head, data, tail, wrap)
 
 
 def _read_varint(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
@@ -213,13 +270,13 @@ def _fields(buf: Buffer, pos: int, end: int) -> Iterator[tuple[int, int, int, in
         raise CodecError("field runs past the message")
 
 
-def view_shard_tensor(blob: Buffer) -> tuple[str, int, torch.Tensor]:
-    """A serialized `lmps.v1.ShardTensor` -> (shard_id, version, tensor), the tensor a view
-    of `blob`'s bytes (no copy: READ-ONLY, valid while `blob` lives; copy it into its
-    destination). The inverse of `shard_tensor_bytes`, for a worker that loads pulled shards
-    straight into its parameters; any valid encoding of the message parses (fields in any
-    order, packed or unpacked shape, unknown fields skipped). CodecError when malformed."""
+def _parse_shard_tensor(
+    blob: Buffer,
+) -> tuple[str, int, torch.Tensor, tuple[int, int] | None]:
+    """(shard_id, version, tensor as a read-only view of `blob`, the byte range of its
+    `compression` field or None when it has none). CodecError when malformed."""
     shard_id, version, tensor = "", 0, (0, 0)
+    compression: tuple[int, int] | None = None
     dtype_value, shape, data = 0, [], (0, 0)
     for number, kind, a, b in _fields(blob, 0, len(blob)):
         if number == 1 and kind == 2:
@@ -231,6 +288,8 @@ def view_shard_tensor(blob: Buffer) -> tuple[str, int, torch.Tensor]:
             version = a
         elif number == 3 and kind == 2:
             tensor = (a, b)
+        elif number == 4 and kind == 2:
+            compression = (a, b)
     for number, kind, a, b in _fields(blob, *tensor):
         if number == 1 and kind == 0:
             dtype_value = a
@@ -253,15 +312,89 @@ def view_shard_tensor(blob: Buffer) -> tuple[str, int, torch.Tensor]:
             f"needs {want} bytes, got {data[1] - data[0]}"
         )
     if not want:
-        return shard_id, version, torch.empty(shape, dtype=dtype)
+        return shard_id, version, torch.empty(shape, dtype=dtype), compression
     flat = torch.frombuffer(blob, dtype=dtype, count=want // dtype.itemsize, offset=data[0])
-    return shard_id, version, flat if len(shape) == 1 else flat.view(shape)
+    return shard_id, version, flat if len(shape) == 1 else flat.view(shape), compression
 
 
-def read_push_request(blob: bytes) -> parameter_pb2.PushHeader | tuple[str, int, torch.Tensor]:
-    """A serialized `lmps.v1.PushRequest` -> its header, or its gradient as
+def view_shard_tensor(blob: Buffer) -> tuple[str, int, torch.Tensor]:
+    """A serialized `lmps.v1.ShardTensor` -> (shard_id, version, tensor), the tensor a view
+    of `blob`'s bytes (no copy: READ-ONLY, valid while `blob` lives; copy it into its
+    destination). The inverse of `shard_tensor_bytes`, for a worker that loads pulled shards
+    straight into its parameters; any valid encoding of the message parses (fields in any
+    order, packed or unpacked shape, unknown fields skipped). CodecError when malformed, or
+    when compressed (only a push may be: `read_push_request`)."""
+    shard_id, version, tensor, compression = _parse_shard_tensor(blob)
+    if compression is not None:
+        raise CodecError(f"shard {shard_id!r} is compressed; only pushes may be")
+    return shard_id, version, tensor
+
+
+def _array(blob: Buffer, a: int, b: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """Little-endian `dtype` values in blob[a:b] (a read-only view)."""
+    if (b - a) % dtype.itemsize:
+        raise CodecError(f"{what}: {b - a} bytes is not a whole number of {dtype}")
+    if a == b:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(blob, dtype=dtype, count=(b - a) // dtype.itemsize, offset=a)
+
+
+def read_compressed(
+    blob: Buffer, where: tuple[int, int], payload: torch.Tensor, shard_id: str = ""
+) -> Encoded:
+    """The `Compressed` message in blob[where] describing `payload` (the ShardTensor's
+    tensor) -> a validated `Int8Chunks` / `TopK` (views of `blob`; `decode()` makes the dense
+    fp32 shard). CodecError naming the problem (see `lmps.v1.Compressed`)."""
+    kind = numel = chunk = 0
+    scales, indices = (0, 0), (0, 0)
+    for number, wire, a, b in _fields(blob, *where):
+        if wire == 0 and number in (1, 2, 3):
+            if number == 1:
+                kind = a
+            elif number == 2:
+                numel = a
+            else:
+                chunk = a
+        elif wire == 2 and number == 4:
+            scales = (a, b)
+        elif wire == 2 and number == 5:
+            indices = (a, b)
+    what = f"compressed shard {shard_id!r}"
+    sent: Encoded
+    if kind == tensor_pb2.Compressed.INT8:
+        if indices[1] > indices[0]:
+            raise CodecError(f"{what}: int8 carries no indices")
+        sent = Int8Chunks(
+            numel=numel,
+            chunk=chunk,
+            q=payload,
+            scales=_array(blob, *scales, torch.float32, f"{what} scales"),
+        )
+    elif kind == tensor_pb2.Compressed.TOPK:
+        if scales[1] > scales[0] or chunk:
+            raise CodecError(f"{what}: top-k carries no scales or chunk")
+        sent = TopK(
+            numel=numel,
+            indices=_array(blob, *indices, torch.int32, f"{what} indices"),
+            values=payload,
+        )
+    else:
+        raise CodecError(f"{what}: unknown compression kind {kind}")
+    try:
+        sent.validate()
+    except ValueError as err:
+        raise CodecError(f"{what}: {err}") from None
+    return sent
+
+
+def read_push_request(
+    blob: bytes,
+) -> parameter_pb2.PushHeader | tuple[str, int, torch.Tensor | Encoded]:
+    """A serialized `lmps.v1.PushRequest` -> its header, or its gradient: a tensor as
     `view_shard_tensor` gives it (a read-only view of `blob`: no copy on the server's push
-    path). CodecError when malformed or when neither field is set."""
+    path), or for a compressed one its validated `Int8Chunks` / `TopK` (`read_compressed`),
+    which the store decodes once it has checked its numel. CodecError when malformed or when
+    neither field is set."""
     view = memoryview(blob)
     kind = None
     for number, wire, a, b in _fields(view, 0, len(view)):
@@ -275,7 +408,11 @@ def read_push_request(blob: bytes) -> parameter_pb2.PushHeader | tuple[str, int,
             return parameter_pb2.PushHeader.FromString(bytes(view[a:b]))
         except Exception as err:  # protobuf's DecodeError
             raise CodecError(f"malformed PushHeader: {err}") from None
-    return view_shard_tensor(view[a:b])
+    grad = view[a:b]
+    shard_id, version, tensor, compression = _parse_shard_tensor(grad)
+    if compression is None:
+        return shard_id, version, tensor
+    return shard_id, version, read_compressed(grad, compression, tensor, shard_id)
 
 
 def expected_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
@@ -441,20 +578,76 @@ def consistency_to_proto(mode: Consistency) -> job_pb2.Consistency:
     return cast(job_pb2.Consistency, job_pb2.Consistency.Value(mode.upper()))
 
 
+def _resolved_optimizer(m: job_pb2.OptimizerConfig, total_steps: int) -> OptimizerSettings:
+    """`m` with an open (0) total_steps filled in by `total_steps`."""
+    resolved = job_pb2.OptimizerConfig()
+    resolved.CopyFrom(m)
+    resolved.total_steps = resolved.total_steps or total_steps
+    return optimizer_from_proto(resolved)
+
+
+def local_steps_from_proto(spec: job_pb2.JobSpec, outer_total_steps: int) -> LocalSteps | None:
+    """The spec's local steps, None when unset; the inner optimizer's open total_steps
+    becomes `outer_total_steps` x H. Raises ValueError naming the field."""
+    if not spec.HasField("local_steps"):
+        return None
+    m = spec.local_steps
+    if not m.HasField("inner_optimizer"):
+        raise ValueError("local_steps.inner_optimizer is required when local_steps is set")
+    steps = int(m.steps)
+    try:
+        inner = _resolved_optimizer(m.inner_optimizer, outer_total_steps * max(1, steps))
+    except ValueError as err:
+        raise ValueError(f"local_steps.inner_optimizer: {err}") from None
+    return LocalSteps(steps=steps, inner=inner)
+
+
+def local_steps_to_proto(s: LocalSteps) -> job_pb2.LocalSteps:
+    return job_pb2.LocalSteps(steps=s.steps, inner_optimizer=optimizer_to_proto(s.inner))
+
+
+_COMPRESSION_KINDS = {
+    tensor_pb2.Compressed.KIND_UNSPECIFIED: "none",
+    tensor_pb2.Compressed.INT8: "int8",
+    tensor_pb2.Compressed.TOPK: "topk",
+}
+
+
+def compression_from_proto(m: job_pb2.PushCompression) -> Compression:
+    """`JobSpec.push_compression` -> `Compression` (0 chunk / ratio: the defaults). Raises
+    ValueError naming the field."""
+    kind = _COMPRESSION_KINDS.get(m.kind)
+    if kind is None:
+        raise ValueError(f"push_compression: unknown kind {m.kind}")
+    try:
+        return Compression(
+            kind=cast(CompressionKind, kind),
+            chunk=int(m.chunk) or DEFAULT_CHUNK,
+            ratio=float(m.ratio) or DEFAULT_RATIO,
+        )
+    except ValueError as err:
+        raise ValueError(f"push_compression: {err}") from None
+
+
+def compression_to_proto(c: Compression) -> job_pb2.PushCompression:
+    kind = next(k for k, name in _COMPRESSION_KINDS.items() if name == c.kind)
+    return job_pb2.PushCompression(kind=kind, chunk=c.chunk, ratio=c.ratio)
+
+
 def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSettings:
     """The one place a `JobSpec` is read: every "0 means default" resolved here.
 
-    `total_steps` is used when the spec's optimizer leaves it at 0. Raises ValueError (with
-    the field named) on anything invalid.
+    `total_steps` is used when the spec's optimizer leaves it at 0 (with local steps, the
+    inner optimizer's open total_steps is the outer one x H, and batches_per_lease 0 is H).
+    Raises ValueError (with the field named) on anything invalid.
     """
     model = model_from_proto(spec.model)
-    optimizer = job_pb2.OptimizerConfig()
-    optimizer.CopyFrom(spec.optimizer)
-    optimizer.total_steps = optimizer.total_steps or total_steps
     try:
-        optim = optimizer_from_proto(optimizer)
+        optim = _resolved_optimizer(spec.optimizer, total_steps)
     except ValueError as err:
         raise ValueError(f"optimizer: {err}") from None
+    local = local_steps_from_proto(spec, optim.total_steps)
+    default_per_lease = local.steps if local is not None else DEFAULT_BATCHES_PER_LEASE
     return JobSettings(
         name=spec.name,
         model=model,
@@ -462,7 +655,7 @@ def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSe
         batch_size=int(spec.batch_size),
         seed=int(spec.seed),
         epochs=int(spec.epochs),
-        batches_per_lease=int(spec.batches_per_lease) or DEFAULT_BATCHES_PER_LEASE,
+        batches_per_lease=int(spec.batches_per_lease) or default_per_lease,
         num_servers=int(spec.num_servers),
         num_workers=int(spec.num_workers),
         consistency=consistency_from_proto(spec.consistency),
@@ -474,6 +667,8 @@ def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSe
         checkpoint_every=int(spec.checkpoint_every),
         keep_checkpoints=int(spec.keep_checkpoints) or DEFAULT_KEEP_CHECKPOINTS,
         replication=int(spec.replication) or 1,
+        local_steps=local,
+        push_compression=compression_from_proto(spec.push_compression),
     )
 
 
@@ -498,4 +693,6 @@ def job_settings_to_proto(s: JobSettings) -> job_pb2.JobSpec:
         checkpoint_every=s.checkpoint_every,
         keep_checkpoints=s.keep_checkpoints,
         replication=s.replication,
+        local_steps=None if s.local_steps is None else local_steps_to_proto(s.local_steps),
+        push_compression=compression_to_proto(s.push_compression),
     )

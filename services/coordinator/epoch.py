@@ -168,6 +168,8 @@ class EpochRun:
             done=done,
             servers=job.servers,
             barrier=self.fleet,
+            # Local steps: a worker pushes once a round of H batches (DiLoCo).
+            per_push=s.local_steps.steps if s.local_steps else 1,
         )
         with job.lock:
             job.epoch = desk
@@ -237,7 +239,8 @@ class EpochRun:
 
     def _maybe_checkpoint(self, a: Attempt) -> None:
         """Checkpoint version `next_checkpoint` once it is whole, in the background."""
-        # SYNC: version v is whole once every active worker has pushed its step v - 1.
+        # SYNC: version v is whole once every active worker has pushed its step v - 1 (with
+        # local steps a round's events come once its push is in: any of them says so).
         active = set(a.desk.active)
         every, target = a.checkpoint_every, a.next_checkpoint
         if not (every and active and all(a.last_step.get(w, -1) >= target - 1 for w in active)):
@@ -275,7 +278,7 @@ class EpochRun:
                 wall_s=wall,
                 tokens_per_s=t.tokens / wall if wall > 0 else 0.0,
                 data_shards_completed=len(book.completed),
-                batches=self.batches_before + len(t.losses) + t.unreported,
+                batches=self.batches_before + len(t.losses) + t.unreported + book.unreported,
                 leases_released=book.releases,
                 batches_redone=book.redone_batches + self.redone_before,
                 workers_lost=t.lost,

@@ -100,6 +100,7 @@ class Fleet:
                 members=sorted(members),
                 version=version,
                 consistency=codec.consistency_to_proto(settings.consistency),
+                max_staleness=settings.max_staleness,
                 checkpoint_every=settings.checkpoint_every,
                 history=history,
             )

@@ -11,6 +11,12 @@ resumed run) would differ. So shard j is owned by worker j mod W (workers sorted
 each worker takes its own shards in order. Shards of a lost worker become orphans that any
 worker (including a replacement that joins mid-epoch) takes first.
 
+Local steps (DiLoCo): a push is one round, up to H (`per_push`) consecutive batches of one
+lease counted from its first batch (rounds never cross a lease; the last of a lease may be
+shorter), and every batch of a round is reported at the round's step. A round is applied
+whole or not at all, so where a shard stands (`progress`, `lose`) is always a round's start.
+Without local steps H is 1: a round is a batch.
+
 A new consistency mode (ASYNC, bounded staleness) is a sibling of `LeaseDesk` with its own
 membership rule, plus the branches marked `# SYNC:` in epoch.py and streams.py.
 """
@@ -45,9 +51,15 @@ class EpochLeases:
         shard_batches: Sequence[int],
         workers: Sequence[str],
         done: Mapping[int, int] | None = None,
+        *,
+        per_push: int = 1,
     ) -> None:
-        """`shard_batches[j]`: batches in data shard j; `done[j]`: batches already trained."""
+        """`shard_batches[j]`: batches in data shard j; `done[j]`: batches already trained;
+        `per_push`: batches a worker trains per push (H of local steps; 1 without)."""
+        if per_push < 1:
+            raise ValueError(f"per_push must be >= 1, got {per_push}")
         self.epoch = epoch
+        self.per_push = per_push
         self.shard_batches = list(shard_batches)
         self.done: dict[int, int] = {j: n for j, n in (done or {}).items() if n > 0}
         self.own: dict[str, deque[int]] = {w: deque() for w in sorted(workers)}
@@ -72,7 +84,7 @@ class EpochLeases:
         self.taken: dict[str, list[Lease]] = {}
         self.releases = 0  # leases handed back by lost workers
         self.redone_batches = 0  # batches trained by a lost worker but not applied, trained again
-        self.unreported = 0  # batches pushed whose event never came (`account`)
+        self.unreported = 0  # batches pushed whose event never came (`account`, `lose`)
         self._next_id = 0
         self._lock = threading.Lock()
 
@@ -100,6 +112,24 @@ class EpochLeases:
             self.taken.setdefault(worker_id, []).append(lease)
             return lease
 
+    def _rounds(self, lease: Lease) -> list[range]:
+        """The lease's rounds in training order: `per_push` batches each from its first
+        batch, the last cut at the lease's end (rounds never cross a lease)."""
+        h = self.per_push
+        return [
+            range(b, min(b + h, lease.batches)) for b in range(lease.first_batch, lease.batches, h)
+        ]
+
+    def _round_start(self, lease: Lease, batch: int) -> int:
+        """The first batch of the round `batch` belongs to."""
+        return (
+            lease.first_batch + max(0, batch - lease.first_batch) // self.per_push * self.per_push
+        )
+
+    def _round_end(self, lease: Lease, batch: int) -> int:
+        """One past the last batch of the round `batch` belongs to."""
+        return min(lease.batches, self._round_start(lease, batch) + self.per_push)
+
     def record(self, lease_id: str, batch_index: int, step: int) -> None:
         """A step event: `batch_index` of the lease was pushed at `step`."""
         with self._lock:
@@ -119,7 +149,11 @@ class EpochLeases:
 
     def lose(self, worker_id: str, applied_below: int) -> list[int]:
         """Worker lost: its shards become orphans. Batches it pushed at steps below
-        `applied_below` are kept (they are in the parameters); the rest will be redone."""
+        `applied_below` are kept (they are in the parameters); the rest will be redone.
+
+        A round is applied whole: one batch of it reported below `applied_below` keeps the
+        round (its batches whose events never came are counted in `unreported`), and the
+        re-leased shard starts at the next round."""
         with self._lock:
             self.lost.add(worker_id)
             self.taken.pop(worker_id, None)
@@ -129,8 +163,9 @@ class EpochLeases:
             ]:
                 lease = self.outstanding.pop(lid)
                 kept = [b for b, s in lease.seen if s < applied_below]
-                first = max([lease.first_batch - 1, *kept]) + 1
+                first = max([lease.first_batch, *(self._round_end(lease, b) for b in kept)])
                 self.redone_batches += len(lease.seen) - len(kept)
+                self.unreported += len(set(range(lease.first_batch, first)) - set(kept))
                 self.done[lease.data_shard] = first
                 orphaned.append(lease.data_shard)
                 self.releases += 1
@@ -159,17 +194,20 @@ class EpochLeases:
         """Batches per data shard that are in the parameters at version `below_step`.
 
         A lease is completed once its last batch is pushed, before that step is applied:
-        a batch pushed at a step >= `below_step` is not in the parameters, done or not."""
+        a batch pushed at a step >= `below_step` is not in the parameters, done or not. A
+        round is in the parameters whole or not at all: a shard stands at a round's start."""
         with self._lock:
             out = dict(self.done)
             for lease in [*self.closed.values(), *self.outstanding.values()]:
                 late = [b for b, s in lease.seen if s >= below_step]
                 kept = [b for b, s in lease.seen if s < below_step]
-                if late:  # batches go in order: the first unapplied one is where to resume
-                    if min(late) or lease.data_shard in out:
-                        out[lease.data_shard] = min(late)
+                if late:  # rounds go in order: the first unapplied one is where to resume
+                    start = self._round_start(lease, min(late))
+                    if start or lease.data_shard in out:
+                        out[lease.data_shard] = start
                 elif kept:
-                    out[lease.data_shard] = max(out.get(lease.data_shard, 0), max(kept) + 1)
+                    end = self._round_end(lease, max(kept))
+                    out[lease.data_shard] = max(out.get(lease.data_shard, 0), end)
             return out
 
     def unapplied(self, below_step: int) -> int:
@@ -185,30 +223,34 @@ class EpochLeases:
         None, recording nothing, when the events or leases do not fit (see below).
 
         SYNC: every step a server made needed one push of every member, and a worker trains
-        the batches of its leases in the order it took them, one per step. So w pushed the
-        first `below_step - members[w]` of them at the steps `members[w]`, ... `below_step -
-        1`, reported or not (a push that reached the servers that made the step but failed on
-        a lost one is never reported, yet it is in the parameters), and the rest of a lease
-        it completed right after them (pushed, not in the parameters). None when an event
-        is not where this order puts it, a member made more steps than its leases hold, or
-        a worker that is not a member (nor lost) holds a lease: its steps are unknown."""
+        the rounds of its leases (`per_push` batches of one lease; one batch without local
+        steps) in the order it took them, one round per step. So w pushed the first
+        `below_step - members[w]` rounds at the steps `members[w]`, ... `below_step - 1`,
+        reported or not (a push that reached the servers that made the step but failed on a
+        lost one is never reported, yet it is in the parameters), and the rest of a lease it
+        completed right after them (pushed, not in the parameters). None when an event is
+        not where this order puts it, a member made more steps than its leases hold rounds,
+        or a worker that is not a member (nor lost) holds a lease: its steps are unknown."""
         with self._lock:
             found: list[tuple[Lease, int, int]] = []
             for worker, since in sorted(members.items()):
                 leases = self.taken.get(worker, [])
-                order = [
-                    (lease, b) for lease in leases for b in range(lease.first_batch, lease.batches)
-                ]
-                at = {(lease.lease_id, b): since + i for i, (lease, b) in enumerate(order)}
+                order = [(lease, r) for lease in leases for r in self._rounds(lease)]
+                at = {
+                    (lease.lease_id, b): since + i for i, (lease, r) in enumerate(order) for b in r
+                }
                 if any(at.get((lease.lease_id, b)) != s for lease in leases for b, s in lease.seen):
                     return None
                 applied = below_step - since
                 if applied > len(order):
                     return None
-                for i, (lease, b) in enumerate(order):
+                for i, (lease, r) in enumerate(order):
                     pushed = i < applied or lease.lease_id in self.closed
-                    if pushed and (b, since + i) not in lease.seen:
-                        found.append((lease, b, since + i))
+                    found += [
+                        (lease, b, since + i)
+                        for b in r
+                        if pushed and (b, since + i) not in lease.seen
+                    ]
             if any(
                 lease.worker_id not in members and lease.worker_id not in self.lost
                 for lease in self.outstanding.values()
@@ -281,13 +323,15 @@ class LeaseDesk:
         done: Mapping[int, int],
         servers: Mapping[str, str],
         barrier: Barrier,
+        per_push: int = 1,
     ) -> None:
         """`plan[j]`: sequence ids of data shard j (rows of `train`); `done[j]`: batches of
-        shard j already trained (resuming)."""
+        shard j already trained (resuming); `per_push`: batches per push, H of local steps
+        (1 without: `EpochLeases`)."""
         self.job_id, self.epoch = job_id, epoch
         self.plan, self.train, self.batch_size = list(plan), train, batch_size
         self.shard_batches = [len(ids) // batch_size for ids in plan]
-        self.book = EpochLeases(epoch, self.shard_batches, sorted(workers), done)
+        self.book = EpochLeases(epoch, self.shard_batches, sorted(workers), done, per_push=per_push)
         self.servers = dict(servers)
         self.barrier = barrier
         self.active: set[str] = set()  # SYNC: the workers the barrier waits for

@@ -6,7 +6,8 @@ then the servers' settled version, where every data shard stands at it and the b
 pushed past it are recorded in `job.resume` and in a checkpoint, so `lmps train --resume`
 continues mid-epoch with the same step composition (deterministic leases) and a restarted
 coordinator does too. When the servers disagree (a half-applied step), the epoch rolls back
-to the latest checkpoint instead.
+to the latest checkpoint instead. With local steps a step is a round of H batches: the stop
+is at a round boundary, and the rounds pushed at v are trained again from their first batch.
 """
 
 from __future__ import annotations

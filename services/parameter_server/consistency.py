@@ -62,9 +62,12 @@ class Barrier(Protocol):
         """The pending step: the version the barrier started at plus the updates it made."""
         ...
 
-    def admit(self, worker_id: str, step: int, version: int) -> None:
-        """Raise unless `worker_id` may push for `step` with the server at `version`.
-        Changes nothing: the store checks the gradients after this and before `push`."""
+    def admit(
+        self, worker_id: str, step: int, version: int, computed_at: int | None = None
+    ) -> None:
+        """Raise unless `worker_id` may push for `step` with the server at `version`, with
+        a gradient computed at version `computed_at` (None: at `step`). Changes nothing:
+        the store checks the gradients after this and before `push`."""
         ...
 
     def push(
@@ -85,6 +88,12 @@ class Barrier(Protocol):
         FailedPrecondition, nothing changed, when `join_at` > 0 and the barrier is past it."""
         ...
 
+    def ready(self) -> Update | None:
+        """The update of the pending step if it is already complete: after an update, the
+        next step's pushes may all be in (bounded staleness lets workers push ahead). The
+        store asks after every update it applies, until None."""
+        ...
+
     def readable(self, version: int, wanted: int) -> bool:
         """May a pull asking for `wanted` be answered with the server at `version`?"""
         ...
@@ -99,6 +108,14 @@ class SyncBarrier:
     fp64: the result does not depend on arrival order or timing, and weight * grad sums
     cannot overflow.
 
+    Bounded staleness (`max_staleness` s > 0; Petuum's SSP, Ho et al., "More Effective
+    Distributed ML via a Stale Synchronous Parallel Parameter Server", NIPS 2013): a worker's
+    clock is the step it pushes for, and it may push for steps up to s past the server's
+    version, with a gradient computed at any version >= step - s. Steps are still applied
+    one at a time, in order, each the weighted mean of every required member's push for it:
+    the composition of every step is SYNC's; only the versions the gradients were computed
+    at may lag, by at most s. s = 0 is SYNC exactly.
+
     SYNC: a join takes effect at one version on every server. Mid-step the servers may be one
     version apart (one made step s, another still waits for an in-flight push for s); a
     joiner required from s + 1 is not waited for at s on the lagging one, so both make s
@@ -112,13 +129,19 @@ class SyncBarrier:
         numel: Mapping[str, int],
         members: Iterable[str],
         version: int = 0,
+        max_staleness: int = 0,
     ) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self._job_id = job_id
         self._numel = dict(numel)  # shard id -> elements, in load order
         self._version = version  # the pending step
+        self._staleness = max_staleness
         self._first = dict.fromkeys(members, 0)  # member -> first version it is required for
-        self._contrib: dict[str, dict[str, torch.Tensor]] = {}  # worker -> fp32 grad per shard
-        self._weight: dict[str, float] = {}  # worker -> weight (samples) for the pending step
+        # step -> worker -> fp32 grad per shard / weight (samples); SYNC: only the pending
+        # step; bounded staleness: up to s steps past it too.
+        self._contrib: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self._weight: dict[int, dict[str, float]] = {}
         # The fp64 accumulator, reused for every shard of every step: a fresh 2 x shard-sized
         # buffer each time is page faults on every byte (large blocks are their own mappings).
         self._scratch = torch.empty(max(self._numel.values(), default=0), dtype=torch.float64)
@@ -129,40 +152,63 @@ class SyncBarrier:
 
     @property
     def pushed(self) -> frozenset[str]:
-        return frozenset(self._weight)
+        return frozenset(self._weight.get(self._version, {}))
+
+    @property
+    def ahead(self) -> frozenset[str]:
+        """Workers with a push pending for a step past the pending one (bounded staleness)."""
+        return frozenset(w for s, ws in self._weight.items() if s > self._version for w in ws)
 
     @property
     def pending(self) -> int:
-        return len(self._required() - self._weight.keys())
+        return len(self._required(self._version) - self._weight.get(self._version, {}).keys())
 
     @property
     def version(self) -> int:
         return self._version
 
-    def _required(self) -> set[str]:
-        """The members the pending step waits for."""
-        return {w for w, first in self._first.items() if first <= self._version}
+    @property
+    def max_staleness(self) -> int:
+        return self._staleness
 
-    def admit(self, worker_id: str, step: int, version: int) -> None:
+    def _required(self, step: int) -> set[str]:
+        """The members step `step` waits for."""
+        return {w for w, first in self._first.items() if first <= step}
+
+    def admit(
+        self, worker_id: str, step: int, version: int, computed_at: int | None = None
+    ) -> None:
         first = self._first.get(worker_id)
         if first is None:
             raise NotFound(f"push: worker {worker_id!r} is not a member of job {self._job_id!r}")
         if step < version:
             raise FailedPrecondition(f"push: stale step {step}; server is at version {version}")
-        if step > version:
-            raise OutOfRange(f"push: future step {step}; server is at version {version}")
+        if step > version + self._staleness:
+            bound = f" + max_staleness {self._staleness}" if self._staleness else ""
+            raise OutOfRange(f"push: future step {step}; server is at version {version}{bound}")
         if step < first:
             raise FailedPrecondition(
                 f"push: worker {worker_id!r} joined at version {first}, not for step {step}"
             )
-        if worker_id in self._weight:
+        if worker_id in self._weight.get(step, {}):
             raise AlreadyExists(f"push: worker {worker_id!r} already pushed step {step}")
+        if computed_at is not None:
+            if computed_at > version:
+                raise FailedPrecondition(
+                    f"push: computed at version {computed_at}; server is at version {version}"
+                )
+            if not step - self._staleness <= computed_at <= step:
+                raise FailedPrecondition(
+                    f"push: step {step} computed at version {computed_at}, outside "
+                    f"[step - max_staleness {self._staleness}, step]"
+                )
 
     def push(
         self, worker_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
     ) -> Update | None:
-        self._contrib[worker_id] = {sid: g.to(torch.float32) for sid, g in grads.items()}
-        self._weight[worker_id] = weight
+        contrib = {sid: g.to(torch.float32) for sid, g in grads.items()}
+        self._contrib.setdefault(step, {})[worker_id] = contrib
+        self._weight.setdefault(step, {})[worker_id] = weight
         return self._complete()
 
     def set_members(
@@ -175,9 +221,15 @@ class SyncBarrier:
         # A member already here keeps the version it was required from; a new one (or one
         # removed before and added again) is required from `join_at` on.
         self._first = {w: self._first.get(w, join_at) for w in sorted(set(members))}
-        for worker_id in set(discard):
-            self._contrib.pop(worker_id, None)
-            self._weight.pop(worker_id, None)
+        for worker_id in set(discard):  # every step it pushed for, ahead or pending
+            for step in list(self._weight):
+                self._contrib[step].pop(worker_id, None)
+                self._weight[step].pop(worker_id, None)
+                if not self._weight[step]:
+                    del self._weight[step], self._contrib[step]
+        return self._complete()
+
+    def ready(self) -> Update | None:
         return self._complete()
 
     def readable(self, version: int, wanted: int) -> bool:
@@ -187,11 +239,14 @@ class SyncBarrier:
         """The weighted mean once every member required for the pending step pushed
         (non-members that pushed before they left still count unless discarded), and a fresh
         pending step; else None."""
-        if not self._weight or not self._required() <= self._weight.keys():
+        step = self._version
+        weights = self._weight.get(step, {})
+        if not weights or not self._required(step) <= weights.keys():
             return None
-        total = sum(self._weight.values())
-        workers = sorted(self._contrib)  # a fixed summation order: results don't depend on timing
-        contrib, self._contrib = self._contrib, {}
+        total = sum(weights.values())
+        workers = sorted(weights)  # a fixed summation order: results don't depend on timing
+        contrib = self._contrib.pop(step)
+        del self._weight[step]
         mean = {}
         for sid, numel in self._numel.items():
             # fp64: weight * grad sums cannot overflow, and the mean is back in fp32 range.
@@ -199,23 +254,29 @@ class SyncBarrier:
             for w in workers:
                 # Each contribution is let go of as soon as it is summed: the means replace
                 # the gradients shard by shard, never a full extra copy of them.
-                acc.add_(contrib[w].pop(sid), alpha=self._weight[w])
+                acc.add_(contrib[w].pop(sid), alpha=weights[w])
             mean[sid] = acc.div_(total).to(torch.float32)
             del acc
-        made_of = tuple((w, self._weight[w]) for w in workers)
-        self._weight = {}
+        made_of = tuple((w, weights[w]) for w in workers)
         self._version += 1
         return Update(mean, made_of)
 
 
 class BarrierFactory(Protocol):
     def __call__(
-        self, *, job_id: str, numel: Mapping[str, int], members: Iterable[str], version: int = 0
+        self,
+        *,
+        job_id: str,
+        numel: Mapping[str, int],
+        members: Iterable[str],
+        version: int = 0,
+        max_staleness: int = 0,
     ) -> Barrier: ...
 
 
 BARRIERS: dict[str, BarrierFactory] = {
     "sync": SyncBarrier,
+    "bounded_staleness": SyncBarrier,  # with max_staleness > 0 (SSP)
 }
 """Consistency mode (`lmps.core.settings.CONSISTENCIES`) -> the class of its barrier."""
 
@@ -227,13 +288,19 @@ def make_barrier(
     numel: Mapping[str, int],
     members: Iterable[str],
     version: int = 0,
+    max_staleness: int = 0,
 ) -> Barrier:
     """The barrier of `mode` for one job; ValueError for a mode this build does not know.
 
     `numel`: elements of every shard by id, in the order updates list them; `version`: the
-    version of the loaded values (the first pending step).
+    version of the loaded values (the first pending step); `max_staleness`: how many steps
+    past the server's version a push may be for (0 under SYNC).
     """
     factory = BARRIERS.get(mode)
     if factory is None:
         raise ValueError(f"unknown consistency {mode!r}; this server knows {sorted(BARRIERS)}")
-    return factory(job_id=job_id, numel=numel, members=members, version=version)
+    if mode == "sync" and max_staleness:
+        raise ValueError("max_staleness is for bounded staleness; SYNC needs 0")
+    return factory(
+        job_id=job_id, numel=numel, members=members, version=version, max_staleness=max_staleness
+    )

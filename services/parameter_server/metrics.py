@@ -30,6 +30,13 @@ class ServerMetrics:
         self.pushed_bytes = prometheus_client.Counter(
             "lmps_ps_pushed_bytes_total", "Gradient bytes received", registry=r
         )
+        self.staleness = prometheus_client.Histogram(
+            "lmps_ps_push_staleness_steps",
+            "Steps between the version an accepted push was computed at and its step (bounded "
+            "staleness; 0 under SYNC)",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1000),
+            registry=r,
+        )
         self.held_bytes = prometheus_client.Gauge(
             "lmps_ps_parameter_bytes", "fp32 parameter bytes held", registry=r
         )

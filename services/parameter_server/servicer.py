@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 import torch
 
+from lmps.core.compress import Encoded
 from lmps.core.errors import Aborted, InvalidArgument
 from lmps.rpc import codec
 from lmps.rpc.bootstrap import raw_messages
@@ -23,7 +24,9 @@ def _decode(msg: tensor_pb2.Tensor, what: str) -> torch.Tensor:
         raise InvalidArgument(f"{what}: {err}") from None
 
 
-def _read_push(blob: bytes) -> parameter_pb2.PushHeader | tuple[str, int, torch.Tensor]:
+def _read_push(
+    blob: bytes,
+) -> parameter_pb2.PushHeader | tuple[str, int, torch.Tensor | Encoded]:
     try:
         return codec.read_push_request(blob)
     except CodecError as err:
@@ -69,6 +72,8 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         for msg in request_iterator:
             kind = msg.WhichOneof("kind")
             if kind == "shard":
+                if msg.shard.HasField("compression"):
+                    raise InvalidArgument(f"load: shard {msg.shard.shard_id!r} is compressed")
                 values.append((msg.shard.shard_id, _decode(msg.shard.tensor, msg.shard.shard_id)))
             elif kind == "state":
                 sid = msg.state.shard_id
@@ -90,6 +95,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             checkpoint_every=h.checkpoint_every,
             history=h.history,
             consistency=consistency,
+            max_staleness=h.max_staleness,
         )
         self.metrics.version.set(h.version)
         self.metrics.held_bytes.set(held)
@@ -129,20 +135,26 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         if not isinstance(first, parameter_pb2.PushHeader):
             raise InvalidArgument("push: the first message must be a PushHeader")
         self.store.pushing(first.job_id, first.step)
-        grads = []
+        grads: list[tuple[str, torch.Tensor | Encoded]] = []
         nbytes = 0
         for blob in request_iterator:
             msg = _read_push(blob)
             if isinstance(msg, parameter_pb2.PushHeader):
                 raise InvalidArgument("push: only one PushHeader is allowed")
             sid, _, grad = msg
-            nbytes += grad.numel() * grad.element_size()
+            # Bytes as received: a compressed gradient is decoded by the store.
+            if isinstance(grad, torch.Tensor):
+                nbytes += grad.numel() * grad.element_size()
+            else:
+                nbytes += grad.nbytes
             grads.append((sid, grad))
             del blob, msg, grad
         _complete(context, "push")
         h = first
-        result = self.store.push(h.job_id, h.worker_id, h.step, h.weight, grads)
+        computed_at = h.computed_at if h.HasField("computed_at") else None
+        result = self.store.push(h.job_id, h.worker_id, h.step, h.weight, grads, computed_at)
         self.metrics.pushes.inc()
+        self.metrics.staleness.observe(h.step - (h.step if computed_at is None else computed_at))
         self.metrics.pushed_bytes.inc(nbytes)
         if result.applied:
             self.metrics.applies.inc()

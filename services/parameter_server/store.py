@@ -19,9 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
+from lmps.core.compress import Encoded
 from lmps.core.errors import (
     Aborted,
     DeadlineExceeded,
@@ -141,6 +143,34 @@ def _check_values(
     return out
 
 
+# A push's gradients: dense tensors, or some of them compressed (`lmps.core.compress`).
+PushGrads = list[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor | Encoded]]
+
+
+def _densify(
+    specs: Mapping[str, Shard], grads: PushGrads, what: str
+) -> list[tuple[str, torch.Tensor]]:
+    """`grads` with every compressed gradient (`lmps.core.compress`, already validated by the
+    codec) decoded to its dense fp32 shard, so that the checks and the barrier see only
+    tensors; `grads` itself when none is compressed. A compressed shard's numel is checked
+    against the shard first: a top-k message of a few bytes could otherwise claim any size."""
+    if all(isinstance(g, torch.Tensor) for _, g in grads):
+        return cast(list[tuple[str, torch.Tensor]], grads)
+    out: list[tuple[str, torch.Tensor]] = []
+    for shard_id, g in grads:
+        if not isinstance(g, torch.Tensor):
+            spec = specs.get(shard_id)
+            if spec is None:
+                raise NotFound(f"{what}: unknown shard {shard_id!r}")
+            if g.numel != spec.numel:
+                raise InvalidArgument(
+                    f"{what}: shard {shard_id!r} needs numel {spec.numel}, compressed {g.numel}"
+                )
+            g = g.decode()
+        out.append((shard_id, g))
+    return out
+
+
 class ParameterStore:
     """Thread-safe. One job at a time (Load replaces it)."""
 
@@ -164,11 +194,13 @@ class ParameterStore:
         checkpoint_every: int = 0,
         history: str = "",
         consistency: Consistency = "sync",
+        max_staleness: int = 0,
     ) -> int:
         """Install a job. Returns fp32 bytes held. Validates fully before replacing anything.
 
         `state` restores optimizer state (checkpoints); it must then cover every shard.
-        `consistency` picks the job's barrier (`consistency.BARRIERS`).
+        `consistency` picks the job's barrier (`consistency.BARRIERS`); `max_staleness` is
+        its bound under bounded staleness.
         """
         if not job_id:
             raise InvalidArgument("load: empty job id")
@@ -199,6 +231,7 @@ class ParameterStore:
                 numel={sid: s.numel for sid, s in specs.items()},
                 members=members,
                 version=version,
+                max_staleness=max_staleness,
             )
         except ValueError as err:
             raise InvalidArgument(f"load: {err}") from None
@@ -382,9 +415,14 @@ class ParameterStore:
         worker_id: str,
         step: int,
         weight: float,
-        grads: list[tuple[str, torch.Tensor]],
+        grads: PushGrads,
+        computed_at: int | None = None,
     ) -> PushResult:
         """Accept one worker's complete gradient for `step`; apply when the barrier is met.
+
+        A gradient may be compressed (an `Encoded` from `codec.read_push_request`): it is
+        decoded to dense fp32 first, outside the lock, then checked and applied exactly as a
+        dense push of the decoded values.
 
         Takes the gradients: once they are checked `grads` is emptied, so that the barrier
         holds the only references and frees each as soon as it is summed (a caller's list
@@ -392,15 +430,22 @@ class ParameterStore:
         if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
             raise InvalidArgument(f"push: weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
         with self._cond:
+            specs = self._require(job_id).specs
+        # Decoding runs outside the lock (other pushes go on meanwhile); a Load in between is
+        # caught below, where the values are checked against the job's specs again.
+        dense = _densify(specs, grads, "push")
+        with self._cond:
             job = self._require(job_id)
-            job.barrier.admit(worker_id, step, job.version)
-            checked = _check_values(job.specs, grads, "push", max_abs=MAX_GRAD_ABS)
+            job.barrier.admit(worker_id, step, job.version, computed_at)
+            checked = _check_values(job.specs, dense, "push", max_abs=MAX_GRAD_ABS)
             # All checks passed: from here on nothing can fail half-way.
-            job.encoded.clear()  # the pusher has pulled this version (see `pull_encoded`)
+            if step == job.version:
+                job.encoded.clear()  # the pusher has pulled this version (see `pull_encoded`)
             grads.clear()
+            dense.clear()
             update = job.barrier.push(worker_id, step, weight, checked)
             del checked
-            applied = self._apply(job, update)
+            applied = self._apply_all(job, update)
             del update
             pending = 0 if applied else job.barrier.pending
             return PushResult(job.version, applied, pending)
@@ -427,8 +472,17 @@ class ParameterStore:
                     f"set_members: join_at {join_at} is past; server is at version {job.version}"
                 )
             drop = job.barrier.pushed if discard_pending else discard
-            applied = self._apply(job, job.barrier.set_members(members, drop, join_at))
+            applied = self._apply_all(job, job.barrier.set_members(members, drop, join_at))
             return job.version, applied
+
+    def _apply_all(self, job: _Job, update: Update | None) -> bool:
+        """`_apply` the update, then every later step the barrier has complete already
+        (bounded staleness: pushes for them came in ahead). Holds the lock."""
+        applied = False
+        while update is not None:
+            applied = self._apply(job, update) or applied
+            update = job.barrier.ready()
+        return applied
 
     def _apply(self, job: _Job, update: Update | None) -> bool:
         """Run the optimizer on the barrier's update, if it made one. Holds the lock."""

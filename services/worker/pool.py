@@ -2,6 +2,8 @@
 
 `ServerPool` is the trainer's `ParameterClient` over gRPC. As in BytePS (OSDI'20), each
 worker talks to every server directly and each link is used once per direction per step.
+Pushes may be compressed (int8 or top-k, `lmps.core.compress`) with error feedback: the
+residuals are the pool's, one per shard, kept across pushes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Protocol
 import grpc
 import torch
 
+from lmps.core.compress import NONE, Compression, ErrorFeedback
 from lmps.core.partition import Shard
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
@@ -42,11 +45,22 @@ class ServerPool:
         addresses: Mapping[str, str],
         wire_dtype: torch.dtype = torch.float32,
         timeout_s: float = 600.0,
+        mixed_versions: bool = False,
+        *,
+        compression: Compression = NONE,
     ) -> None:
         self.job_id = job_id
         self.worker_id = worker_id
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
+        self.mixed_versions = mixed_versions
+        """Bounded staleness: a pull may find the servers at different versions."""
+        self.compression = compression
+        """How pushes travel; "none": dense in `wire_dtype` (no residuals, no extra copy)."""
+        self.feedback = (
+            None if compression.kind == "none" else ErrorFeedback(compression, wire_dtype)
+        )
+        """Error-feedback residuals of compressed pushes (topk values go in `wire_dtype`)."""
         # Pull each shard from its owner; push its gradient to owner and backup (if any).
         self.owned: dict[str, list[str]] = {}
         self.by_server: dict[str, list[str]] = {}
@@ -162,19 +176,27 @@ class ServerPool:
             versions.add(v)
             values.update(part)
         # SYNC: every server answers at the same version (a step is one version everywhere).
-        if len(versions) != 1:
+        # Bounded staleness: each answered at a version >= min_version, and the lowest is
+        # the one the gradient counts as computed at.
+        if len(versions) != 1 and not self.mixed_versions:
             raise RuntimeError(f"servers are at different versions {sorted(versions)}")
-        return versions.pop(), values
+        return min(versions), values
 
-    def open_push(self, step: int, weight: float) -> PushStream:
+    def open_push(self, step: int, weight: float, computed_at: int | None = None) -> PushStream:
         """Start this worker's push for `step` to every server now, before the gradients
         exist: each shard goes out as soon as it is `add`ed (during backward), so the push
         overlaps the computation that produces it (DDP's bucketed all-reduce idea)."""
-        return PushStream(self, step, weight)
+        return PushStream(self, step, weight, computed_at)
 
-    def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
+    def push(
+        self,
+        step: int,
+        weight: float,
+        grads: Mapping[str, torch.Tensor],
+        computed_at: int | None = None,
+    ) -> None:
         """Push to every server in parallel; raises the first server error."""
-        stream = self.open_push(step, weight)
+        stream = self.open_push(step, weight, computed_at)
         try:
             for sid, grad in grads.items():
                 stream.add(sid, grad)
@@ -189,10 +211,16 @@ class PushStream:
     once, then each shard's gradient as it is added (a shard goes to its owner and backup).
     The server sees an ordinary Push; it is keyed by shard id, so order does not matter."""
 
-    def __init__(self, pool: ServerPool, step: int, weight: float) -> None:
+    def __init__(
+        self, pool: ServerPool, step: int, weight: float, computed_at: int | None = None
+    ) -> None:
         self._pool, self._step = pool, step
         header = parameter_pb2.PushHeader(
-            job_id=pool.job_id, worker_id=pool.worker_id, step=step, weight=weight
+            job_id=pool.job_id,
+            worker_id=pool.worker_id,
+            step=step,
+            weight=weight,
+            computed_at=computed_at,
         )
         self._header = parameter_pb2.PushRequest(header=header).SerializeToString()
         self._queues: dict[str, queue.SimpleQueue[tuple[str, torch.Tensor] | None]] = {
@@ -202,6 +230,16 @@ class PushStream:
         for server, sids in pool.by_server.items():
             for sid in sids:
                 self._holders.setdefault(sid, []).append(server)
+        # Compressed: each shard is encoded once, by whichever request thread reaches it
+        # first (owner and backup get the same bytes, so both replicas make the same update),
+        # and its new residual is kept only when every server accepted the push (`close`):
+        # a failed or aborted push leaves the residuals as they were, since none of its
+        # values counts as sent. One push at a time per pool: a push starts from the
+        # residuals the last completed one left.
+        self._feedback = pool.feedback
+        self._staged: dict[str, torch.Tensor] = {}  # shard -> residual once this push is done
+        self._blobs: dict[str, tuple[bytes, int]] = {}  # shard -> (bytes, sends still to go)
+        self._once = {sid: threading.Lock() for sid in self._holders} if self._feedback else {}
         self._calls: dict[str, grpc.Future] = {}
         for server in pool.by_server:
             call = pool._push_raw[server].future(self._messages(server), timeout=pool.timeout_s)
@@ -217,7 +255,22 @@ class PushStream:
             sid, grad = item
             # PushRequest.grad (field 2), encoded straight from the gradient's memory, here
             # on gRPC's request thread rather than on the one running backward.
-            yield codec.shard_tensor_bytes(sid, self._step, grad, self._pool.wire_dtype, wrap=2)
+            if self._feedback is None:
+                yield codec.shard_tensor_bytes(sid, self._step, grad, self._pool.wire_dtype, wrap=2)
+            else:
+                yield self._compressed(sid, grad)
+
+    def _compressed(self, sid: str, grad: torch.Tensor) -> bytes:
+        """The error-feedback step for `sid`, made once for all its holders."""
+        assert self._feedback is not None
+        with self._once[sid]:
+            blob, left = self._blobs.pop(sid, (b"", len(self._holders[sid])))
+            if not blob:
+                sent, self._staged[sid] = self._feedback.step(sid, grad)
+                blob = codec.compressed_shard_bytes(sid, self._step, sent, wrap=2)
+            if left > 1:  # the other holder's stream sends the same bytes
+                self._blobs[sid] = (blob, left - 1)
+            return blob
 
     def add(self, shard_id: str, grad: torch.Tensor) -> None:
         """The final gradient of `shard_id` (not written to until `close` returns)."""
@@ -237,6 +290,8 @@ class PushStream:
                 self._pool._untrack(call)
         if errors:
             raise errors[0]
+        if self._feedback is not None:
+            self._feedback.commit(self._staged)
 
     def abort(self) -> None:
         """Give up this push (backward failed, the epoch was cancelled): every stream is

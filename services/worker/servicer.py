@@ -20,6 +20,7 @@ from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.rpc.codec import CodecError
 from lmps.services.worker.leases import CoordinatorLeases
+from lmps.services.worker.local_steps import InnerLoop
 from lmps.services.worker.metrics import WorkerMetrics
 from lmps.services.worker.pool import ServerPool
 from lmps.services.worker.replica import Replica, pick_device
@@ -42,6 +43,7 @@ def _step_event(r: StepResult) -> job_pb2.StepEvent:
         lease_id=r.lease_id,
         data_shard=r.data_shard,
         batch_index=r.batch_index,
+        computed_at=r.computed_at,
     )
 
 
@@ -83,14 +85,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             config = codec.model_from_proto(request.spec.model)
             shards = [codec.shard_from_proto(s) for s in request.shards]
             dtype = codec.wire_dtype(request.spec.wire_dtype)
+            # The spec is the coordinator's resolved one: total_steps is already set.
+            local = codec.local_steps_from_proto(
+                request.spec, int(request.spec.optimizer.total_steps) or 1
+            )
+            mode = codec.consistency_from_proto(request.spec.consistency)
+            staleness = int(request.spec.max_staleness) if mode == "bounded_staleness" else 0
             with torch.random.fork_rng(devices=[]):
                 replica = Replica(config, shards, self.device)
+            inner = None
+            if local is not None:
+                decay = {s.shard_id: s.weight_decay for s in shards}
+                inner = InnerLoop(replica, local.steps, local.inner, decay)
             pool = ServerPool(
                 request.job_id,
                 self.worker_id,
                 shards,
                 {s.server_id: s.address for s in request.servers},
                 wire_dtype=dtype,
+                mixed_versions=staleness > 0,
+                compression=codec.compression_from_proto(request.spec.push_compression),
             )
         except (ValueError, CodecError) as err:
             raise InvalidArgument(f"configure: {err}") from None
@@ -108,6 +122,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 params=pool,
                 leases=leases,
                 batch_size=request.spec.batch_size,
+                local=inner,
+                staleness=staleness,
             )
             self._job = _Job(request.job_id, replica, pool, trainer)
         log.info(

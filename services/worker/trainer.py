@@ -65,14 +65,23 @@ class ParameterClient(Protocol):
     def pull(
         self, min_version: int, timeout_s: float | None = None
     ) -> tuple[int, dict[str, torch.Tensor]]:
-        """All shard values at one version >= `min_version`: (version, {shard_id: value})."""
+        """Every shard's value at a version >= `min_version`: (version, {shard_id: value}).
+        SYNC: one version everywhere. Bounded staleness: servers may answer at different
+        versions; `version` is then the lowest."""
         ...
 
-    def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
-        """This worker's gradient for `step`, weighted by `weight` (its batch's sequences)."""
+    def push(
+        self,
+        step: int,
+        weight: float,
+        grads: Mapping[str, torch.Tensor],
+        computed_at: int | None = None,
+    ) -> None:
+        """This worker's gradient for `step`, weighted by `weight` (its batch's sequences),
+        computed at version `computed_at` (None: at `step`; bounded staleness sets it)."""
         ...
 
-    def open_push(self, step: int, weight: float) -> GradientSink:
+    def open_push(self, step: int, weight: float, computed_at: int | None = None) -> GradientSink:
         """`push`, fed shard by shard while backward runs (see `GradientSink`)."""
         ...
 
@@ -97,15 +106,18 @@ class CollectingPush:
     """A `GradientSink` that collects and makes one `push` at `close`: for clients that
     cannot stream (the in-process tests' stores)."""
 
-    def __init__(self, client: ParameterClient, step: int, weight: float) -> None:
+    def __init__(
+        self, client: ParameterClient, step: int, weight: float, computed_at: int | None = None
+    ) -> None:
         self.client, self.step, self.weight = client, step, weight
+        self.computed_at = computed_at
         self.grads: dict[str, torch.Tensor] = {}
 
     def add(self, shard_id: str, grad: torch.Tensor) -> None:
         self.grads[shard_id] = grad
 
     def close(self) -> None:
-        self.client.push(self.step, self.weight, self.grads)
+        self.client.push(self.step, self.weight, self.grads, self.computed_at)
 
     def abort(self) -> None:
         self.grads = {}
@@ -148,6 +160,9 @@ class StepResult:
     data_shard: int
     batch_index: int
     """Index of the batch within its data shard."""
+    computed_at: int
+    """The version the gradient was computed at: `step` under SYNC; at most max_staleness
+    below it under bounded staleness; the round's start under local steps."""
 
 
 class Trainer:
@@ -166,6 +181,7 @@ class Trainer:
         batch_size: int,
         step: int = 0,
         local: InnerLoop | None = None,
+        staleness: int = 0,
     ) -> None:
         self.worker_id = worker_id
         self.model = model
@@ -176,6 +192,10 @@ class Trainer:
         self.local = local
         """Local steps (DiLoCo): each push is a round of `local.steps` batches; None: each
         batch pushes its gradient."""
+        self.staleness = staleness
+        self._computed_at: int | None = None
+        """Bounded staleness: how many steps this worker may run ahead of the servers'
+        version (0: SYNC)."""
 
     def cancel(self) -> None:
         """Unblock a pull waiting on the barrier (the epoch was cancelled)."""
@@ -214,6 +234,20 @@ class Trainer:
                 self.step += 1  # the next step is the next version
             self.leases.complete(lease)
 
+    def _pull(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """Pull before every step (or round). SYNC: wait for the version the last step
+        produced. Bounded staleness s: any version >= step - s will do (Petuum SSP's read
+        rule), so a worker runs up to s steps ahead of the slowest before it waits.
+
+        A worker that joined mid-epoch (or lagged) moves up to the servers' version: its
+        gradient is then pushed for that step."""
+        version, values = self.params.pull(max(0, self.step - self.staleness))
+        self.step = max(self.step, version)
+        # Bounded staleness: the push says which version its gradient was computed at (the
+        # servers check it against the bound); SYNC leaves it out (it is the step).
+        self._computed_at = version if self.staleness else None
+        return version, values
+
     def _batch(self, lease: Lease, b: int) -> torch.Tensor:
         return lease.tokens[b * self.batch_size : (b + 1) * self.batch_size]
 
@@ -225,8 +259,7 @@ class Trainer:
         first batch and its push time on its last."""
         assert self.local is not None
         t0 = time.perf_counter()
-        version, values = self.params.pull(self.step)
-        self.step = version  # SYNC: as `_train_batch`, follow the servers' version
+        version, values = self._pull()
         t1 = time.perf_counter()
         batches = [self._batch(lease, first + k) for k in range(n)]
         done = self.local.run_round(version, values, batches, active)
@@ -234,7 +267,8 @@ class Trainer:
             return None
         del values
         t2 = time.perf_counter()
-        self.params.push(self.step, float(sum(b.shape[0] for b in batches)), done.delta)
+        weight = float(sum(b.shape[0] for b in batches))
+        self.params.push(self.step, weight, done.delta, self._computed_at)
         t3 = time.perf_counter()
         tokens = [b.shape[0] * (b.shape[1] - 1) for b in batches]
         return [
@@ -250,22 +284,19 @@ class Trainer:
                 lease_id=lease.lease_id,
                 data_shard=lease.data_shard,
                 batch_index=lease.first_batch + first + k,
+                computed_at=version,
             )
             for k in range(n)
         ]
 
     def _train_batch(self, lease: Lease, b: int, batch: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
-        # SYNC: pull before every step, waiting for the version the last step produced.
-        version, values = self.params.pull(self.step)
-        # SYNC: a worker that joined mid-epoch (or lagged) follows the servers' version; its
-        # gradient is then computed at, and pushed for, that version.
-        self.step = version
+        version, values = self._pull()
         self.model.load(values)
         t1 = time.perf_counter()
         # SYNC: push the plain gradient of this step, weighted by the batch's sequences; each
         # shard leaves while backward still runs (push_s: the part not hidden behind it).
-        sink = self.params.open_push(self.step, float(batch.shape[0]))
+        sink = self.params.open_push(self.step, float(batch.shape[0]), self._computed_at)
         try:
             loss, _ = self.model.train_step(batch, on_grad=sink.add)
         except BaseException:
@@ -287,6 +318,7 @@ class Trainer:
             lease_id=lease.lease_id,
             data_shard=lease.data_shard,
             batch_index=lease.first_batch + b,
+            computed_at=version,
         )
 
 

@@ -355,6 +355,20 @@ def test_model_flags_with_init_from_are_refused(tmp_path: Path, saved_model: Pat
         one_line_error(result, f"{given} cannot apply with --init-from")
 
 
+def test_inner_flags_without_local_steps_are_refused(tmp_path: Path) -> None:
+    """DiLoCo's inner optimizer runs only with --local-steps: never silently ignored."""
+    dead = f"127.0.0.1:{free_port()}"
+    alone, mismatched = run_all(
+        [
+            ["train", "--coordinator", dead, "--inner-lr", "4e-4", "--inner-schedule", "cosine"],
+            ["train", "--coordinator", dead, "--local-steps", "3", "--batches-per-lease", "8"],
+        ],
+        cwd=tmp_path,
+    )
+    one_line_error(alone, "--inner-lr, --inner-schedule", "add --local-steps")
+    one_line_error(mismatched, "--batches-per-lease 8", "--local-steps 3")
+
+
 def test_each_preset_trains_its_own_vocabulary(tmp_path: Path, coordinator: str) -> None:
     """tiny keeps 2048 (as before, so `lmps demo` is unchanged); mini gets its 4096, where
     every preset used to get 2048. The job then fails for want of servers: never started."""

@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from lmps.client.launcher import LocalCluster
+from lmps.core.compress import Compression, ErrorFeedback, encode
 from lmps.core.optim import OptimizerSettings
 from lmps.core.partition import Shard
 from lmps.rpc import codec
@@ -671,6 +672,67 @@ def test_a_streamed_push_applies_and_an_aborted_one_changes_nothing(
         want = sgd(job.init, [(3.0, g0), (1.0, g1)])
         for sid in want:
             torch.testing.assert_close(values[sid], want[sid])
+    finally:
+        for pool in pools.values():
+            pool.close()
+
+
+def test_compressed_pushes_apply_and_a_malformed_one_changes_nothing(
+    ps_stub: Stub, ps_cluster: LocalCluster, job: Job
+) -> None:
+    """Over real gRPC: w0 pushes int8, w1 top-k (error feedback in their `ServerPool`s);
+    the step is the SGD rule on the values they decode to. A refused push keeps the
+    residuals it started from; a malformed compressed push or load is INVALID_ARGUMENT with
+    nothing changed."""
+    address = {SERVER: ps_cluster.procs[1].address}
+    settings = {"w0": Compression("int8", chunk=5), "w1": Compression("topk", ratio=0.25)}
+    pools = {
+        w: ServerPool(job.job_id, w, SHARDS, address, compression=settings[w]) for w in MEMBERS
+    }
+    try:
+        g = {"w0": random_values(1), "w1": random_values(2)}
+        with pytest.raises(grpc.RpcError) as info:  # a future step: read in full, refused
+            pools["w0"].push(5, 3.0, g["w0"])
+        assert info.value.code() == Code.OUT_OF_RANGE
+        assert pools["w0"].feedback is not None and pools["w0"].feedback.residuals == {}
+
+        # What each worker's error feedback sends, computed apart (the same EF step).
+        sends: dict[str, Grads] = {}
+        for w in MEMBERS:
+            ef = ErrorFeedback(settings[w])
+            sends[w] = {sid: ef.compress(sid, x).decode() for sid, x in g[w].items()}
+            pools[w].push(0, 3.0 if w == "w0" else 1.0, g[w])
+            feedback = pools[w].feedback
+            assert feedback is not None
+            assert feedback.residuals.keys() == ef.residuals.keys() == g[w].keys()
+            for sid, r in ef.residuals.items():
+                assert torch.equal(feedback.residuals[sid], r)
+        version, values = pull_all(ps_stub, job.job_id, min_version=1)
+        assert version == 1
+        want = sgd(job.init, [(3.0, sends["w0"]), (1.0, sends["w1"])])
+        for sid in want:
+            torch.testing.assert_close(values[sid], want[sid])
+
+        # Malformed: a duplicated top-k index in one shard of an otherwise valid push.
+        msgs = [header(job.job_id, "w1", 1)]
+        for sid, x in random_values(3).items():
+            blob = codec.compressed_shard_bytes(sid, 1, encode(x, settings["w1"]), wrap=2)
+            msgs.append(parameter_pb2.PushRequest.FromString(blob))
+        bad = msgs[1].grad.compression
+        bad.indices = bad.indices[:4] * (len(bad.indices) // 4)  # index repeated k times
+        with pytest.raises(grpc.RpcError) as info:
+            ps_stub.Push(iter(msgs), timeout=10)
+        assert info.value.code() == Code.INVALID_ARGUMENT
+        assert "strictly increasing" in (info.value.details() or "")
+        # A compressed value in a Load is refused too, and the job stays.
+        loads = list(load_messages("other-job", SHARDS, job.init, MEMBERS, SGD))
+        loads[1].shard.compression.CopyFrom(bad)
+        with pytest.raises(grpc.RpcError) as info:
+            ps_stub.Load(iter(loads), timeout=10)
+        assert info.value.code() == Code.INVALID_ARGUMENT
+        listing = ps_stub.ListShards(parameter_pb2.ListShardsRequest(), timeout=10)
+        assert (listing.job_id, listing.version, list(listing.pushed)) == (job.job_id, 1, [])
+        assert_identical(pull_all(ps_stub, job.job_id)[1], values)
     finally:
         for pool in pools.values():
             pool.close()

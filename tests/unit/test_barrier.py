@@ -201,7 +201,7 @@ def test_no_pushes_no_update_whatever_the_members():
     ids=["duplicate", "stale", "future", "non-member"],
 )
 def test_a_refused_push_changes_nothing(worker: str, step: int, error: type[Exception]):
-    b = barrier("w0", "w1")
+    b = make_barrier("sync", job_id="job", numel=NUMEL, members=["w0", "w1"], version=5)
     push(b, "w0", 3.0, grads(0), version=5)
 
     with pytest.raises(error):
@@ -279,3 +279,75 @@ def test_a_member_keeps_its_first_version_when_the_members_are_sent_again() -> N
     assert b.pending == 1
     b.set_members(["w0", "j", "k"], discard=(), join_at=0)
     assert b.pending == 2  # k at once, j still from 1
+
+
+# -- bounded staleness ----------------------------------------------------------------------
+
+
+def ssp(*members: str, s: int = 2, version: int = 0) -> Barrier:
+    return make_barrier(
+        "bounded_staleness",
+        job_id="job",
+        numel=NUMEL,
+        members=members,
+        version=version,
+        max_staleness=s,
+    )
+
+
+def test_sync_refuses_a_staleness_bound() -> None:
+    with pytest.raises(ValueError, match="SYNC needs 0"):
+        make_barrier("sync", job_id="job", numel=NUMEL, members=["w0"], max_staleness=1)
+
+
+@pytest.mark.parametrize(
+    "step, computed_at, error",
+    [
+        (13, None, OutOfRange),  # more than s = 2 past the version (10)
+        (12, 9, FailedPrecondition),  # computed 3 before its step
+        (11, 11, FailedPrecondition),  # computed at a version this server has not made
+        (10, 11, FailedPrecondition),  # computed after its step
+        (9, 9, FailedPrecondition),  # stale step
+    ],
+)
+def test_bounded_staleness_refuses_pushes_past_the_bound(
+    step: int, computed_at: int | None, error: type[Exception]
+) -> None:
+    b = ssp("w0", "w1", version=10)
+    with pytest.raises(error):
+        b.admit("w0", step, 10, computed_at)
+    b.admit("w0", 12, 10, 10)  # at the bound: fine
+    b.admit("w0", 10, 10, 8)
+
+
+def test_pushes_ahead_wait_and_complete_in_order() -> None:
+    """w0 runs 2 steps ahead; each step is still the mean of both members' pushes for it,
+    made one at a time in order once w1 catches up."""
+    b = ssp("w0", "w1")
+    for step in range(3):
+        b.admit("w0", step, 0, 0)
+        assert b.push("w0", step, 1.0, grads(step)) is None
+    assert b.version == 0 and b.pushed == {"w0"} and b.pending == 1
+    b.admit("w1", 0, 0, 0)
+    first = b.push("w1", 0, 3.0, grads(10))
+    assert first is not None and b.version == 1
+    assert_equal(first.grads, reference_mean({"w0": (1.0, grads(0)), "w1": (3.0, grads(10))}))
+    assert b.ready() is None  # step 1 still waits for w1
+    b.admit("w1", 1, 1, 0)
+    assert b.push("w1", 1, 3.0, grads(11)) is not None
+    # w1 leaves: step 2 completes with w0's push alone, through `ready`... or at once.
+    update = b.set_members(["w0"], discard=())
+    assert update is not None and update.made_of == (("w0", 1.0),) and b.version == 3
+
+
+def test_a_lost_worker_loses_every_push_it_had_pending_ahead() -> None:
+    b = ssp("w0", "w1")
+    for step in range(2):
+        b.admit("w0", step, 0, 0)
+        b.push("w0", step, 1.0, grads(step))
+    assert b.set_members(["w1"], discard=["w0"]) is None  # nothing of w0's is left
+    assert b.pushed == frozenset() and b.version == 0
+    b.admit("w1", 0, 0, 0)
+    update = b.push("w1", 0, 2.0, grads(5))
+    assert update is not None and update.made_of == (("w1", 2.0),)
+    assert b.ready() is None

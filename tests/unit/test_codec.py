@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from lmps.core.compress import Compression, encode
 from lmps.rpc import codec
 from lmps.rpc.codec import CodecError
 from lmps.v1 import tensor_pb2
@@ -268,3 +269,189 @@ def test_shard_tensor_bytes_wraps_a_push_request() -> None:
         )
     )
     assert blob == want.SerializeToString()
+
+
+# -- compressed pushes (lmps.v1.Compressed) ---------------------------------------------------
+
+Compressed = tensor_pb2.Compressed
+
+
+def _compressed_kinds() -> list[tuple[str, Compression, torch.dtype]]:
+    return [
+        ("int8", Compression("int8", chunk=7), torch.float32),
+        ("int8-one-chunk", Compression("int8"), torch.float32),
+        ("topk", Compression("topk", ratio=0.1), torch.float32),
+        ("topk-bf16", Compression("topk", ratio=0.1), torch.bfloat16),
+        ("topk-all", Compression("topk", ratio=1.0), torch.float16),
+    ]
+
+
+@pytest.mark.parametrize(("name", "c", "wire"), _compressed_kinds(), ids=lambda v: str(v))
+@pytest.mark.parametrize("wrap", [0, 2])
+def test_compressed_shard_bytes_round_trip(
+    name: str, c: Compression, wire: torch.dtype, wrap: int
+) -> None:
+    from lmps.v1 import parameter_pb2
+
+    x = torch.randn(50, generator=torch.Generator().manual_seed(3)) * 10
+    sent = encode(x, c, wire)
+    blob = codec.compressed_shard_bytes("wte.weight#2", 6, sent, wrap=wrap)
+    # Byte for byte what protobuf makes of the same message.
+    if wrap:
+        request = parameter_pb2.PushRequest.FromString(blob)
+        assert request.SerializeToString() == blob
+        shard = request.grad
+    else:
+        shard = tensor_pb2.ShardTensor.FromString(blob)
+        assert shard.SerializeToString() == blob
+    assert (shard.shard_id, shard.version, shard.compression.numel) == ("wte.weight#2", 6, 50)
+    kind = Compressed.INT8 if c.kind == "int8" else Compressed.TOPK
+    assert shard.compression.kind == kind
+    # And back, as the server reads a push: the same encoding, the same decoded values.
+    got = codec.read_push_request(
+        blob if wrap else codec.compressed_shard_bytes("s", 6, sent, wrap=2)
+    )
+    assert not isinstance(got, parameter_pb2.PushHeader)
+    _, version, back = got
+    assert version == 6 and type(back) is type(sent)
+    assert not isinstance(back, torch.Tensor)
+    assert torch.equal(back.decode(), sent.decode())
+
+
+def test_a_plain_push_still_reads_as_a_view_and_dense_is_a_plain_shard() -> None:
+    t = torch.randn(9)
+    got = codec.read_push_request(codec.shard_tensor_bytes("a#0", 1, t, wrap=2))
+    assert isinstance(got, tuple) and isinstance(got[2], torch.Tensor) and torch.equal(got[2], t)
+    dense = encode(t, Compression(), torch.bfloat16)
+    assert codec.compressed_shard_bytes("a#0", 1, dense) == codec.shard_tensor_bytes(
+        "a#0", 1, t, torch.bfloat16
+    )
+
+
+def test_only_pushes_may_be_compressed() -> None:
+    sent = encode(torch.randn(20), Compression("int8", chunk=8))
+    with pytest.raises(CodecError, match="compressed; only pushes may be"):
+        codec.view_shard_tensor(codec.compressed_shard_bytes("a#0", 1, sent))
+
+
+def _int8_message() -> tensor_pb2.ShardTensor:
+    """Valid: numel 10 in chunks of 4 (3 scales)."""
+    q = torch.tensor([1, -2, 3, 127, 0, 0, 0, 0, -127, 5], dtype=torch.int8)
+    return tensor_pb2.ShardTensor(
+        shard_id="w#0",
+        version=1,
+        tensor=codec.encode(q),
+        compression=Compressed(
+            kind=Compressed.INT8,
+            numel=10,
+            chunk=4,
+            scales=struct.pack("<3f", 0.5, 0.0, 2.0),
+        ),
+    )
+
+
+def _topk_message() -> tensor_pb2.ShardTensor:
+    """Valid: 3 of numel 10."""
+    return tensor_pb2.ShardTensor(
+        shard_id="w#0",
+        version=1,
+        tensor=codec.encode(torch.tensor([1.5, -2.0, 4.0])),
+        compression=Compressed(kind=Compressed.TOPK, numel=10, indices=struct.pack("<3i", 1, 4, 9)),
+    )
+
+
+def _set(base: str, **fields: object) -> tensor_pb2.ShardTensor:
+    msg = _int8_message() if base == "int8" else _topk_message()
+    for name, value in fields.items():
+        if name == "tensor":
+            msg.tensor.CopyFrom(value)  # type: ignore[arg-type]
+        else:
+            setattr(msg.compression, name, value)
+    return msg
+
+
+MALFORMED: dict[str, tuple[tensor_pb2.ShardTensor, str]] = {
+    "kind-unspecified": (_set("int8", kind=0), "unknown compression kind 0"),
+    "kind-unknown": (_set("topk", kind=9), "unknown compression kind 9"),
+    "numel-zero": (_set("topk", numel=0), r"numel must be in \[1, 2\^31\)"),
+    "numel-huge": (_set("topk", numel=2**31), r"numel must be in \[1, 2\^31\)"),
+    # int8
+    "int8-payload-short": (_set("int8", numel=11), "payload has 10 elements for numel 11"),
+    "int8-payload-float": (
+        _set("int8", tensor=codec.encode(torch.zeros(10))),
+        "int8 payload must be 1-D int8",
+    ),
+    "int8-payload-2d": (
+        _set("int8", tensor=codec.encode(torch.zeros(2, 5, dtype=torch.int8))),
+        "int8 payload must be 1-D int8",
+    ),
+    "int8-chunk-zero": (_set("int8", chunk=0), r"chunk must be in \[1, 2\^31\)"),
+    "int8-too-few-scales": (
+        _set("int8", scales=struct.pack("<2f", 1.0, 1.0)),
+        "needs 3 fp32 scales",
+    ),
+    "int8-scales-ragged": (_set("int8", scales=b"\0" * 13), "not a whole number"),
+    "int8-scale-nan": (
+        _set("int8", scales=struct.pack("<3f", 1.0, float("nan"), 1.0)),
+        "NaN or infinite",
+    ),
+    "int8-scale-inf": (
+        _set("int8", scales=struct.pack("<3f", 1.0, 1.0, float("inf"))),
+        "NaN or infinite",
+    ),
+    "int8-scale-negative": (
+        _set("int8", scales=struct.pack("<3f", 1.0, -0.5, 1.0)),
+        "scale is negative",
+    ),
+    "int8-with-indices": (_set("int8", indices=struct.pack("<i", 0)), "carries no indices"),
+    # top-k
+    "topk-index-past-numel": (
+        _set("topk", indices=struct.pack("<3i", 1, 4, 10)),
+        r"index out of \[0, 10\): 10",
+    ),
+    "topk-index-negative": (
+        _set("topk", indices=struct.pack("<3i", -1, 4, 9)),
+        r"index out of \[0, 10\): -1",
+    ),
+    "topk-duplicate-index": (
+        _set("topk", indices=struct.pack("<3i", 1, 4, 4)),
+        "not strictly increasing",
+    ),
+    "topk-unsorted": (_set("topk", indices=struct.pack("<3i", 4, 1, 9)), "not strictly increasing"),
+    "topk-too-many-indices": (
+        _set("topk", indices=struct.pack("<4i", 1, 2, 3, 4)),
+        "needs 3 int32 indices, got 4",
+    ),
+    "topk-indices-ragged": (_set("topk", indices=b"\0" * 11), "not a whole number"),
+    "topk-more-values-than-numel": (_set("topk", numel=2), "sends 3 values for numel 2"),
+    "topk-int-values": (
+        _set("topk", tensor=codec.encode(torch.tensor([1, 2, 3], dtype=torch.int32))),
+        "must be a 1-D float tensor",
+    ),
+    "topk-with-scales": (_set("topk", scales=struct.pack("<f", 1.0)), "carries no scales"),
+    "topk-with-chunk": (_set("topk", chunk=4), "carries no scales or chunk"),
+}
+
+
+def test_the_valid_bases_are_valid() -> None:
+    from lmps.v1 import parameter_pb2
+
+    for msg, want in (
+        (_int8_message(), [0.5, -1.0, 1.5, 63.5, 0, 0, 0, 0, -254.0, 10.0]),
+        (_topk_message(), [0, 1.5, 0, 0, -2.0, 0, 0, 0, 0, 4.0]),
+    ):
+        blob = parameter_pb2.PushRequest(grad=msg).SerializeToString()
+        got = codec.read_push_request(blob)
+        assert isinstance(got, tuple) and not isinstance(got[2], torch.Tensor)
+        assert got[2].decode().tolist() == want
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_compressed_pushes_are_refused(case: str) -> None:
+    from lmps.v1 import parameter_pb2
+
+    msg, needle = MALFORMED[case]
+    blob = parameter_pb2.PushRequest(grad=msg).SerializeToString()
+    with pytest.raises(CodecError, match=needle) as info:
+        codec.read_push_request(blob)
+    assert "'w#0'" in str(info.value)  # names the shard

@@ -109,6 +109,26 @@ def test_submit_resolves_every_default_once(driver: Driver) -> None:
     )
 
 
+def test_submit_sizes_a_local_steps_job_in_rounds(driver: Driver) -> None:
+    """DiLoCo: H = 2 and the default lease of H batches. 20 sequences of 4 + 1 tokens: 10
+    batches of 2 in 5 leases of 2, over 3 workers: the busiest has 2 leases = 2 rounds an
+    epoch, 2 epochs. The inner optimizer counts inner steps: 4 x 2."""
+    inner = job_pb2.OptimizerConfig(kind=job_pb2.ADAMW, lr=1e-3)
+    local = job_pb2.LocalSteps(steps=2, inner_optimizer=inner)
+    s = driver.submit(spec(local_steps=local), tokens(4 * 20 + 1), tokens(9)).settings
+    assert s.batches_per_lease == 2
+    assert s.optimizer.total_steps == default_total_steps(
+        2, 20, 2, 3, batches_per_lease=2, local_steps=2
+    )
+    assert s.optimizer.total_steps == 4
+    assert s.local_steps is not None and s.local_steps.inner.total_steps == 8
+    required = "job spec: local_steps.inner_optimizer is required"
+    with pytest.raises(InvalidArgument, match=re.escape(required)):
+        driver.submit(spec(local_steps=job_pb2.LocalSteps(steps=2)), tokens(41), tokens(0))
+    with pytest.raises(InvalidArgument, match="batches_per_lease 3 must be a multiple of"):
+        driver.submit(spec(local_steps=local, batches_per_lease=3), tokens(41), tokens(0))
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -59,19 +59,25 @@ class StoreClient:
     store that owns it (what `ServerPool` does over gRPC)."""
 
     def __init__(
-        self, worker_id: str, stores: Mapping[str, ParameterStore], shards: Sequence[Shard]
+        self,
+        worker_id: str,
+        stores: Mapping[str, ParameterStore],
+        shards: Sequence[Shard],
+        mixed: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.stores = stores
         self.owned = {sid: [s.shard_id for s in shards if s.server_id == sid] for sid in stores}
         self.cancelled = threading.Event()
+        self.mixed = mixed  # bounded staleness: stores may answer at different versions
+        self.pulls: list[dict[str, int]] = []  # every pull: store -> version it answered
 
     def pull(
         self, min_version: int, timeout_s: float | None = None
     ) -> tuple[int, dict[str, torch.Tensor]]:
-        versions: set[int] = set()
+        answered: dict[str, int] = {}
         values: dict[str, torch.Tensor] = {}
-        for store in self.stores.values():
+        for sid, store in self.stores.items():
             v, part = store.pull(
                 JOB,
                 min_version,
@@ -79,17 +85,29 @@ class StoreClient:
                 timeout_s or WAIT_S,
                 active=lambda: not self.cancelled.is_set(),
             )
-            versions.add(v)
+            answered[sid] = v
             values.update(part)
-        assert len(versions) == 1, f"stores at different versions {versions}"
-        return versions.pop(), values
+        self.pulls.append(answered)
+        versions = set(answered.values())
+        assert self.mixed or len(versions) == 1, f"stores at different versions {versions}"
+        return min(versions), values
 
-    def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
+    def push(
+        self,
+        step: int,
+        weight: float,
+        grads: Mapping[str, torch.Tensor],
+        computed_at: int | None = None,
+    ) -> None:
         for sid, store in self.stores.items():
-            store.push(JOB, self.worker_id, step, weight, [(s, grads[s]) for s in self.owned[sid]])
+            # Copies, as gRPC would make: the store keeps a pending gradient as given, and
+            # these are views of the replica's .grad, which a worker running ahead
+            # (bounded staleness) overwrites in its next step.
+            part = [(s, grads[s].clone()) for s in self.owned[sid]]
+            store.push(JOB, self.worker_id, step, weight, part, computed_at)
 
-    def open_push(self, step: int, weight: float) -> CollectingPush:
-        return CollectingPush(self, step, weight)
+    def open_push(self, step: int, weight: float, computed_at: int | None = None) -> CollectingPush:
+        return CollectingPush(self, step, weight, computed_at)
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -286,3 +286,40 @@ def test_a_joiner_counts_from_its_join_and_a_stopper_holds_nothing() -> None:
     assert desk.account(13) is None  # w0 made step 12 with no lease left: does not add up
     desk.active = desk.active - {"w0"}
     assert desk.account(13) == 1 and desk.progress(13)[j.data_shard] == 1
+
+
+def test_local_steps_account_and_lose_go_by_rounds() -> None:
+    """H = 2, data shards of four batches: a push is a round of two batches, every batch of
+    it reported at the round's step. The desk hands its book the H it was built with."""
+    barrier = FakeBarrier()
+    shards, batches = 4, 4
+    n = shards * batches * B
+    desk = LeaseDesk(
+        job_id="job-1",
+        epoch=0,
+        plan=list(torch.arange(n).reshape(shards, batches * B)),
+        train=torch.arange(n * T, dtype=torch.int32).reshape(n, T),
+        batch_size=B,
+        workers=["w0", "w1"],
+        done={},
+        servers={"ps-0": "127.0.0.1:1"},
+        barrier=barrier,
+        per_push=2,
+    )
+    desk.open(["w0", "w1"], at=10)
+    a, b = leased(desk, "w0"), leased(desk, "w1")  # shards 0 and 1, 4 batches each
+    assert (a.batches, b.batches) == (4, 4)  # the lease is still the whole shard's rest
+    for lease in (a, b):
+        desk.record(lease.lease_id, 0, 10)
+        desk.record(lease.lease_id, 1, 10)
+    desk.record(b.lease_id, 2, 11)  # w1's round at 11 reported in part
+    # The servers stand at 12: both rounds at 11 are in, reported or not. From the events
+    # alone, w0's shard stands after its first round and w1's is whole.
+    assert desk.progress(12) == {0: 2, 1: 4}
+    assert desk.account(12) == 3  # w0's batches 2, 3 and w1's batch 3, all at step 11
+    assert desk.progress(12) == {0: 4, 1: 4}
+    assert desk.unreported == 3 and desk.unapplied(12) == 0
+    # w1 is lost before it completed its lease: every round of it is in (below 12).
+    barrier.applied = 12
+    desk.lose("w1")
+    assert desk.book.done[1] == 4 and desk.book.redone_batches == 0

@@ -361,3 +361,92 @@ def test_progress_leaves_out_the_unapplied_last_batch_of_a_completed_lease():
     assert leases.unapplied(6) == 1
     assert leases.progress(below_step=7) == {0: 2}
     assert leases.unapplied(7) == 0
+
+
+# -- local steps: a push is a round of up to H batches of one lease ------------------------
+
+
+def test_account_with_local_steps_counts_rounds_per_step():
+    """H = 3, one worker, leases of 6 and 4 batches: rounds [0-2] [3-5] of shard 0, then
+    [0-2] [3] of shard 1 (rounds never cross a lease), one per step from 10. The servers
+    stand at 13: three rounds are in, whatever events came."""
+    leases = EpochLeases(0, [6, 4], ["a"], per_push=3)
+    first = take(leases, "a")
+    for b in range(3):
+        leases.record(first.lease_id, b, 10)  # round 0; round 1's events never came
+    leases.complete(first.lease_id, "a")
+    second = take(leases, "a")
+    leases.record(second.lease_id, 0, 12)  # round 2, only its first batch reported
+    assert leases.progress(13) == {0: 6, 1: 3}  # a round is in the parameters whole
+    assert leases.account({"a": 10}, below_step=13) == 5  # batches 3-5 at 11, 1-2 at 12
+    assert sorted(first.seen) == [(0, 10), (1, 10), (2, 10), (3, 11), (4, 11), (5, 11)]
+    assert sorted(second.seen) == [(0, 12), (1, 12), (2, 12)]
+    assert leases.progress(13) == {0: 6, 1: 3} and leases.unapplied(13) == 0
+    assert leases.progress(12) == {0: 6}  # round 2 not in: shard 1 from its first batch
+    assert leases.account({"a": 10}, below_step=14) == 1  # the short last round, at 13
+    assert leases.progress(14) == {0: 6, 1: 4}
+    assert leases.account({"a": 10}, below_step=15) is None  # 5 steps, 4 rounds
+
+
+def test_account_with_local_steps_refuses_events_off_their_round():
+    leases = EpochLeases(0, [6], ["a"], per_push=3)
+    lease = take(leases, "a")
+    leases.record(lease.lease_id, 3, 10)  # batch 3 is round 1's: step 11, not 10
+    assert leases.account({"a": 10}, below_step=12) is None and leases.unreported == 0
+    plain = EpochLeases(0, [6], ["a"])  # without local steps, batch 3 is due at step 13
+    plain_lease = take(plain, "a")
+    plain.record(plain_lease.lease_id, 3, 13)
+    assert plain.account({"a": 10}, below_step=14) == 3
+
+
+@pytest.mark.parametrize(
+    ("events", "applied_below", "done", "redone", "unreported"),
+    [
+        # Round 1 (batches 3-5, step 6) reported in part and not applied: trained again.
+        ([(0, 5), (1, 5), (2, 5), (3, 6)], 6, 3, 1, 0),
+        # ... applied: all of it is in, its unreported batches 4 and 5 too.
+        ([(0, 5), (1, 5), (2, 5), (3, 6)], 7, 6, 0, 2),
+        # Round 2 (6-8, step 7) pushed and reported in part, then discarded with the worker.
+        ([(0, 5), (1, 5), (2, 5), (3, 6), (4, 6), (5, 6), (6, 7), (7, 7)], 7, 6, 2, 0),
+    ],
+)
+def test_lose_mid_round_keeps_or_redoes_the_whole_round(
+    events, applied_below, done, redone, unreported
+):
+    leases = EpochLeases(0, [9, 9], ["a", "b"], per_push=3)
+    lease = take(leases, "a")
+    for batch, step in events:
+        leases.record(lease.lease_id, batch, step)
+    assert leases.lose("a", applied_below=applied_below) == [0]
+    assert leases.done[0] == done  # a round's start
+    assert (leases.redone_batches, leases.unreported) == (redone, unreported)
+    redo = take(leases, "b")
+    assert (redo.data_shard, redo.first_batch) == (0, done)
+
+
+def test_progress_after_a_partial_round_stands_at_a_round_start():
+    leases = EpochLeases(0, [6], ["a"], per_push=3)
+    lease = take(leases, "a")
+    for b in range(3):
+        leases.record(lease.lease_id, b, 4)
+    leases.record(lease.lease_id, 3, 5)  # round 1's first event; 4 and 5 still on the way
+    assert leases.progress(below_step=4) == {}
+    assert leases.progress(below_step=5) == {0: 3}
+    assert leases.progress(below_step=6) == {0: 6}  # round 1 is in whole
+    assert leases.unapplied(5) == 1
+
+
+def test_rounds_of_a_resumed_lease_count_from_its_first_batch():
+    leases = EpochLeases(0, [8], ["a"], done={0: 3}, per_push=3)
+    lease = take(leases, "a")
+    assert lease.first_batch == 3  # rounds [3-5] [6-7]
+    leases.record(lease.lease_id, 3, 8)
+    assert leases.progress(below_step=8) == {0: 3}
+    assert leases.progress(below_step=9) == {0: 6}
+    assert leases.account({"a": 8}, below_step=10) == 4  # 4, 5 at 8; 6, 7 at 9
+    assert leases.progress(below_step=10) == {0: 8}
+
+
+def test_per_push_must_be_positive():
+    with pytest.raises(ValueError, match="per_push must be >= 1"):
+        EpochLeases(0, [1], ["a"], per_push=0)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import pytest
 import torch
 
 from lmps.core.data import plan_data_shards, to_sequences
-from lmps.core.model import GPT, decay_mask, init_model
+from lmps.core.model import GPT, GPTConfig, decay_mask, init_model
 from lmps.core.optim import OptimizerSettings, ShardOptimizer, lr_at
 from lmps.core.partition import assemble
 from lmps.services.parameter_server.store import ParameterStore
@@ -168,32 +169,52 @@ def _torch_optimizer(model: GPT, s: OptimizerSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=s.eps, foreach=False)
 
 
-def reference(
+class Event(Protocol):
+    """What the reference reads of a step (a `StepResult` or a `job_pb2.StepEvent`)."""
+
+    @property
+    def step(self) -> int: ...
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def batch_index(self) -> int: ...
+
+
+def diloco_reference(
+    config: GPTConfig,
+    seed: int,
     h: int,
     inner: OptimizerSettings,
     outer: OptimizerSettings,
-    results: Sequence[StepResult],
-    book: Book,
+    events: Sequence[Event],
+    tokens_of: Callable[[Any], torch.Tensor],
 ) -> GPT:
-    """DiLoCo in one process, on the rounds the cluster made."""
-    global_model = init_model(CONFIG, SEED)
+    """DiLoCo in one process, on the rounds a run made (`events`, one per batch, at the
+    round's version; `tokens_of(event)`: its (B, T+1) tokens): one model and torch optimizer
+    per worker (inner state kept across rounds), a global model with the outer optimizer,
+    Δ averaged by sequences in fp64 in worker order."""
+    global_model = init_model(config, seed)
     outer_opt = _torch_optimizer(global_model, outer)
-    locals_ = {w: init_model(CONFIG, SEED) for w in WORKERS}
-    inner_opts = {w: _torch_optimizer(m, inner) for w, m in locals_.items()}
-    rounds: dict[int, dict[str, list[StepResult]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
+    locals_: dict[str, GPT] = {}
+    inner_opts: dict[str, torch.optim.Optimizer] = {}
+    rounds: dict[int, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    for r in events:
         rounds[r.step][r.worker_id].append(r)
     for version in sorted(rounds):
         deltas: dict[str, dict[str, torch.Tensor]] = {}
         weights: dict[str, float] = {}
         for w in sorted(rounds[version]):
+            if w not in locals_:
+                locals_[w] = init_model(config, seed)
+                inner_opts[w] = _torch_optimizer(locals_[w], inner)
             model, opt = locals_[w], inner_opts[w]
             model.load_state_dict(global_model.state_dict())
             model.train()
             batches = sorted(rounds[version][w], key=lambda r: r.batch_index)
+            sequences = 0
             for k, r in enumerate(batches):
-                tokens = book.rows[r.lease_id][r.batch_index * BATCH : (r.batch_index + 1) * BATCH]
-                tokens = tokens.long()
+                tokens = tokens_of(r).long()
+                sequences += tokens.shape[0]
                 opt.zero_grad()
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
                 assert loss is not None
@@ -205,7 +226,7 @@ def reference(
             deltas[w] = {
                 n: (p.detach() - local[n].detach()) for n, p in global_model.named_parameters()
             }
-            weights[w] = float(len(batches) * BATCH)
+            weights[w] = float(sequences)
         total = sum(weights.values())
         outer_opt.zero_grad()
         for n, p in global_model.named_parameters():
@@ -250,7 +271,10 @@ def test_local_steps_match_single_process_diloco(h: int) -> None:
         state = next(iter(t.local.optimizer.state_dict().values()))
         assert int(state["step"]) == steps_done
 
-    expected = reference(h, INNER, OUTER, results, book)
+    def tokens_of(r: StepResult) -> torch.Tensor:
+        return book.rows[r.lease_id][r.batch_index * BATCH : (r.batch_index + 1) * BATCH]
+
+    expected = diloco_reference(CONFIG, SEED, h, INNER, OUTER, results, tokens_of)
     init = dict(init_model(CONFIG, SEED).named_parameters())
     moved = worst = 0.0
     for n, p in expected.named_parameters():

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
 
+from lmps.core.compress import Compression, Encoded, encode
 from lmps.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from lmps.core.optim import OptimizerSettings
 from lmps.core.partition import ParamInfo, Shard, plan_shards
@@ -450,3 +452,59 @@ def test_a_push_hands_its_gradients_to_the_store() -> None:
     grads = randn(1)
     store.push(JOB, "w0", 0, 1.0, grads)
     assert grads == []  # the store holds the only references: freed as they are summed
+
+
+# -- compressed pushes ---------------------------------------------------------------------
+
+COMPRESSED = [Compression("int8", chunk=4), Compression("topk", ratio=0.3)]
+
+
+def compressed(seed: int, c: Compression) -> list[tuple[str, torch.Tensor | Encoded]]:
+    return [(sid, encode(g, c, torch.bfloat16)) for sid, g in randn(seed)]
+
+
+def decoded(grads: list[tuple[str, torch.Tensor | Encoded]]) -> list[tuple[str, torch.Tensor]]:
+    return [(sid, g if isinstance(g, torch.Tensor) else g.decode()) for sid, g in grads]
+
+
+@pytest.mark.parametrize("c", COMPRESSED, ids=lambda c: c.spec)
+@pytest.mark.parametrize("settings", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_a_compressed_push_applies_its_decoded_values_exactly(
+    c: Compression, settings: OptimizerSettings
+) -> None:
+    """Two workers, one pushing compressed and one dense, for three steps; a second store
+    gets the decoded values pushed dense: bit-identical parameters and history."""
+    store, reference = new_store(settings, ("w0", "w1")), new_store(settings, ("w0", "w1"))
+    for t in range(3):
+        sent = compressed(10 + t, c)
+        want = decoded(sent)
+        for s, grads in ((store, sent), (reference, want)):
+            s.push(JOB, "w1", t, 1.0, randn(20 + t))
+            assert s.push(JOB, "w0", t, 2.0, grads).applied
+        assert sent == []  # taken, as a dense push's are
+    assert version(store) == 3
+    assert_equal(values(store), values(reference))
+    assert store.history(JOB) == reference.history(JOB)
+
+
+@pytest.mark.parametrize(
+    ("shard", "make", "needle"),
+    [
+        (0, lambda n: encode(torch.ones(n + 1), Compression("int8")), "needs numel"),
+        (1, lambda n: encode(torch.ones(n - 1), Compression("topk", ratio=0.5)), "needs numel"),
+        (0, lambda n: encode(torch.full((n,), 1e20), Compression("int8")), "beyond"),
+    ],
+    ids=["int8-numel", "topk-numel", "int8-out-of-range"],
+)
+def test_a_bad_compressed_push_is_invalid_and_changes_nothing(
+    shard: int, make: Callable[[int], Encoded], needle: str
+) -> None:
+    store = new_store(members=("w0", "w1"))
+    store.push(JOB, "w1", 0, 1.0, randn(7))
+    before = values(store)
+    grads = compressed(3, Compression("int8"))
+    grads[shard] = (grads[shard][0], make(SHARDS[shard].numel))
+    with pytest.raises(InvalidArgument, match=needle):
+        store.push(JOB, "w0", 0, 1.0, grads)
+    assert (version(store), pushed(store)) == (0, ["w1"])
+    assert_equal(values(store), before)

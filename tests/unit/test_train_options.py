@@ -4,12 +4,20 @@ optimizer config through the one codec mapper, leaving total_steps for the coord
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
 from lmps.client import cli
 from lmps.client.train import build_spec
-from lmps.client.train_options import WIRE_DTYPE_NAMES, TrainOptions, flags, optimizer_request
+from lmps.client.train_options import (
+    INNER_FLAGS,
+    WIRE_DTYPE_NAMES,
+    TrainOptions,
+    flags,
+    inner_optimizer_request,
+    optimizer_request,
+)
 from lmps.core.model import PRESETS
 from lmps.core.optim import KINDS, SCHEDULE_NAMES, OptimizerRequest
 from lmps.rpc import codec
@@ -50,7 +58,8 @@ def test_flags_keep_their_names_and_take_values(monkeypatch: pytest.MonkeyPatch)
 
 def test_choices_and_names_come_from_the_registries() -> None:
     how = {name: flag for name, _, flag in flags()}
-    assert how["optimizer"].choices == KINDS
+    assert how["optimizer"].choices == KINDS == how["inner_optimizer"].choices
+    assert how["inner_schedule"].choices == SCHEDULE_NAMES
     assert how["schedule"].choices == SCHEDULE_NAMES
     assert how["wire_dtype"].choices == WIRE_DTYPE_NAMES == ("float32", "bfloat16", "float16")
     assert all(name in (how["preset"].help or "") for name in PRESETS)
@@ -87,3 +96,59 @@ def test_spec_optimizer_goes_through_the_codec_with_the_horizon_open() -> None:
     # Momentum travels for SGD only (AdamW refuses it).
     sgd = build_spec(TrainOptions(optimizer="sgd"), vocab_size=64, tokenizer_json="")
     assert codec.optimizer_request_from_proto(sgd.optimizer).momentum == 0.9
+
+
+def test_local_steps_flags_build_the_inner_optimizer_into_the_spec() -> None:
+    opts = parse(
+        "train",
+        "--local-steps=4",
+        "--optimizer=sgd",
+        "--lr=0.7",
+        "--inner-lr=4e-4",
+        "--inner-warmup-steps=20",
+        "--inner-schedule=cosine",
+    )
+    spec = build_spec(opts, vocab_size=64, tokenizer_json="")
+    assert spec.HasField("local_steps") and spec.local_steps.steps == 4
+    inner = codec.optimizer_request_from_proto(spec.local_steps.inner_optimizer)
+    assert inner == inner_optimizer_request(opts)
+    assert inner == OptimizerRequest(
+        kind="adamw", lr=4e-4, weight_decay=0.1, schedule="cosine", warmup_steps=20
+    )
+    assert spec.local_steps.inner_optimizer.total_steps == 0  # outer x H, at submit
+    assert spec.batches_per_lease == 0  # H, resolved by the coordinator
+    settings = codec.job_settings_from_proto(spec, total_steps=30)
+    assert settings.local_steps is not None and settings.local_steps.inner.total_steps == 120
+    assert settings.batches_per_lease == 4
+    # Off by default: no local_steps on the wire.
+    plain = build_spec(TrainOptions(), vocab_size=64, tokenizer_json="")
+    assert not plain.HasField("local_steps") and inner_optimizer_request(TrainOptions()) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--inner-lr=0.01"], "^--inner-lr only applies with local steps: add --local-steps H$"),
+        (
+            ["--inner-optimizer=sgd", "--inner-schedule=cosine"],
+            "^--inner-optimizer, --inner-schedule only apply with local steps",
+        ),
+        (["--local-steps=3", "--batches-per-lease=8"], "--batches-per-lease 8 must be a multiple"),
+        (["--local-steps=-1"], r"--local-steps must be in \[0, 10000\]"),
+        (["--local-steps=2", "--inner-lr=0"], r"inner optimizer \(--inner-\*\): lr must be > 0"),
+    ],
+)
+def test_local_steps_flags_are_checked(argv: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse("train", *argv)
+
+
+def test_every_inner_flag_needs_local_steps() -> None:
+    for name in INNER_FLAGS:
+        default = getattr(TrainOptions(), name)
+        other = {str: "sgd" if "optimizer" in name else "cosine", float: 0.5, int: 3}
+        given: dict[str, Any] = {name: other[type(default)]}  # not the default
+        flag_name = "--" + name.replace("_", "-")
+        with pytest.raises(ValueError, match=f"^{flag_name} only applies"):
+            TrainOptions(**given)
+        TrainOptions(local_steps=1, **given)  # fine with local steps

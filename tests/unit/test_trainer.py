@@ -65,11 +65,17 @@ class FakeParams:
         version = min_version + self.skip
         return version, {"s": torch.full((1,), float(version))}
 
-    def push(self, step: int, weight: float, grads: Mapping[str, torch.Tensor]) -> None:
+    def push(
+        self,
+        step: int,
+        weight: float,
+        grads: Mapping[str, torch.Tensor],
+        computed_at: int | None = None,
+    ) -> None:
         self.pushes.append((step, weight, dict(grads)))
 
-    def open_push(self, step: int, weight: float) -> CollectingPush:
-        return CollectingPush(self, step, weight)
+    def open_push(self, step: int, weight: float, computed_at: int | None = None) -> CollectingPush:
+        return CollectingPush(self, step, weight, computed_at)
 
     def cancel(self) -> None:
         self.cancelled += 1
