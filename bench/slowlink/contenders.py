@@ -17,7 +17,7 @@ from bench.slowlink import lmps_run
 from bench.slowlink.job import SlowJob
 from bench.slowlink.outcome import Outcome, Point
 from bench.slowlink.topology import Topology
-from lmps.v1 import job_pb2
+from lmps.v1 import job_pb2, tensor_pb2
 
 DDP_PORT = 29500
 """Rank 0's TCP store, in rank 0's namespace (its own ports: no clash with anything)."""
@@ -117,7 +117,6 @@ SYNC = "lmps-sync"
 
 
 # --- DiLoCo local steps (JobSpec.local_steps, a lmps.v1.LocalSteps) --------------------
-# These rows join the lineup by themselves once the generated code has `job_pb2.LocalSteps`.
 # The servers' optimizer becomes DiLoCo's outer optimizer (SGD, lr 0.7, Nesterov momentum
 # 0.9, as in the paper); each worker runs H AdamW inner steps (lr 1e-3, weight decay 0.1)
 # per round. Rounds never cross a lease and batches_per_lease must be a multiple of H, so a
@@ -142,17 +141,40 @@ def local_steps(h: int, job: SlowJob) -> Contender:
     )
     overrides = {
         "optimizer": OUTER_SGD,
-        "local_steps": job_pb2.LocalSteps(steps=h, inner_optimizer=inner),  # type: ignore[attr-defined,unused-ignore]
+        "local_steps": job_pb2.LocalSteps(steps=h, inner_optimizer=inner),
         "batches_per_lease": h,
     }
     return Contender(f"lmps-local-{h}", f"lmps local H={h}", "lmps", overrides)
+
+
+INT8 = job_pb2.PushCompression(kind=tensor_pb2.Compressed.INT8)
+SSP_S = 2
 
 
 def lineup(job: SlowJob, workers: int, servers: int) -> list[Contender]:
     rows = [
         Contender("ddp", f"DDP over gloo, {workers} ranks", "ddp"),
         Contender(SYNC, f"lmps SYNC, {servers} PS + {workers} workers", "lmps"),
+        Contender(
+            f"lmps-ssp-{SSP_S}",
+            f"lmps bounded staleness s={SSP_S}",
+            "lmps",
+            {"consistency": job_pb2.BOUNDED_STALENESS, "max_staleness": SSP_S},
+        ),
+        Contender(
+            "lmps-sync-int8", "lmps SYNC, int8 pushes (EF)", "lmps", {"push_compression": INT8}
+        ),
     ]
-    if hasattr(job_pb2, "LocalSteps"):  # feature-detected: see the block above
-        rows += [local_steps(h, job) for h in LOCAL_H if h <= job.steps_per_epoch]
+    rows += [local_steps(h, job) for h in LOCAL_H if h <= job.steps_per_epoch]
+    h = max(LOCAL_H)
+    if h <= job.steps_per_epoch:
+        base = local_steps(h, job)
+        rows.append(
+            Contender(
+                f"{base.key}-int8",
+                f"{base.label}, int8 pushes (EF)",
+                "lmps",
+                {**base.overrides, "push_compression": INT8},
+            )
+        )
     return rows
