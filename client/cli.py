@@ -3,8 +3,9 @@
 lmps demo                        # local cluster, train the tiny model, sample, stop
 lmps cluster up --servers 2 --workers 2
 lmps train --preset tiny --epochs 3 --out runs/tiny
-lmps generate --model runs/tiny --prompt "The for statement"
+lmps generate --model runs/tiny "The for statement"   # streamed; tokens/s on stderr
 lmps report runs/tiny            # losses, tokens/s, steps; the loss plot's path
+lmps export runs/tiny hf/tiny    # a Hugging Face GPT-2 folder (pip install 'lmps[hf]')
 lmps shards                      # which server holds which slice, with stats
 lmps status
 lmps cluster down
@@ -33,6 +34,7 @@ from lmps.client.cluster_cmds import add_clean, add_cluster
 from lmps.client.commands import (
     cmd_certs,
     cmd_demo,
+    cmd_export,
     cmd_generate,
     cmd_health,
     cmd_prepare,
@@ -62,18 +64,63 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="folder written by `lmps train --out`")
-    coordinator_flag(p)
+    p.usage = "lmps generate [--model DIR | --job JOB] [PROMPT] [options]"
     p.add_argument(
-        "--job", default="", help="job id when sampling from a cluster (default: latest)"
+        "prompt_text",
+        nargs="?",
+        default=None,
+        metavar="PROMPT",
+        help="text to continue (or --prompt; default: a newline)",
     )
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-tokens", type=int, default=100)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="a run folder written by `lmps train`")
+    src.add_argument(
+        "--job",
+        default=None,
+        help="fetch this job's model from the cluster at --coordinator (without --model or "
+        "--job: the latest job's)",
+    )
+    coordinator_flag(p)
+    p.add_argument("--prompt", default=None, help="the same as PROMPT")
+    p.add_argument(
+        "--max-new-tokens",
+        "--max-tokens",
+        type=int,
+        default=100,
+        metavar="N",
+        help="tokens to add, at most",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: keep mass p; 1 = off"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="CTRL's penalty on tokens already in the text (e.g. 1.2); 1 = off",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the text contains TEXT, not printed (\\n: a newline); repeatable",
+    )
+    p.add_argument(
+        "--stop-at-eot", action="store_true", help="stop at the end-of-text token as well"
+    )
+    p.add_argument("--samples", type=int, default=1, help="continuations, seeds SEED, SEED+1, ...")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same text again)")
+    p.add_argument(
+        "--no-stream", action="store_true", help="print each text when done, not token by token"
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the whole context every step (no KV cache; same tokens, to compare)",
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -84,6 +131,33 @@ def _add_report(p: argparse.ArgumentParser) -> None:
         help="a run folder written by `lmps train` (runs/JOB by default, or its --out)",
     )
     p.set_defaults(func=cmd_report)
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.usage = "lmps export (RUN_DIR | --job JOB) OUT [--format {hf,lmps}] [options]"
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="RUN_DIR OUT",
+        help="the run folder to export (written by `lmps train`; not with --job) and the "
+        "folder to write",
+    )
+    coordinator_flag(p)
+    p.add_argument(
+        "--job",
+        default=None,
+        help="export this job's model from the cluster instead of a run folder ('' = latest)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("hf", "lmps"),
+        default="hf",
+        help="hf: a Hugging Face GPT-2 folder (GPT2LMHeadModel / AutoTokenizer .from_pretrained"
+        " load it; needs `pip install 'lmps[hf]'`); lmps: a run folder's model files "
+        "(default %(default)s)",
+    )
+    p.add_argument("--force", action="store_true", help="write into OUT even if not empty")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_status(p: argparse.ArgumentParser) -> None:
@@ -158,12 +232,23 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     "generate": (
         "sample text from a saved model or a running cluster",
         _add_generate,
-        example('lmps generate --model runs/tiny --prompt "The for statement"'),
+        example(
+            'lmps generate --model runs/tiny "The for statement" --top-p 0.9 --stop "\\n\\n"',
+            'lmps generate --job JOB "The with statement" --temperature 0',
+        ),
     ),
     "report": (
         "summary of a training run folder: losses, tokens/s, steps, the loss plot",
         _add_report,
         example("lmps report runs/tiny"),
+    ),
+    "export": (
+        "write a trained model as a Hugging Face GPT-2 folder (or an lmps one)",
+        _add_export,
+        example(
+            "lmps export runs/tiny hf/tiny --format hf",
+            "lmps export --job JOB hf/job",
+        ),
     ),
     "cluster": (
         "start/stop a local cluster of processes (up, down, status)",

@@ -6,6 +6,7 @@ that `lmps --help` stays quick."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,23 +32,95 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmps.client import model_io
+    from lmps.client.generation import generate_text, sampling_settings, unescape
 
+    if args.prompt is not None and args.prompt_text is not None:
+        raise ValueError("give the prompt once: as PROMPT or as --prompt, not both")
+    prompt = args.prompt if args.prompt is not None else args.prompt_text
+    prompt = "\n" if prompt is None else prompt
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    settings = sampling_settings(args)  # bad flags fail before anything is loaded
+    stops = [unescape(s) for s in args.stop]
     if args.model:
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(
+                f"--model {args.model}: no such folder; pass a run folder written by `lmps train`"
+            )
         trained = model_io.load(Path(args.model))
     else:
-        trained = model_io.fetch_model(args.coordinator, args.job, wait=False)
+        trained = model_io.fetch_model(args.coordinator, args.job or "", wait=False)
+    tokens, seconds, first_s, cached = 0, 0.0, 0.0, 0
     for i in range(args.samples):
-        text = model_io.sample(
-            trained,
-            args.prompt,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            seed=args.seed + i,
-        )
         if args.samples > 1:
             console.rule(f"sample {i + 1}")
-        print(text)
+        seeded = dataclasses.replace(settings, seed=args.seed + i)
+        if not args.no_stream:
+            _write(prompt)
+        done = generate_text(
+            trained.model,
+            trained.tokenizer,
+            prompt,
+            seeded,
+            stops=stops,
+            stop_at_eot=args.stop_at_eot,
+            on_text=None if args.no_stream else _write,
+        )
+        _write((prompt + done.text if args.no_stream else "") + "\n")
+        tokens, seconds = tokens + done.tokens, seconds + done.seconds
+        first_s, cached = first_s + done.first_token_s, cached + done.cached_steps
+    cache = f"KV cache on, {cached}/{tokens} steps cached" if settings.use_cache else "no KV cache"
+    rate = tokens / seconds if seconds > 0 else 0.0
+    print(
+        f"{tokens} tokens in {seconds:.2f}s: {rate:.1f} tokens/s ({cache}; first token "
+        f"{first_s / args.samples * 1000:.0f} ms)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _write(text: str) -> None:
+    """Text to stdout at once: each streamed piece shows as it comes."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmps.client import model_io
+
+    from_cluster = args.job is not None
+    want = 1 if from_cluster else 2
+    if len(args.paths) != want:
+        usage = "--job JOB OUT" if from_cluster else "RUN_DIR OUT (or --job JOB OUT)"
+        raise ValueError(f"export takes {usage}, got {' '.join(args.paths)}")
+    out = Path(args.paths[-1])
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
+        what = "a file" if not out.is_dir() else "not empty"
+        raise ValueError(f"{out} is {what}: choose a new folder (or --force to write into it)")
+    if not from_cluster:
+        model_io.check(Path(args.paths[0]))
+    if args.format == "hf":
+        from lmps.client import hf_io
+
+        hf_io.transformers_module()  # before anything is fetched or loaded
+    if from_cluster:
+        trained = model_io.fetch_model(args.coordinator, args.job, wait=False)
+        source = f"job {args.job or '(latest)'} at {args.coordinator}"
+    else:
+        trained = model_io.load(Path(args.paths[0]))
+        source = args.paths[0]
+    if args.format == "hf":
+        hf_io.save(trained, out)
+        hint = f"GPT2LMHeadModel.from_pretrained({str(out)!r})"
+    else:
+        model_io.save(trained, out)
+        hint = f"lmps generate --model {out}"
+    console.print(
+        f"exported {source} to {out} ({args.format}); load it with {hint}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 

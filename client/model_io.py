@@ -1,7 +1,8 @@
 """Fetch a trained model from a cluster, save it, load it back.
 
 A saved model is a folder: `model.safetensors` (weights), `config.json` (GPTConfig) and
-`tokenizer.json` (the `tokenizers` tokenizer the job was trained with).
+`tokenizer.json` (the `tokenizers` tokenizer the job was trained with). `--init-from` also
+takes `hf:DIR`, a Hugging Face GPT-2 folder (`lmps.client.hf_io`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,24 @@ def check(path: Path) -> GPTConfig:
     return config
 
 
+def check_init(source: str) -> GPTConfig:
+    """`check` for what --init-from names: an lmps run folder, or `hf:DIR`."""
+    if source.startswith("hf:"):
+        from lmps.client import hf_io
+
+        return hf_io.check(Path(source.removeprefix("hf:")))
+    return check(Path(source))
+
+
+def load_init(source: str) -> TrainedModel:
+    """`load` for what --init-from names: an lmps run folder, or `hf:DIR`."""
+    if source.startswith("hf:"):
+        from lmps.client import hf_io
+
+        return TrainedModel(*hf_io.load(Path(source.removeprefix("hf:"))))
+    return load(Path(source))
+
+
 def load(path: Path) -> TrainedModel:
     config = check(path)
     model = GPT(config)
@@ -152,16 +171,12 @@ def sample(
     top_k: int | None = 40,
     seed: int = 0,
 ) -> str:
-    from lmps.core.model import generate
+    """The prompt and its continuation (`lmps train --sample-prompt`); `lmps generate`
+    streams it with every setting through `lmps.client.generation`."""
+    from lmps.client.generation import generate_text
+    from lmps.core.generation import SamplingSettings
 
-    if trained.tokenizer is None:
-        raise ValueError("this model has no tokenizer to encode the prompt with")
-    ids = trained.tokenizer.encode(prompt).ids or [0]
-    idx = torch.tensor([ids], dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    trained.model.eval()
-    out = generate(
-        trained.model, idx, max_tokens, temperature=temperature, top_k=top_k, generator=g
+    settings = SamplingSettings(
+        max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed
     )
-    text: str = trained.tokenizer.decode(out[0].tolist())
-    return text
+    return prompt + generate_text(trained.model, trained.tokenizer, prompt, settings).text

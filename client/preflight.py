@@ -2,9 +2,9 @@
 
 Each refusal is a `Refused` (a ValueError) whose message is one line that says what is wrong
 and what to do; `lmps` prints it without a traceback and exits 2. The checks are cheap and
-run in this order: flags that cannot apply, the --init-from folder (its files, not yet the
-weights), the output folder, the coordinator; the corpus is checked once it is tokenized
-(`check_corpus`), still before the upload.
+run in this order: flags that cannot apply, the --init-from folder (an lmps run folder or a
+Hugging Face `hf:DIR`: its files, not yet the weights), the output folder, the coordinator;
+the corpus is checked once it is tokenized (`check_corpus`), still before the upload.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +43,7 @@ def check(opts: TrainOptions) -> TrainOptions:
     if opts.init_from:
         from lmps.client import model_io
 
-        model_io.check(Path(opts.init_from))
+        model_io.check_init(opts.init_from)
     check_out(opts.out)
     check_coordinator(opts.coordinator, opts.wait_s)
     return opts
@@ -77,26 +78,49 @@ def resolve_model_flags(opts: TrainOptions) -> TrainOptions:
     )
 
 
+PROBE_TRIES = 20
+
+
+def _kind(path: Path) -> str:
+    """ "dir", "missing" or "other" (a file, a socket...), from a single stat."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # (the latter: a parent is a file)
+        return "missing"
+    return "dir" if stat.S_ISDIR(mode) else "other"
+
+
 def check_out(out: str) -> None:
     """--out must be a folder that exists or can be made, and that can be written to. The
     check writes (and removes) a probe file; folders it made for that are removed again."""
     if not out:
         return
     path = Path(out)
-    if path.exists() and not path.is_dir():
+    # One stat per path, not exists() then is_dir(): another `lmps` may make and remove the
+    # same folders meanwhile, and a folder gone between two calls is not a file.
+    if _kind(path) == "other":
         raise Refused(f"--out {out} is an existing file, not a folder: choose another path")
     missing: list[Path] = []  # deepest first
     parent = path
-    while not parent.exists() and parent != parent.parent:
+    while _kind(parent) == "missing" and parent != parent.parent:
         missing.append(parent)
         parent = parent.parent
-    if not parent.is_dir():
+    if _kind(parent) == "other":
         raise Refused(f"--out {out}: {parent} is a file, so no folder can be made under it")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".lmps-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        for attempt in range(PROBE_TRIES):
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(dir=path, prefix=".lmps-probe-")
+            except (FileNotFoundError, FileExistsError):
+                # Another `lmps` probing the same new folder removed it (or a parent) while
+                # we made it or probed it (each removes the folders it made): again.
+                if attempt == PROBE_TRIES - 1:
+                    raise
+                continue
+            os.close(fd)
+            os.unlink(probe)
+            break
     except OSError as err:
         raise Refused(f"--out {out} is not writable ({err.strerror or err})") from None
     finally:

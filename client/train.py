@@ -43,7 +43,7 @@ def build_spec(opts: TrainOptions, vocab_size: int, tokenizer_json: str) -> job_
             steps=opts.local_steps, inner_optimizer=codec.optimizer_to_proto(inner)
         )
     )
-    mode, staleness = opts.staleness()
+    mode, staleness = opts.consistency_mode()
     return job_pb2.JobSpec(
         name=opts.name,
         model=codec.model_to_proto(config),
@@ -94,7 +94,7 @@ def _prepare(
     """Tokenized data and the job spec; with --init-from, the saved model's tokenizer,
     config and weights."""
     if opts.init_from:
-        base = model_io.load(Path(opts.init_from))
+        base = model_io.load_init(opts.init_from)
         assert base.tokenizer is not None
         with console.status(f"tokenizing {opts.data} with the tokenizer of {opts.init_from}"):
             tokens = encode_corpus(base.tokenizer, load_corpus(opts.data))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from lmps.client import preflight
 from lmps.core.compress import compression_from_name
@@ -122,8 +122,9 @@ class TrainOptions:
         default="sync",
         metadata=flag(
             "optimisation",
-            "sync (every step waits for every worker), or ssp:S (bounded staleness: a worker "
-            "may run up to S steps ahead of the slowest; ssp:0 is sync)",
+            "sync (every step waits for every worker), ssp:S (bounded staleness: a worker "
+            "may run up to S steps ahead of the slowest; ssp:0 is sync), or async (every "
+            "push applied at once; nobody waits)",
             metavar="MODE",
         ),
     )
@@ -217,7 +218,8 @@ class TrainOptions:
         default="",
         metadata=flag(
             "checkpoints and recovery",
-            "fine-tune the model saved in DIR (its config and tokenizer are used)",
+            "fine-tune the model saved in DIR (its config and tokenizer are used): a folder "
+            "written by `lmps train`, or hf:DIR, a Hugging Face GPT-2 save_pretrained folder",
             metavar="DIR",
         ),
     )
@@ -274,7 +276,7 @@ class TrainOptions:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be {' or '.join(SCHEDULE_NAMES)}")
         self._check_local_steps()
-        self.staleness()  # raises on a bad --consistency
+        self.consistency_mode()  # raises on a bad --consistency
         try:
             compression_from_name(self.push_compression)
         except ValueError as err:
@@ -289,16 +291,21 @@ class TrainOptions:
                 "too few; use --servers 0 (every registered one) or 2 or more"
             )
 
-    def staleness(self) -> tuple[Consistency, int]:
+    def consistency_mode(self) -> tuple[Consistency, int]:
         """--consistency as (mode, max_staleness): "sync" -> ("sync", 0), "ssp:S" ->
-        ("bounded_staleness", S)."""
-        if self.consistency == "sync":
-            return "sync", 0
+        ("bounded_staleness", S), "async" -> ("async", 0)."""
+        if self.consistency in ("sync", "async"):
+            if self.consistency == "async" and self.local_steps:
+                raise ValueError(
+                    "--consistency async applies every push alone, at once: it has no rounds "
+                    "for --local-steps; use sync or ssp:S with local steps"
+                )
+            return cast(Consistency, self.consistency), 0
         name, _, bound = self.consistency.partition(":")
         if name != "ssp" or not bound.isdigit() or int(bound) > MAX_STALENESS:
             raise ValueError(
-                f"--consistency must be sync or ssp:S with S in [0, {MAX_STALENESS}], got "
-                f"{self.consistency!r}"
+                f"--consistency must be sync, async or ssp:S with S in [0, {MAX_STALENESS}], "
+                f"got {self.consistency!r}"
             )
         return "bounded_staleness", int(bound)
 

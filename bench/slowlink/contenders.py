@@ -155,6 +155,7 @@ def lineup(job: SlowJob, workers: int, servers: int) -> list[Contender]:
     rows = [
         Contender("ddp", f"DDP over gloo, {workers} ranks", "ddp"),
         Contender(SYNC, f"lmps SYNC, {servers} PS + {workers} workers", "lmps"),
+        Contender("lmps-async", "lmps ASYNC", "lmps", {"consistency": job_pb2.ASYNC}),
         Contender(
             f"lmps-ssp-{SSP_S}",
             f"lmps bounded staleness s={SSP_S}",

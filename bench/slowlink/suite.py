@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Context, environment, write_result
-from bench.slowlink.contenders import LAUNCHERS, RunArgs, lineup
+from bench.slowlink.contenders import LAUNCHERS, SYNC, RunArgs, lineup
 from bench.slowlink.figures import draw
 from bench.slowlink.job import SlowJob, model_bytes
 from bench.slowlink.outcome import Outcome
@@ -83,6 +83,10 @@ def run(ctx: Context) -> dict[str, Any]:
 def _run(ctx: Context, started: dict[str, Any], shaping: Shaping, plan: Plan) -> dict[str, Any]:
     job = make_job(plan)
     contenders = lineup(job, WORKERS, SERVERS)
+    only = os.environ.get("LMPS_BENCH_SLOWLINK_ONLY", "")
+    if only:  # a subset (SYNC always: its loss is the target)
+        keys = {*only.split(","), SYNC}
+        contenders = [c for c in contenders if c.key in keys]
     args = RunArgs(
         servers=SERVERS,
         threads=max(1, (os.cpu_count() or 1) // WORKERS),

@@ -11,7 +11,9 @@ References:
 
 Pure torch: no knowledge of gRPC, parameter servers or devices. Workers build a replica with
 `init_model` (the same seed gives the same weights on every machine), move it wherever they
-like, and exchange its `named_parameters()` with the parameter servers by name.
+like, and exchange its `named_parameters()` with the parameter servers by name. `KVCache`
+lets a decoding step feed only its new tokens; the decoding loop and the samplers are in
+`lmps.core.generation`.
 
 Shape legend used in the comments:
     B batch, T sequence length (<= block_size), C n_embd, nh n_head, hs head size (C // nh),
@@ -22,11 +24,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+Activation = Literal["gelu", "gelu_tanh"]
+"""Names of the MLP nonlinearities in `ACTIVATIONS`."""
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    # Exact GELU, x * Phi(x) (Hendrycks & Gimpel 2016).
+    "gelu": nn.GELU,
+    # The tanh approximation GPT-2 was trained with (Hugging Face calls it "gelu_new"); a
+    # GPT-2 checkpoint gives its own logits only with this one.
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+"""Activation name -> a factory of the module; `GPTConfig.activation` picks one."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,9 @@ class GPTConfig:
     """Biases in the Linear and LayerNorm layers (GPT-2 has them)."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output head (GPT-2 does)."""
+    activation: Activation = "gelu"
+    """The MLP's nonlinearity, a key of `ACTIVATIONS`: exact "gelu" (the default, and what a
+    config.json without the key means) or GPT-2's "gelu_tanh"."""
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -62,6 +81,11 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"GPTConfig.activation must be one of {', '.join(ACTIVATIONS)}, "
+                f"got {self.activation!r}"
+            )
 
     @property
     def head_size(self) -> int:
@@ -76,8 +100,16 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=2048),
     "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096),
     "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192),
-    # GPT-2 small (124M); 50304 = 50257 padded up to a multiple of 64 for faster matmuls.
-    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    # GPT-2 small (124M), with its tanh GELU so that it exports to Hugging Face exactly;
+    # 50304 = 50257 padded up to a multiple of 64 for faster matmuls.
+    "gpt2": GPTConfig(
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        block_size=1024,
+        vocab_size=50304,
+        activation="gelu_tanh",
+    ),
 }
 
 
@@ -105,17 +137,34 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        """`x` (B, T, C) -> (B, T, C). With `cache`, `x` holds the T positions after the
+        `cache.length` ones already cached: their keys and values are appended to it and the
+        queries attend to every cached position as well."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # Heads become a batch dimension: (B, nh, T, hs).
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, past + T, hs)
+        mask = None
+        if past and T > 1:
+            # Query t (at position past + t) sees keys 0..past + t: a causal mask shifted
+            # right by `past` (is_causal would align it top-left, as if past were 0).
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         # Fused attention (flash / memory-efficient kernels where available); is_causal
-        # applies the lower-triangular mask without materialising a (T, T) buffer.
+        # applies the lower-triangular mask without materialising a (T, T) buffer. One new
+        # query (a decoding step) sees every key: no mask at all.
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=past == 0 and T > 1,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -127,12 +176,12 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.act = ACTIVATIONS[config.activation]()  # no parameters: not in the state dict
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        x = self.act(self.c_fc(x))  # (B, T, 4C)
         return self.dropout(self.c_proj(x))  # (B, T, C)
 
 
@@ -146,8 +195,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -162,6 +211,57 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class LayerCache:
+    """One attention layer's keys and values for the positions seen so far.
+
+    The buffers hold `capacity` positions (the model's block_size) and are allocated on the
+    first `update`, with the batch size, device and dtype of its keys: appending a decoding
+    step copies one position, not the whole past (as `torch.cat` would).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        """Positions cached so far."""
+        self.keys: Tensor | None = None  # (B, nh, capacity, hs)
+        self.values: Tensor | None = None  # (B, nh, capacity, hs)
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append `k`, `v` (B, nh, T, hs) at positions length .. length + T - 1; returns the
+        keys and values of every position so far, (B, nh, length + T, hs) each."""
+        B, nh, T, hs = k.shape
+        end = self.length + T
+        if end > self.capacity:
+            raise ValueError(f"{end} positions exceed the cache's {self.capacity}")
+        if self.keys is None or self.values is None:
+            self.keys = k.new_empty(B, nh, self.capacity, hs)
+            self.values = v.new_empty(B, nh, self.capacity, hs)
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Past keys and values of every layer, so that a decoding step feeds the model only its
+    new token: `model(idx[:, cache.length:], cache=cache)` (the "KV cache" of Pope et al.,
+    "Efficiently Scaling Transformer Inference", 2022; Hugging Face's `past_key_values`).
+
+    Positions are absolute (learned position embeddings), so a cache holds at most
+    `block_size` positions: past that, every position of a block_size window shifts by one
+    each step and no cached key stays valid. `lmps.core.generation` then recomputes the
+    last block_size tokens each step, exactly what an uncached model sees.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        self.layers = [LayerCache(config.block_size) for _ in range(config.n_layer)]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (the same in every layer)."""
+        return self.layers[0].length
 
 
 class GPT(nn.Module):
@@ -209,18 +309,27 @@ class GPT(nn.Module):
         """Number of parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, V) for token ids `idx` (B, T); with `targets` (B, T) also the mean
-        token cross-entropy (a scalar), else None."""
+        token cross-entropy (a scalar), else None.
+
+        With `cache`, `idx` continues the sequence the cache holds: its tokens take positions
+        `cache.length` .. `cache.length + T - 1`, attend to the cached keys and values too,
+        and are added to the cache. The logits equal those of the same positions in an
+        uncached forward of the whole sequence (up to rounding)."""
         B, T = idx.shape
-        if self.config.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        start = 0 if cache is None else cache.length
+        if self.config.block_size < start + T:
+            what = f"sequence length {T}" + (f" after {start} cached" if start else "")
+            raise ValueError(f"{what} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache.layers[i])
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits: Tensor = self.lm_head(x)  # (B, T, V)
         if targets is None:
@@ -253,47 +362,3 @@ def decay_mask(name: str, param: Tensor) -> bool:
     LayerNorm gains no (nanoGPT's convention). `name` is accepted for future rules."""
     del name
     return param.ndim >= 2
-
-
-@torch.no_grad()
-def generate(
-    model: GPT,
-    idx: Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Extend `idx` (B, T) by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens).
-
-    The context fed to the model is cropped to its last `block_size` tokens. `temperature`
-    0 means greedy decoding; `top_k` keeps only the k most likely tokens before sampling.
-    `generator` (on the model's device) makes sampling reproducible. The model runs in eval
-    mode (no dropout) and is put back in its previous mode afterwards.
-    """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -model.config.block_size :]  # (B, <= block_size)
-            logits, _ = model(idx_cond)
-            logits = logits[:, -1, :]  # only the last position predicts the next token: (B, V)
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)  # (B, V)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next.to(idx.dtype)), dim=1)  # (B, T + 1)
-    finally:
-        model.train(was_training)
-    return idx

@@ -22,7 +22,7 @@ from lmps.core.model import GPTConfig
 from lmps.core.optim import OptimizerSettings
 from lmps.core.partition import DEFAULT_SHARD_BYTES
 
-Consistency = Literal["sync", "bounded_staleness"]
+Consistency = Literal["sync", "bounded_staleness", "async"]
 """How workers and servers agree on a version (the consistency seam's modes).
 
 "sync": bulk synchronous (BSP): step s is applied once every active worker's gradient for s
@@ -33,7 +33,12 @@ version per round of H inner steps: local steps change what a push carries, not 
 bound s = `JobSettings.max_staleness`: steps are made as under SYNC, one at a time, each the
 weighted mean of every active worker's push for it, but a worker at step c may compute on any
 version >= c - s, so the fast run up to s steps ahead of the slowest before they wait. s = 0
-is SYNC exactly. An asynchronous mode (every push applied at once) is a sibling to come.
+is SYNC exactly.
+"async": asynchronous, Hogwild-style (TF's ParameterServerStrategy, ps-lite's default): a
+server applies each push to its shards at once, as one optimizer step with that worker's
+gradient alone, and bumps its version, so a version is one push (and the lr schedule counts
+pushes). Workers pull whatever version the servers are at and never wait for each other;
+staleness is unbounded and servers may apply the same pushes in different orders.
 """
 CONSISTENCIES: tuple[str, ...] = get_args(Consistency)
 MAX_STALENESS = 1000  # steps; each step ahead holds one more pending gradient per worker
@@ -72,8 +77,11 @@ def default_total_steps(
     workers: int,
     batches_per_lease: int = 1,
     local_steps: int = 1,
+    consistency: Consistency = "sync",
 ) -> int:
     """Steps (versions) of a whole job when the spec leaves it open, at least one.
+
+    ASYNC: every push is a version, so a job lasts as many as it has batches.
 
     SYNC: one step takes one push from every worker still holding data, and data shard j
     (of `batches_per_lease` batches; the last may be short) belongs to worker j mod W, so an
@@ -85,6 +93,8 @@ def default_total_steps(
     (rounds never cross a lease), so a lease of b batches makes ceil(b / H) steps.
     """
     batches = train_sequences // max(1, batch_size)
+    if consistency == "async":
+        return max(1, epochs) * max(1, batches)
     per = max(1, batches_per_lease)
     h = max(1, local_steps)
     w = max(1, workers)
@@ -147,7 +157,7 @@ class JobSettings:
     consistency: Consistency = "sync"
     """The consistency model between workers and servers (see `Consistency`)."""
     max_staleness: int = 0
-    """Staleness bound of bounded-staleness modes; must be 0 under "sync"."""
+    """Staleness bound of bounded-staleness modes; must be 0 under "sync" and "async"."""
     shard_bytes: int = DEFAULT_SHARD_BYTES
     """Largest parameter shard in fp32 bytes; larger tensors are split (BytePS)."""
     wire_dtype: torch.dtype = torch.float32
@@ -182,6 +192,18 @@ class JobSettings:
             )
         if self.consistency == "sync" and self.max_staleness:
             raise ValueError("max_staleness is for bounded-staleness modes; SYNC needs 0")
+        if self.consistency == "async" and self.max_staleness:
+            raise ValueError(
+                "max_staleness is for bounded-staleness modes; ASYNC takes pushes of any "
+                "staleness and needs 0"
+            )
+        if self.consistency == "async" and self.local_steps is not None:
+            # A round's pseudo-gradient applied alone at once (async DiLoCo) is another
+            # algorithm, with its own outer-step scaling: not built.
+            raise ValueError(
+                "local_steps run under SYNC or bounded staleness; ASYNC applies each push "
+                "alone and has no rounds: drop local_steps or pick another consistency"
+            )
         if not 0 <= self.max_staleness <= MAX_STALENESS:
             raise ValueError(f"max_staleness must be in [0, {MAX_STALENESS}]")
         if self.shard_bytes < MIN_SHARD_BYTES:

@@ -493,11 +493,21 @@ def model_to_proto(c: GPTConfig) -> job_pb2.ModelConfig:
         dropout=c.dropout,
         bias=c.bias,
         tie_embeddings=c.tie_embeddings,
+        activation=cast(job_pb2.Activation, job_pb2.Activation.Value(c.activation.upper())),
     )
 
 
 def model_from_proto(m: job_pb2.ModelConfig) -> GPTConfig:
-    """Raises ValueError (from GPTConfig's validation) on a bad config."""
+    """Raises ValueError (from GPTConfig's validation) on a bad config. An unset activation
+    is "gelu" (specs from before the field); a value this build does not know is refused."""
+    from lmps.core.model import Activation
+
+    if m.activation == job_pb2.ACTIVATION_UNSPECIFIED:
+        activation = "gelu"
+    elif m.activation in job_pb2.Activation.values():
+        activation = job_pb2.Activation.Name(m.activation).lower()
+    else:
+        activation = f"<unknown {m.activation}>"  # GPTConfig names the choices
     return GPTConfig(
         n_layer=m.n_layer,
         n_head=m.n_head,
@@ -507,6 +517,7 @@ def model_from_proto(m: job_pb2.ModelConfig) -> GPTConfig:
         dropout=float(m.dropout),
         bias=m.bias,
         tie_embeddings=m.tie_embeddings,
+        activation=cast(Activation, activation),
     )
 
 

@@ -157,6 +157,7 @@ class Driver:
             workers_hint,
             batches_per_lease=settings.batches_per_lease,
             local_steps=settings.local_steps.steps if settings.local_steps else 1,
+            consistency=settings.consistency,
         )
         settings = job_settings(spec, total_steps=total)
         model = init_model(settings.model, settings.seed)

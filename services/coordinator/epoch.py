@@ -1,13 +1,14 @@
 """One epoch of one job, surviving lost workers and lost parameter servers.
 
 The coordinator loop of TF2 ParameterServerStrategy, for SYNC training over a parameter
-server (Parameter Server, OSDI'14). An attempt runs in phases: plan (workers, data shards,
-leases, the servers' version), start (one TrainEpoch stream per worker), relay (merge their
-events, checkpoint mid-epoch, drop and admit workers: streams.py) and finish (eval,
-checkpoint, summary); a client that goes away stops the epoch at a step boundary
-(stop.py). A parameter server that dies or restarts takes its shards' state with
-it: with replication the backups take over (failover); without, the epoch rolls back to the
-latest checkpoint once enough servers are back, and carries on.
+server (Parameter Server, OSDI'14), and its siblings (bounded staleness keeps SYNC's leases;
+ASYNC has `leases.AsyncLeaseDesk` and the branches marked `# ASYNC:`). An attempt runs in
+phases: plan (workers, data shards, leases, the servers' version), start (one TrainEpoch
+stream per worker), relay (merge their events, checkpoint mid-epoch, drop and admit
+workers: streams.py) and finish (eval, checkpoint, summary); a client that goes away stops
+the epoch at a step boundary (stop.py). A parameter server that dies or restarts takes its
+shards' state with it: with replication the backups take over (failover); without, the
+epoch rolls back to the latest checkpoint once enough servers are back, and carries on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lmps.core.model import perplexity
 from lmps.services.coordinator.cluster import Cluster
 from lmps.services.coordinator.fleet import Diverged, Fleet
 from lmps.services.coordinator.jobs import Job
-from lmps.services.coordinator.leases import LeaseDesk
+from lmps.services.coordinator.leases import DESKS, AsyncLeaseDesk
 from lmps.services.coordinator.placement import Placement
 from lmps.services.coordinator.registry import Role
 from lmps.services.coordinator.stop import EpochStop
@@ -158,7 +159,7 @@ class EpochRun:
         done = job.resume.done_in(self.epoch_no) if job.resume else {}
         self.cluster.wait_rejoin(job, gone=lambda: not self.context.is_active())
         self.placement.refresh_workers(job, self.epoch_no)
-        desk = LeaseDesk(
+        desk = DESKS[s.consistency](  # ASYNC: AsyncLeaseDesk
             job_id=job.job_id,
             epoch=self.epoch_no,
             plan=plan,
@@ -178,6 +179,8 @@ class EpochRun:
             # them) hold a half-applied step: roll back to the last checkpoint instead.
             try:
                 # SYNC: every server stands at one common version made of the same steps.
+                # ASYNC: of the same pushes (in any order), once every push reached every
+                # server; one cut off between two of them leaves them apart: a rollback.
                 job.step = self.fleet.version(job.job_id, job.servers)
             except Unavailable as err:
                 raise ServerLost(str(err)) from None
@@ -225,7 +228,8 @@ class EpochRun:
         a.last_step[step.worker_id] = step.step
         self.totals.losses.append(step.loss)
         self.totals.tokens += step.tokens
-        self.job.step = max(self.job.step, step.step + 1)  # SYNC: step s makes version s + 1
+        # SYNC: step s makes version s + 1. ASYNC: every server holds the push from s + 1 on.
+        self.job.step = max(self.job.step, step.step + 1)
 
     def _stop(self) -> EpochStop:
         return EpochStop(
@@ -239,6 +243,9 @@ class EpochRun:
 
     def _maybe_checkpoint(self, a: Attempt) -> None:
         """Checkpoint version `next_checkpoint` once it is whole, in the background."""
+        if isinstance(a.desk, AsyncLeaseDesk):
+            self._maybe_checkpoint_async(a, a.desk)
+            return
         # SYNC: version v is whole once every active worker has pushed its step v - 1 (with
         # local steps a round's events come once its push is in: any of them says so).
         active = set(a.desk.active)
@@ -252,10 +259,36 @@ class EpochRun:
             )
         a.next_checkpoint += every
 
+    def _maybe_checkpoint_async(self, a: Attempt, desk: AsyncLeaseDesk) -> None:
+        """ASYNC: version v is whole once all v - start pushes that made it have reported:
+        a reported push with step < v is among the first v on every server, so when there
+        are v - start of them they are exactly the pushes every server's snapshot at v holds
+        (the same pushes, each server in its own order), and `progress(v)` says which
+        batches they are. A version that never gets there (a push in it whose event never
+        comes, or servers that took different pushes as their v-th) is passed over once a
+        server is past the next multiple, whose snapshot replaces the one at v."""
+        every = a.checkpoint_every
+        while every:
+            target = a.next_checkpoint
+            if desk.reported_below(target) == target - a.start_step:
+                if a.checkpointing is None or not a.checkpointing.is_alive():
+                    done = desk.progress(target)
+                    a.checkpointing = self.placement.checkpoint_async(
+                        self.job, target, self.epoch_no, done, redone=self.redone_before
+                    )
+            elif desk.highest < target + every:
+                return  # pushes in `target` are still on their way
+            else:
+                log.info(
+                    "epoch %d: no checkpoint at %d: it never became whole", self.epoch_no, target
+                )
+            a.next_checkpoint += every
+
     def _finish(self, a: Attempt) -> job_pb2.ProgressEvent:
         job, t = self.job, self.totals
         with job.lock:
-            # SYNC: with every worker out of data the servers agree on one version.
+            # SYNC: with every worker out of data the servers agree on one version (ASYNC:
+            # once every push reached every server).
             job.step = self.fleet.version(job.job_id, job.servers)
             job.epochs_done = self.epoch_no + 1
             job.resume = None
@@ -264,6 +297,11 @@ class EpochRun:
         path = self.placement.checkpoint(job, job.step, epoch=None, done={})
         wall = time.perf_counter() - self.started
         book = a.desk.book
+        again = 0
+        if isinstance(a.desk, AsyncLeaseDesk):
+            # ASYNC: pushes in the parameters whose events never came (a worker lost just
+            # after one) had their batches trained again: in `batches` twice, and redone.
+            again = a.desk.account(job.step) or 0
         return job_pb2.ProgressEvent(
             job_id=job.job_id,
             epoch=self.epoch_no,
@@ -280,7 +318,7 @@ class EpochRun:
                 data_shards_completed=len(book.completed),
                 batches=self.batches_before + len(t.losses) + t.unreported + book.unreported,
                 leases_released=book.releases,
-                batches_redone=book.redone_batches + self.redone_before,
+                batches_redone=book.redone_batches + self.redone_before + again,
                 workers_lost=t.lost,
                 workers_joined=t.joined,
                 restores=t.restores,

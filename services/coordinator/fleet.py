@@ -180,6 +180,8 @@ class Fleet:
     ) -> tuple[int, str]:
         """(common version, step-composition digest) of the servers; Diverged as `version`."""
         # SYNC: a server's version is its count of applied steps, the same on every server.
+        # ASYNC: its count of pushes, the same once every push reached every server; the
+        # digests then agree whatever order each server applied them in.
         deadline = time.monotonic() + settle_s
         while True:
             try:

@@ -17,17 +17,20 @@ shorter), and every batch of a round is reported at the round's step. A round is
 whole or not at all, so where a shard stands (`progress`, `lose`) is always a round's start.
 Without local steps H is 1: a round is a batch.
 
-A new consistency mode (ASYNC, bounded staleness) is a sibling of `LeaseDesk` with its own
-membership rule, plus the branches marked `# SYNC:` in epoch.py and streams.py.
+A new consistency mode is a sibling of `LeaseDesk` with its own membership rule (a row of
+`DESKS`), plus the branches marked `# SYNC:` in epoch.py and streams.py. Bounded staleness
+keeps SYNC's. `AsyncLeaseDesk` is ASYNC's: every push is applied at once, so no barrier
+waits for anyone and every reported batch is in the parameters.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -85,6 +88,8 @@ class EpochLeases:
         self.releases = 0  # leases handed back by lost workers
         self.redone_batches = 0  # batches trained by a lost worker but not applied, trained again
         self.unreported = 0  # batches pushed whose event never came (`account`, `lose`)
+        # ASYNC: a worker out of shards of its own takes another's (see `take`).
+        self.steal = False
         self._next_id = 0
         self._lock = threading.Lock()
 
@@ -97,9 +102,15 @@ class EpochLeases:
             # SYNC: orphans first, then the worker's own shards in order; no stealing of
             # another's shards, so which batches make a step does not depend on timing.
             queue = self.orphans if self.orphans else self.own.get(worker_id, deque())
-            if not queue:
+            if queue:
+                j = queue.popleft()
+            elif self.steal and any(self.own.values()):
+                # ASYNC: no step depends on who trains a shard, so a worker out of its own
+                # takes the last shard of the longest queue rather than stop while a slower
+                # one still has several to go.
+                j = max(self.own.values(), key=len).pop()
+            else:
                 return None
-            j = queue.popleft()
             lease = Lease(
                 f"e{self.epoch}-l{self._next_id}-s{j}",
                 worker_id,
@@ -147,9 +158,10 @@ class EpochLeases:
             self.done[lease.data_shard] = lease.batches
             self.completed.append(lease.data_shard)
 
-    def lose(self, worker_id: str, applied_below: int) -> list[int]:
+    def lose(self, worker_id: str, applied_below: int | None) -> list[int]:
         """Worker lost: its shards become orphans. Batches it pushed at steps below
         `applied_below` are kept (they are in the parameters); the rest will be redone.
+        None: every batch it reported is kept (ASYNC: a reported push is applied).
 
         A round is applied whole: one batch of it reported below `applied_below` keeps the
         round (its batches whose events never came are counted in `unreported`), and the
@@ -162,7 +174,7 @@ class EpochLeases:
                 lid for lid, lease in self.outstanding.items() if lease.worker_id == worker_id
             ]:
                 lease = self.outstanding.pop(lid)
-                kept = [b for b, s in lease.seen if s < applied_below]
+                kept = [b for b, s in lease.seen if applied_below is None or s < applied_below]
                 first = max([lease.first_batch, *(self._round_end(lease, b) for b in kept)])
                 self.redone_batches += len(lease.seen) - len(kept)
                 self.unreported += len(set(range(lease.first_batch, first)) - set(kept))
@@ -359,11 +371,7 @@ class LeaseDesk:
         with self._lock:
             lease = self.book.take(worker_id)
             if lease is None:
-                # SYNC: out of data, leave the barrier before answering `done`, or the
-                # other workers' next step would wait for this worker forever.
-                if worker_id in self.active:
-                    self.active = self.active - {worker_id}
-                    self.barrier.set_members(self.job_id, self.servers, self.active)
+                self._out_of_data(worker_id)
                 return None
         ids = self.plan[lease.data_shard][lease.first_batch * self.batch_size :]
         tokens = self.train[ids]  # (batches * B, T+1)
@@ -375,6 +383,13 @@ class LeaseDesk:
             batches=tokens.shape[0] // self.batch_size,
             tokens=tokens,
         )
+
+    def _out_of_data(self, worker_id: str) -> None:
+        """`worker_id` has no data left; called before it is told `done`. SYNC: it leaves the
+        barrier now, or the other workers' next step would wait for it forever."""
+        if worker_id in self.active:
+            self.active = self.active - {worker_id}
+            self.barrier.set_members(self.job_id, self.servers, self.active)
 
     def complete(self, lease_id: str, worker_id: str) -> None:
         self.book.complete(lease_id, worker_id)
@@ -473,3 +488,118 @@ class LeaseDesk:
     @property
     def finished(self) -> bool:
         return self.book.finished
+
+
+class AsyncLeaseDesk(LeaseDesk):
+    """ASYNC: the leases of one attempt at an epoch, and the workers whose pushes the
+    servers take (their members). Nothing on a server waits for a member, so no change of
+    membership moves a barrier: a worker out of data stays a member (it pushes no more); a
+    lost one is dropped, so that a late push of its (a worker cut off that still trains) is
+    refused instead of training its re-leased batch twice; a joiner is a member at once and
+    starts at the servers' lowest version. A worker out of shards of its own takes another's
+    (`EpochLeases.steal`): the result depends on timing anyway, so who trains a shard is free.
+
+    A worker reports a batch once its push is applied on every server (each applies it on
+    arrival), so every reported batch is in the parameters: a lost worker's shard resumes
+    after its last reported batch, none redone. Its event's step s says where: from version
+    s + 1 on, every server holds it. A push applied whose event never came (the worker lost,
+    or its stream cancelled, between the push and the event) cannot be told from one never
+    made, so its batch is trained again: at least once. How many there are is known, though:
+    the servers made one version per push, so at a version v they agree on, v - opened_at
+    pushes are in, and those not reported are counted (`account`, `unapplied`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.book.steal = True  # nothing waits for a slow worker's shards: the others help
+        self.opened_at: int | None = None  # the servers' version when the attempt opened
+        self._made: list[int] = []  # every reported push's s + 1, sorted
+
+    def open(self, workers: Sequence[str], at: int | None = None) -> None:
+        with self._lock:
+            super().open(workers, at)
+            self.opened_at = at
+
+    def _out_of_data(self, worker_id: str) -> None:
+        pass  # ASYNC: nobody waits for it; it stays a member and simply stops pushing
+
+    def record(self, lease_id: str, batch_index: int, step: int) -> None:
+        with self._lock:
+            super().record(lease_id, batch_index, step)
+            bisect.insort(self._made, step + 1)
+
+    def reported_below(self, version: int) -> int:
+        """Reported pushes in every server's parameters at `version` (step < `version`)."""
+        with self._lock:
+            return bisect.bisect_right(self._made, version)
+
+    @property
+    def highest(self) -> int:
+        """The highest version a reported push made (opened_at, or 0, before any)."""
+        with self._lock:
+            return self._made[-1] if self._made else self.opened_at or 0
+
+    def _unreported(self, version: int) -> int:
+        """Pushes in the parameters at `version` (a version the servers agree on) whose
+        events never came: the servers made version - opened_at of them since the attempt
+        opened, and the events account for the rest."""
+        if self.opened_at is None or version <= self.opened_at:
+            return 0
+        return max(0, version - self.opened_at - self.reported_below(version))
+
+    def lose(self, worker_id: str) -> None:
+        """The worker is gone: no longer a member (the servers refuse its pushes from now
+        on; none of its is pending anywhere), its shards orphaned, resuming after the last
+        batch it reported (every reported push is applied)."""
+        with self._lock:
+            self.active = self.active - {worker_id}
+            self.barrier.set_members(self.job_id, self.servers, self.active)
+            self.book.lose(worker_id, applied_below=None)
+
+    def join(self, worker_id: str, training: Sequence[str]) -> int | None:
+        """The worker becomes a member (before its stream starts: its first push must find
+        it one) and gets a share of the shards not yet leased. Returns the version its stream
+        starts at: the servers' lowest, so its first pull sees whatever they are at."""
+        with self._lock:
+            members = self.active | {worker_id}
+            self.barrier.set_members(self.job_id, self.servers, members)
+            at = min(self.barrier.versions(self.job_id, self.servers))
+            self.active = members
+            self.since[worker_id] = at
+            self.book.readmit(worker_id)
+            self.book.rebalance([*training, worker_id])
+            return at
+
+    def account(self, below_step: int) -> int | None:
+        """The servers agree on version `below_step` (after a loss or a stop): count the
+        pushes in it whose events never came (`unreported`; their batches are trained again,
+        at least once: `unapplied`). There is no lease order to read them from, as SYNC has:
+        no push is a step of every member. Returns how many; None when more pushes were
+        reported than the servers made versions since the attempt opened (the events do not
+        add up: roll back)."""
+        with self._lock:
+            if self.opened_at is not None and len(self._made) > below_step - self.opened_at:
+                return None
+            n = self._unreported(below_step)
+            self.book.unreported += n
+            return n
+
+    def unapplied(self, below_step: int) -> int:
+        """Batches the next attempt trains again if it starts at `below_step`: those reported
+        at steps >= it (none, at a version the servers settled on), and the pushes in the
+        parameters at `below_step` that never reported (at least once)."""
+        with self._lock:
+            return self.book.unapplied(below_step) + self._unreported(below_step)
+
+    def freeze(self, stopper: str) -> int | None:
+        """ASYNC: there is no barrier to freeze (`EpochStop` cancels the streams and takes
+        in the events on their way instead)."""
+        return None
+
+
+DESKS: dict[str, type[LeaseDesk]] = {
+    "sync": LeaseDesk,
+    "bounded_staleness": LeaseDesk,  # SSP keeps SYNC's membership: every member, every step
+    "async": AsyncLeaseDesk,
+}
+"""Consistency mode (`lmps.core.settings.CONSISTENCIES`) -> its lease desk."""

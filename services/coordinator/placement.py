@@ -140,7 +140,8 @@ class Placement:
             version, history = self.fleet.state(job.job_id, survivors)
             # SYNC: the steps below `version` are in the survivors, reported or not: a push
             # that reached them but failed on a lost server has no event, and training its
-            # batch again would apply it twice.
+            # batch again would apply it twice. ASYNC: such pushes are only counted; their
+            # batches are trained again (at least once: AsyncLeaseDesk).
             if job.epoch is not None and job.epoch.account(version) is None:
                 raise FailedPrecondition(
                     f"the workers' step events do not add up to version {version}"

@@ -8,6 +8,12 @@ continues mid-epoch with the same step composition (deterministic leases) and a 
 coordinator does too. When the servers disagree (a half-applied step), the epoch rolls back
 to the latest checkpoint instead. With local steps a step is a round of H batches: the stop
 is at a round boundary, and the rounds pushed at v are trained again from their first batch.
+
+ASYNC has no barrier to freeze, and needs none: each push is applied as it comes. The streams
+are cancelled at once and the events on their way taken in (`drain`); the servers' version
+v then holds every reported batch, and the pushes in v that never reported are counted and
+trained again (at least once). A push cut off between two servers leaves them apart: a
+rollback, as under SYNC.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import grpc
 from lmps.core.errors import LmpsError
 from lmps.services.coordinator.fleet import Fleet
 from lmps.services.coordinator.jobs import Job, Resume
+from lmps.services.coordinator.leases import AsyncLeaseDesk
 from lmps.services.coordinator.placement import Placement
 from lmps.services.coordinator.streams import Attempt, Done, ServersLost, WorkerStreams
 from lmps.v1 import job_pb2
@@ -55,6 +62,9 @@ class EpochStop:
         """Freeze the barrier (no step past version v is made) and take in the workers'
         events until each has reported its push for v (then it waits for v + 1, forever):
         every step below v is in the parameters and recorded, the pushes at v are not."""
+        if isinstance(a.desk, AsyncLeaseDesk):
+            self.drain(a, streams)
+            return
         try:
             at = a.desk.freeze(STOPPER)
         except (grpc.RpcError, LmpsError) as err:
@@ -81,6 +91,26 @@ class EpochStop:
                 self.record(a, ev.step)
         log.warning("epoch %d: stopping: workers did not report step %d", self.epoch_no, at)
 
+    def drain(self, a: Attempt, streams: WorkerStreams) -> None:
+        """ASYNC: cancel every stream now and take in the events already on their way until
+        each stream's relay has ended, so every push reported is recorded before `settle`."""
+        ending = {id(call) for call in a.calls.values()}
+        streams.close()
+        deadline = time.monotonic() + STOP_WAIT_S
+        while ending and time.monotonic() < deadline:
+            try:
+                ev = a.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(ev, ServersLost):
+                return
+            if isinstance(ev, Done):
+                ending.discard(id(ev.call))  # a cancelled stream: not a lost worker
+            else:
+                self.record(a, ev.step)
+        if ending:
+            log.warning("epoch %d: stopping: %d streams did not end", self.epoch_no, len(ending))
+
     def settle(self, a: Attempt) -> None:
         """After a stop: the servers' version v, where each data shard stands at v (what
         the resumed epoch starts from, kept in a checkpoint so that it survives a
@@ -95,6 +125,7 @@ class EpochStop:
             log.warning("epoch %d: stopped with the servers apart: %s", self.epoch_no, err)
             version = None
         # SYNC: a member's pushes below v whose events never came are in the parameters.
+        # ASYNC: every reported push is; those in v never reported are counted (redone).
         if version is not None and a.desk.account(version) is not None:
             done = a.desk.progress(version)
             redone = self.redone_before + a.desk.unapplied(version)

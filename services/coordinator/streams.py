@@ -143,7 +143,8 @@ class WorkerStreams:
         self.placement.configure(job, {wid: address}, timeout_s=20.0)
         with job.lock:
             # SYNC: the join takes effect at one version on every server (the highest of
-            # theirs, see LeaseDesk.join); the worker's stream starts there.
+            # theirs, see LeaseDesk.join); the worker's stream starts there. ASYNC: at once,
+            # starting at the lowest (AsyncLeaseDesk.join).
             version = a.desk.join(wid, training=list(a.calls))
             if version is None:  # the servers kept moving on: the monitor tries again
                 log.warning("epoch %d: worker %s could not join; retrying", self.epoch_no, wid)

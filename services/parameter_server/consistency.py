@@ -11,8 +11,11 @@ MXNet KVStore's `set_optimizer`; the barrier only hands the store the gradient t
 
 `SyncBarrier` is bulk synchronous parallel (BSP, MXNet's dist_sync): step s is applied once
 every member required for s pushed for s, with the sample-weighted mean of their gradients;
-a member that joined with `join_at` is required from that version on. `BARRIERS` maps a
-mode of `lmps.core.settings.CONSISTENCIES` to its class: a new mode is one class and one row.
+a member that joined with `join_at` is required from that version on. `AsyncBarrier` is
+the asynchronous parameter server (Hogwild-style; TF's ParameterServerStrategy, ps-lite's
+default, MXNet's dist_async): each push is an update of its own, applied at once. `BARRIERS`
+maps a mode of `lmps.core.settings.CONSISTENCIES` to its class: a new mode is one class and
+one row.
 
 Pure torch: no grpc. Not thread-safe on its own: the store calls it under its lock.
 """
@@ -37,6 +40,12 @@ class Update:
     """fp32 gradient per shard id, in the order of the shards given to the barrier."""
     made_of: tuple[tuple[str, float], ...]
     """(worker id, weight) of every contribution, in summation order (the history digest)."""
+    push: tuple[str, int, float] | None = None
+    """ASYNC: the one push this update is, as (worker id, step, weight): the same on every
+    server it reached. Servers apply pushes in arrival order, which may differ between them,
+    so the store folds it into the history digest whatever the order. None: a step of a
+    barrier that makes the same steps in the same order on every server (the digest chains
+    them)."""
 
 
 class Barrier(Protocol):
@@ -262,6 +271,100 @@ class SyncBarrier:
         return Update(mean, made_of)
 
 
+class AsyncBarrier:
+    """ASYNC: every admitted push is an update of its own, applied at once (Recht et al.,
+    "Hogwild!", NIPS 2011, on a parameter server: TF's ParameterServerStrategy, ps-lite's
+    default, MXNet's dist_async). The update is the worker's gradient as pushed (its batch's
+    mean gradient): one optimizer step with that gradient alone, so the push's weight does
+    not scale it (it goes into the history digest only). The store makes one version per push.
+
+    Staleness is unbounded: a push for any step up to the server's version is taken, whatever
+    version its gradient was computed at (`step`, the lowest version its worker pulled; the
+    store measures the staleness against its own version). A push for a step past the
+    version is refused: no worker can have pulled it. A worker's steps only go up (its pull
+    after a push sees the version that push made, on every server), so a push for a step it
+    already pushed for, or an earlier one, is a duplicate and refused: each push is applied
+    at most once. Nothing is ever pending: `pushed` is empty, `pending` 0, and a membership
+    change completes nothing; membership is only who may push (a dropped worker's late pushes
+    are refused).
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        numel: Mapping[str, int],
+        members: Iterable[str],
+        version: int = 0,
+        max_staleness: int = 0,
+    ) -> None:
+        if max_staleness:
+            raise ValueError("max_staleness is for bounded staleness; ASYNC needs 0")
+        self._job_id = job_id
+        self._order = list(numel)  # shard id, in load order
+        self._version = version  # the version the next push makes an update at
+        self._members = frozenset(members)
+        self._last: dict[str, int] = {}  # worker -> the step of its last push taken
+
+    @property
+    def members(self) -> frozenset[str]:
+        return self._members
+
+    @property
+    def pushed(self) -> frozenset[str]:
+        return frozenset()
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def admit(
+        self, worker_id: str, step: int, version: int, computed_at: int | None = None
+    ) -> None:
+        if worker_id not in self._members:
+            raise NotFound(f"push: worker {worker_id!r} is not a member of job {self._job_id!r}")
+        if step > version:
+            raise OutOfRange(f"push: future step {step}; server is at version {version}")
+        last = self._last.get(worker_id)
+        if last is not None and step <= last:
+            raise AlreadyExists(
+                f"push: worker {worker_id!r} already pushed for step {last} (>= {step})"
+            )
+        if computed_at is not None and computed_at != step:
+            raise FailedPrecondition(
+                f"push: step {step} computed at version {computed_at}; ASYNC pushes are for "
+                "the version they were computed at"
+            )
+
+    def push(
+        self, worker_id: str, step: int, weight: float, grads: Mapping[str, torch.Tensor]
+    ) -> Update | None:
+        self._last[worker_id] = step
+        self._version += 1
+        # A copy, as SYNC's mean is a fresh tensor: the optimizer owns what it is handed (a
+        # pushed gradient is a read-only view of the bytes received).
+        update = {sid: grads[sid].to(torch.float32, copy=True) for sid in self._order}
+        return Update(update, ((worker_id, weight),), push=(worker_id, step, weight))
+
+    def set_members(
+        self, members: Iterable[str], discard: Iterable[str], join_at: int = 0
+    ) -> Update | None:
+        # Nothing is pending, so there is nothing to discard or complete; a joiner may push
+        # at once (`join_at` only matters where a step waits for its members).
+        self._members = frozenset(members)
+        return None
+
+    def ready(self) -> Update | None:
+        return None
+
+    def readable(self, version: int, wanted: int) -> bool:
+        return version >= wanted  # any version will do; a worker asks for one it has seen
+
+
 class BarrierFactory(Protocol):
     def __call__(
         self,
@@ -277,6 +380,7 @@ class BarrierFactory(Protocol):
 BARRIERS: dict[str, BarrierFactory] = {
     "sync": SyncBarrier,
     "bounded_staleness": SyncBarrier,  # with max_staleness > 0 (SSP)
+    "async": AsyncBarrier,
 }
 """Consistency mode (`lmps.core.settings.CONSISTENCIES`) -> the class of its barrier."""
 
@@ -294,7 +398,7 @@ def make_barrier(
 
     `numel`: elements of every shard by id, in the order updates list them; `version`: the
     version of the loaded values (the first pending step); `max_staleness`: how many steps
-    past the server's version a push may be for (0 under SYNC).
+    past the server's version a push may be for (0 under SYNC and ASYNC).
     """
     factory = BARRIERS.get(mode)
     if factory is None:

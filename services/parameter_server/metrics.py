@@ -32,8 +32,9 @@ class ServerMetrics:
         )
         self.staleness = prometheus_client.Histogram(
             "lmps_ps_push_staleness_steps",
-            "Steps between the version an accepted push was computed at and its step (bounded "
-            "staleness; 0 under SYNC)",
+            "Versions between the one an accepted push was computed at and the one it is "
+            "applied at: its step (0 under SYNC, at most max_staleness under bounded "
+            "staleness), or under ASYNC this server's version when it applied the push",
             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1000),
             registry=r,
         )

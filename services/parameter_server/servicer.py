@@ -154,7 +154,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
         computed_at = h.computed_at if h.HasField("computed_at") else None
         result = self.store.push(h.job_id, h.worker_id, h.step, h.weight, grads, computed_at)
         self.metrics.pushes.inc()
-        self.metrics.staleness.observe(h.step - (h.step if computed_at is None else computed_at))
+        self.metrics.staleness.observe(result.staleness)
         self.metrics.pushed_bytes.inc(nbytes)
         if result.applied:
             self.metrics.applies.inc()

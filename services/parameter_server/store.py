@@ -43,6 +43,10 @@ class PushResult:
     version: int  # server version after the push
     applied: bool  # this push completed the step
     pending: int  # members still to push for the step
+    staleness: int = 0
+    """Versions between the one the gradient was computed at and the one it is applied at:
+    step - computed_at under SYNC and bounded staleness (a push is applied as its step);
+    under ASYNC the server's version when it applied the push - computed_at."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,19 @@ def _densify(
             g = g.decode()
         out.append((shard_id, g))
     return out
+
+
+def _add_push(history: str, push: tuple[str, int, float]) -> str:
+    """The digest of a set of pushes, with one more (ASYNC): the sum of their hashes modulo
+    2**256 on top of the digest the job was loaded with, so the order they came in does not
+    matter and servers that applied the same pushes agree."""
+    worker, step, weight = push
+    h = int(hashlib.sha256(f"{worker}|{step}|{weight!r}".encode()).hexdigest(), 16)
+    try:
+        base = int(history, 16)
+    except ValueError:  # a digest loaded from elsewhere that is not hex: its hash stands in
+        base = int(hashlib.sha256(history.encode()).hexdigest(), 16)
+    return f"{(base + h) % (1 << 256):064x}"
 
 
 class ParameterStore:
@@ -437,6 +454,9 @@ class ParameterStore:
         with self._cond:
             job = self._require(job_id)
             job.barrier.admit(worker_id, step, job.version, computed_at)
+            # SYNC and SSP take pushes for steps >= the version (applied as that step); ASYNC
+            # takes them for steps <= it and applies them now, at the version.
+            stale = max(step, job.version) - (step if computed_at is None else computed_at)
             checked = _check_values(job.specs, dense, "push", max_abs=MAX_GRAD_ABS)
             # All checks passed: from here on nothing can fail half-way.
             if step == job.version:
@@ -448,7 +468,7 @@ class ParameterStore:
             applied = self._apply_all(job, update)
             del update
             pending = 0 if applied else job.barrier.pending
-            return PushResult(job.version, applied, pending)
+            return PushResult(job.version, applied, pending, stale)
 
     def set_members(
         self,
@@ -488,17 +508,25 @@ class ParameterStore:
         """Run the optimizer on the barrier's update, if it made one. Holds the lock."""
         if update is None:
             return False
-        # SYNC: an update is the step at `version`: its lr, then exactly one version up.
+        # An update is the step at `version`: its lr, then exactly one version up (SYNC: a
+        # step of every member's pushes; ASYNC: one push).
         job.encoded.clear()  # encodings of the version about to be replaced
         job.optimizer.step(update.grads, job.version)
         # The update's gradients are spent: let them go now, before a snapshot is taken
         # (the caller's frame still holds `update` until this returns).
         update.grads.clear()
-        made_of = ",".join(f"{w}:{weight!r}" for w, weight in update.made_of)
-        job.history = hashlib.sha256(f"{job.history}|{job.version}|{made_of}".encode()).hexdigest()
+        if update.push is None:
+            made_of = ",".join(f"{w}:{weight!r}" for w, weight in update.made_of)
+            job.history = hashlib.sha256(
+                f"{job.history}|{job.version}|{made_of}".encode()
+            ).hexdigest()
+        else:  # ASYNC: servers may apply the same pushes in different orders
+            job.history = _add_push(job.history, update.push)
         job.version += 1
         # SYNC: every server of the job passes through the same versions, so the snapshots
-        # they hold at one multiple make one consistent checkpoint.
+        # they hold at one multiple make one consistent checkpoint. ASYNC: each server's
+        # snapshot at a multiple holds that many pushes, in its own order; whether they are
+        # the same pushes on every server, the digests say (and the coordinator checks).
         if job.checkpoint_every and job.version % job.checkpoint_every == 0:
             # Drop the old snapshot first: holding it while the new one is copied would be a
             # third copy of the whole state at the peak. (A Snapshot RPC still streaming the

@@ -54,7 +54,7 @@ class ServerPool:
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
         self.mixed_versions = mixed_versions
-        """Bounded staleness: a pull may find the servers at different versions."""
+        """Bounded staleness and ASYNC: a pull may find the servers at different versions."""
         self.compression = compression
         """How pushes travel; "none": dense in `wire_dtype` (no residuals, no extra copy)."""
         self.feedback = (
@@ -176,8 +176,8 @@ class ServerPool:
             versions.add(v)
             values.update(part)
         # SYNC: every server answers at the same version (a step is one version everywhere).
-        # Bounded staleness: each answered at a version >= min_version, and the lowest is
-        # the one the gradient counts as computed at.
+        # Bounded staleness and ASYNC: each answered at a version >= min_version, and the
+        # lowest is the one the gradient counts as computed at.
         if len(versions) != 1 and not self.mixed_versions:
             raise RuntimeError(f"servers are at different versions {sorted(versions)}")
         return min(versions), values
@@ -194,8 +194,9 @@ class ServerPool:
         weight: float,
         grads: Mapping[str, torch.Tensor],
         computed_at: int | None = None,
-    ) -> None:
-        """Push to every server in parallel; raises the first server error."""
+    ) -> int:
+        """Push to every server in parallel; raises the first server error. Returns the
+        highest version among the servers' answers (`PushStream.close`)."""
         stream = self.open_push(step, weight, computed_at)
         try:
             for sid, grad in grads.items():
@@ -203,7 +204,7 @@ class ServerPool:
         except BaseException:
             stream.abort()
             raise
-        stream.close()
+        return stream.close()
 
 
 class PushStream:
@@ -277,13 +278,15 @@ class PushStream:
         for server in self._holders[shard_id]:
             self._queues[server].put((shard_id, grad))
 
-    def close(self) -> None:
+    def close(self) -> int:
         """Wait for every server's answer (each shard must have been added); raises the first
-        server error."""
+        server error. Returns the highest version among the answers (each server's version
+        after the push; under ASYNC the version the push made there)."""
         errors = []
+        versions = []
         for call in self._calls.values():
             try:
-                call.result()
+                versions.append(int(call.result().version))
             except grpc.RpcError as err:
                 errors.append(err)
             finally:
@@ -292,6 +295,7 @@ class PushStream:
             raise errors[0]
         if self._feedback is not None:
             self._feedback.commit(self._staged)
+        return max(versions)
 
     def abort(self) -> None:
         """Give up this push (backward failed, the epoch was cancelled): every stream is

@@ -103,7 +103,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 shards,
                 {s.server_id: s.address for s in request.servers},
                 wire_dtype=dtype,
-                mixed_versions=staleness > 0,
+                # Bounded staleness and ASYNC: the servers may answer a pull at different
+                # versions.
+                mixed_versions=staleness > 0 or mode == "async",
                 compression=codec.compression_from_proto(request.spec.push_compression),
             )
         except (ValueError, CodecError) as err:
@@ -124,6 +126,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 batch_size=request.spec.batch_size,
                 local=inner,
                 staleness=staleness,
+                asynchronous=mode == "async",
             )
             self._job = _Job(request.job_id, replica, pool, trainer)
         log.info(

@@ -12,7 +12,8 @@ the small Protocols below; `ServerPool` (gRPC to every parameter server) is a
 `ParameterClient`, `services/worker/leases.py` is the coordinator's `LeaseSource`, and the
 in-process tests plug a `ParameterStore` and a fake lease queue into the same loop.
 Lines marked `# SYNC:` are where a new consistency mode (async, bounded staleness, local
-steps) would branch.
+steps) would branch; `# ASYNC:` marks where the asynchronous mode does (`asynchronous`: each
+push is applied at once, the worker never waits for the others).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class ParameterClient(Protocol):
         self, min_version: int, timeout_s: float | None = None
     ) -> tuple[int, dict[str, torch.Tensor]]:
         """Every shard's value at a version >= `min_version`: (version, {shard_id: value}).
-        SYNC: one version everywhere. Bounded staleness: servers may answer at different
-        versions; `version` is then the lowest."""
+        SYNC: one version everywhere. Bounded staleness and ASYNC: servers may answer at
+        different versions; `version` is then the lowest."""
         ...
 
     def push(
@@ -76,9 +77,11 @@ class ParameterClient(Protocol):
         weight: float,
         grads: Mapping[str, torch.Tensor],
         computed_at: int | None = None,
-    ) -> None:
+    ) -> int | None:
         """This worker's gradient for `step`, weighted by `weight` (its batch's sequences),
-        computed at version `computed_at` (None: at `step`; bounded staleness sets it)."""
+        computed at version `computed_at` (None: at `step`; bounded staleness and ASYNC set
+        it). Returns the highest version among the servers' answers (their versions after
+        the push), or None from a client that does not say."""
         ...
 
     def open_push(self, step: int, weight: float, computed_at: int | None = None) -> GradientSink:
@@ -92,12 +95,12 @@ class ParameterClient(Protocol):
 
 class GradientSink(Protocol):
     """One push in progress: `add` each shard's final gradient (any order, each once), then
-    `close` (waits for the servers, raises their error); `abort` gives it up, applying
-    nothing anywhere."""
+    `close` (waits for the servers, raises their error, returns what `ParameterClient.push`
+    returns); `abort` gives it up, applying nothing anywhere."""
 
     def add(self, shard_id: str, grad: torch.Tensor) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> int | None: ...
 
     def abort(self) -> None: ...
 
@@ -116,8 +119,8 @@ class CollectingPush:
     def add(self, shard_id: str, grad: torch.Tensor) -> None:
         self.grads[shard_id] = grad
 
-    def close(self) -> None:
-        self.client.push(self.step, self.weight, self.grads, self.computed_at)
+    def close(self) -> int | None:
+        return self.client.push(self.step, self.weight, self.grads, self.computed_at)
 
     def abort(self) -> None:
         self.grads = {}
@@ -146,7 +149,9 @@ class StepResult:
 
     worker_id: str
     step: int
-    """The version the gradient was computed at and pushed for."""
+    """The step the batch's update was applied as: from version `step` + 1 on, every
+    server's parameters hold it. The version the gradient was pushed for; under ASYNC the
+    highest version among the servers just before each applied it."""
     loss: float
     """Mean cross-entropy of the batch."""
     tokens: int
@@ -162,7 +167,8 @@ class StepResult:
     """Index of the batch within its data shard."""
     computed_at: int
     """The version the gradient was computed at: `step` under SYNC; at most max_staleness
-    below it under bounded staleness; the round's start under local steps."""
+    below it under bounded staleness; the round's start under local steps; under ASYNC the
+    lowest version the worker pulled (any number of versions below `step`)."""
 
 
 class Trainer:
@@ -182,6 +188,7 @@ class Trainer:
         step: int = 0,
         local: InnerLoop | None = None,
         staleness: int = 0,
+        asynchronous: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.model = model
@@ -193,9 +200,13 @@ class Trainer:
         """Local steps (DiLoCo): each push is a round of `local.steps` batches; None: each
         batch pushes its gradient."""
         self.staleness = staleness
-        self._computed_at: int | None = None
         """Bounded staleness: how many steps this worker may run ahead of the servers'
         version (0: SYNC)."""
+        self.asynchronous = asynchronous
+        """ASYNC: the servers apply each push at once; the worker pulls whatever version
+        they are at (at least the one after its last push's step, which that push made on
+        every server: the pull never waits) and never waits for the other workers."""
+        self._computed_at: int | None = None
 
     def cancel(self) -> None:
         """Unblock a pull waiting on the barrier (the epoch was cancelled)."""
@@ -214,7 +225,8 @@ class Trainer:
             lease = self.leases.next_lease(epoch, self.step)
             if lease is None:
                 # SYNC: out of data; the source has released this worker from the barrier,
-                # so the others' next steps no longer wait for its push.
+                # so the others' next steps no longer wait for its push. ASYNC: nobody
+                # waits for it anyway.
                 return
             # SYNC: one push per version. A push is one batch's gradient, or under local
             # steps one round's pseudo-gradient: up to H batches of this lease (rounds never
@@ -231,21 +243,26 @@ class Trainer:
                     if results is None:
                         return  # cancelled mid-round: nothing was pushed
                     yield from results
-                self.step += 1  # the next step is the next version
+                # The next step is the next version. ASYNC: the push made it on every server,
+                # so the next pull, for it, never waits.
+                self.step += 1
             self.leases.complete(lease)
 
     def _pull(self) -> tuple[int, dict[str, torch.Tensor]]:
         """Pull before every step (or round). SYNC: wait for the version the last step
         produced. Bounded staleness s: any version >= step - s will do (Petuum SSP's read
-        rule), so a worker runs up to s steps ahead of the slowest before it waits.
+        rule), so a worker runs up to s steps ahead of the slowest before it waits. ASYNC:
+        the version after its last push's step, which that push made on every server: it
+        never waits, and sees whatever the servers are at.
 
         A worker that joined mid-epoch (or lagged) moves up to the servers' version: its
         gradient is then pushed for that step."""
         version, values = self.params.pull(max(0, self.step - self.staleness))
         self.step = max(self.step, version)
         # Bounded staleness: the push says which version its gradient was computed at (the
-        # servers check it against the bound); SYNC leaves it out (it is the step).
-        self._computed_at = version if self.staleness else None
+        # servers check it against the bound); SYNC leaves it out (it is the step). ASYNC:
+        # the push is for the version pulled (the lowest), and says so too.
+        self._computed_at = version if self.staleness or self.asynchronous else None
         return version, values
 
     def _batch(self, lease: Lease, b: int) -> torch.Tensor:
@@ -303,12 +320,17 @@ class Trainer:
             sink.abort()
             raise
         t2 = time.perf_counter()
-        sink.close()
+        made = sink.close()
         t3 = time.perf_counter()
         n_tokens = batch.shape[0] * (batch.shape[1] - 1)
+        step = self.step
+        if self.asynchronous and made is not None:
+            # ASYNC: each server applied the push at its own version, at once; from the
+            # highest version it made on, every server holds it (what the event reports).
+            step = made - 1
         return StepResult(
             worker_id=self.worker_id,
-            step=self.step,
+            step=step,
             loss=loss,
             tokens=n_tokens,
             tokens_per_s=n_tokens / max(t3 - t0, 1e-9),

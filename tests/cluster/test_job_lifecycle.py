@@ -39,6 +39,7 @@ KEEP_JOBS = 2
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "1000"}
 JOB = re.compile(r"^job (job-[0-9a-f]+): ", re.M)
 STEP = re.compile(r"step (\d+)/(\d+) ")
+RATE = re.compile(r"\d+ tokens in \S+s: \S+ tokens/s \((KV cache on|no KV cache).*\)")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,10 @@ def states(cluster: LocalCluster, work: Path) -> dict[str, str]:
 def greedy(work: Path, *source: str) -> str:
     """Greedy text from a saved model or a job on the cluster: equal text, equal weights."""
     args = ["--prompt", "the parameter", "--temperature", "0", "--max-tokens", "24"]
-    return lmps("generate", *source, *args, cwd=work).stdout
+    done = lmps("generate", *source, *args, cwd=work)
+    (line,) = done.stderr.splitlines()  # streamed text on stdout, the speed on stderr
+    assert RATE.fullmatch(line), line
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +130,7 @@ def test_completed_jobs_generate_by_id_also_after_a_coordinator_restart(
     # The server holds the second job: the first comes back from its checkpoint.
     assert greedy(work, *coordinator, "--job", first) == saved_first
     assert greedy(work, *coordinator, "--job", second) == saved_second  # and back again
+    assert greedy(work, *coordinator, "--job", second, "--no-cache") == saved_second
     assert greedy(work, *coordinator) == saved_second  # no --job: the latest
 
     cluster.kill("coordinator", signal.SIGKILL)

@@ -670,6 +670,7 @@ def small_models(draw: st.DrawFn) -> job_pb2.ModelConfig:
         dropout=draw(st.one_of(st.just(0.0), st.floats(-1, 2), st.just(math.nan))),
         bias=draw(st.booleans()),
         tie_embeddings=draw(st.booleans()),
+        activation=cast(Any, draw(st.integers(0, 3))),  # 3: unknown to this build
     )
 
 

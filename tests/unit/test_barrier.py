@@ -16,6 +16,7 @@ from lmps.core.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfR
 from lmps.core.settings import CONSISTENCIES
 from lmps.services.parameter_server.consistency import (
     BARRIERS,
+    AsyncBarrier,
     Barrier,
     SyncBarrier,
     Update,
@@ -70,7 +71,7 @@ def test_every_consistency_mode_has_a_barrier():
 
 def test_an_unknown_mode_is_a_value_error():
     with pytest.raises(ValueError, match="unknown consistency"):
-        make_barrier("async", job_id="job", numel=NUMEL, members=["w0"])  # type: ignore[arg-type]
+        make_barrier("hogwild", job_id="job", numel=NUMEL, members=["w0"])  # type: ignore[arg-type]
 
 
 def test_the_seam_and_the_store_import_without_grpc():
@@ -351,3 +352,101 @@ def test_a_lost_worker_loses_every_push_it_had_pending_ahead() -> None:
     update = b.push("w1", 0, 2.0, grads(5))
     assert update is not None and update.made_of == (("w1", 2.0),)
     assert b.ready() is None
+
+
+# -- ASYNC: every push an update of its own ------------------------------------------------
+
+
+def hogwild(*members: str, version: int = 0) -> Barrier:
+    return make_barrier("async", job_id="job", numel=NUMEL, members=members, version=version)
+
+
+def async_push(b: Barrier, worker: str, step: int, weight: float, g: Grads) -> Update:
+    b.admit(worker, step, b.version, step)
+    update = b.push(worker, step, weight, g)
+    assert update is not None, "an ASYNC push is applied at once"
+    return update
+
+
+def test_async_applies_each_push_at_once_as_its_own_gradient() -> None:
+    b = hogwild("w0", "w1")
+    assert isinstance(b, AsyncBarrier)
+    g0, g1 = grads(0), grads(1, torch.bfloat16)
+
+    first = async_push(b, "w0", 0, 3.0, g0)
+    # The second push was computed at version 0 but lands at 1: taken, and applied alone.
+    second = async_push(b, "w1", 0, 0.5, g1)
+
+    # The gradient as pushed, in fp32, shards in load order: the weight does not scale it.
+    assert_equal(first.grads, g0)
+    assert_equal(second.grads, {sid: t.to(torch.float32) for sid, t in g1.items()})
+    assert (first.made_of, first.push) == ((("w0", 3.0),), ("w0", 0, 3.0))
+    assert (second.made_of, second.push) == ((("w1", 0.5),), ("w1", 0, 0.5))
+    assert b.version == 2
+    assert (b.pushed, b.pending) == (frozenset(), 0)  # nothing is ever pending
+    assert b.ready() is None
+    g0["w#0"].fill_(7.0)  # the update owns its tensors: the pusher's buffers may change
+    assert not torch.equal(first.grads["w#0"], g0["w#0"])
+
+
+def test_async_version_counts_pushes_whatever_their_staleness() -> None:
+    b = hogwild("w0", "w1", "w2", version=4)
+    last = dict.fromkeys(["w0", "w1", "w2"], 3)
+    for i in range(30):
+        worker = f"w{i % 3}"
+        # Any step from just past the worker's last one up to the server's version.
+        step = last[worker] + 1 + (i * 7) % max(1, b.version - last[worker])
+        step = min(step, b.version)
+        async_push(b, worker, step, 1.0, grads(i))
+        last[worker] = step
+        assert b.version == 4 + i + 1
+    assert max(b.version - s for s in last.values()) > 1  # some pushes were stale
+
+
+@pytest.mark.parametrize(
+    "worker, step, computed_at, error",
+    [
+        ("w9", 3, 3, NotFound),  # not a member
+        ("w0", 6, 6, OutOfRange),  # past the server's version (5): nobody pulled it
+        ("w0", 2, 2, AlreadyExists),  # w0 pushed for step 2 already: a duplicate
+        ("w0", 1, 1, AlreadyExists),  # ... or an earlier one: its steps only go up
+        ("w1", 4, 3, FailedPrecondition),  # an ASYNC push is for the version it was computed at
+    ],
+    ids=["non-member", "future", "duplicate", "earlier", "computed-elsewhere"],
+)
+def test_async_refuses_and_changes_nothing(
+    worker: str, step: int, computed_at: int, error: type[Exception]
+) -> None:
+    b = hogwild("w0", "w1", version=4)
+    async_push(b, "w0", 2, 1.0, grads(0))
+    assert b.version == 5
+
+    with pytest.raises(error):
+        b.admit(worker, step, b.version, computed_at)
+
+    assert (b.version, b.members) == (5, frozenset({"w0", "w1"}))
+    async_push(b, "w0", 3, 1.0, grads(1))  # w0's next push is still taken
+    async_push(b, "w1", 0, 1.0, grads(2))  # and a very stale one of w1's
+    assert b.version == 7
+
+
+def test_async_membership_only_says_who_may_push() -> None:
+    b = hogwild("w0", "w1")
+    async_push(b, "w0", 0, 1.0, grads(0))
+    assert b.set_members(["w1", "w2"], discard=["w0"], join_at=0) is None  # completes nothing
+    assert (b.members, b.version, b.pending) == (frozenset({"w1", "w2"}), 1, 0)
+    with pytest.raises(NotFound):
+        b.admit("w0", 1, 1, 1)  # dropped: its late pushes are refused
+    async_push(b, "w2", 1, 1.0, grads(1))  # a joiner pushes at once
+    assert b.version == 2
+
+
+def test_async_pulls_see_any_version_reached() -> None:
+    b = hogwild("w0")
+    assert b.readable(3, 3) and b.readable(9, 3) and b.readable(0, 0)
+    assert not b.readable(2, 3)
+
+
+def test_async_refuses_a_staleness_bound() -> None:
+    with pytest.raises(ValueError, match="ASYNC needs 0"):
+        make_barrier("async", job_id="job", numel=NUMEL, members=["w0"], max_staleness=1)

@@ -83,3 +83,50 @@ def test_service_domain_modules_import_without_grpc() -> None:
     # One interpreter for all (torch takes seconds to import); errors are per module.
     result = import_blocked(PURE_SERVICE_MODULES)
     assert result == {"errors": {}, "loaded": []}
+
+
+WITHOUT_TRANSFORMERS = """
+import importlib, json, sys
+
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+
+sys.meta_path.insert(0, Refuse())
+errors = {}
+for module in MODULES:
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        errors[module] = repr(err)
+print(json.dumps({"errors": errors, "loaded": "transformers" in sys.modules}))
+"""
+
+
+def test_lmps_and_the_services_import_without_transformers() -> None:
+    """`transformers` is the `hf` extra, not a dependency: only `lmps.client.hf_io` needs
+    it, and only when it is called (issue 11)."""
+    modules = [
+        "lmps",
+        *CORE,
+        "lmps.rpc.codec",
+        "lmps.services.coordinator.main",
+        "lmps.services.parameter_server.main",
+        "lmps.services.worker.main",
+        "lmps.client.cli",
+        "lmps.client.commands",
+        "lmps.client.train",
+        "lmps.client.model_io",
+        "lmps.client.hf_io",
+    ]
+    script = WITHOUT_TRANSFORMERS.replace("MODULES", repr(modules))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"errors": {}, "loaded": False}

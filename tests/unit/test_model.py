@@ -1,4 +1,5 @@
-"""Unit tests for lmps.core.model: config validation, presets, forward, init, generation."""
+"""Unit tests for lmps.core.model: config validation, presets, forward, init (generation and
+the KV cache: test_generation.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import torch
 
 from lmps.core.model import (
     GPT,
+    MLP,
     PRESETS,
     GPTConfig,
     decay_mask,
-    generate,
     init_model,
     preset,
 )
@@ -42,6 +43,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         ({"n_embd": 30, "n_head": 4}, r"n_embd \(30\) must be divisible by n_head \(4\)"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"activation": "relu"}, r"activation must be one of gelu, gelu_tanh, got 'relu'"),
     ],
 )
 def test_config_rejects_invalid_values(changes: dict[str, object], message: str) -> None:
@@ -76,6 +78,36 @@ def test_preset_fills_in_vocab_size_without_touching_the_table() -> None:
     assert config == dataclasses.replace(PRESETS["tiny"], vocab_size=1000)
     assert PRESETS["tiny"].vocab_size != 1000
     assert preset("gpt2") == PRESETS["gpt2"]
+
+
+def test_activation_defaults_to_exact_gelu_except_for_the_gpt2_preset() -> None:
+    assert {name: c.activation for name, c in PRESETS.items()} == {
+        "tiny": "gelu",
+        "mini": "gelu",
+        "small": "gelu",
+        "gpt2": "gelu_tanh",  # GPT-2's own, so that it exports to Hugging Face exactly
+    }
+    assert CFG.activation == "gelu"
+
+
+def test_activation_is_the_mlp_nonlinearity() -> None:
+    x = torch.linspace(-4, 4, 101)
+    for name, want in (
+        ("gelu", torch.nn.functional.gelu(x)),
+        ("gelu_tanh", torch.nn.functional.gelu(x, approximate="tanh")),
+    ):
+        mlp = MLP(dataclasses.replace(CFG, activation=name))  # type: ignore[arg-type]
+        assert torch.equal(mlp.act(x), want), name
+    # Same weights, the other activation: different logits (the option is wired in); the
+    # state dict is the same (an activation has no parameters).
+    exact = init_model(CFG, seed=3)
+    tanh = init_model(dataclasses.replace(CFG, activation="gelu_tanh"), seed=3)
+    assert exact.state_dict().keys() == tanh.state_dict().keys()
+    with torch.no_grad():
+        for p in (*exact.parameters(), *tanh.parameters()):
+            p.mul_(20)  # large pre-activations, where the two GELUs differ most
+    idx = torch.arange(16).view(1, 16)
+    assert not torch.allclose(exact(idx)[0], tanh(idx)[0])
 
 
 def test_preset_unknown_name_lists_choices() -> None:
@@ -243,58 +275,6 @@ def test_adamw_overfits_a_tiny_batch() -> None:
     assert losses[-1] < 0.5
 
 
-# --- Generation --------------------------------------------------------------------------
-
-
-def test_generate_shape_and_greedy_determinism() -> None:
-    model = init_model(CFG, seed=0)
-    prompt = torch.randint(0, CFG.vocab_size, (3, 5))
-    out = generate(model, prompt, max_new_tokens=20, temperature=0)
-    # 25 tokens > block_size 16: the context was cropped along the way.
-    assert out.shape == (3, 25) and out.dtype == torch.long
-    assert torch.equal(out[:, :5], prompt)
-    assert torch.equal(out, generate(model, prompt, max_new_tokens=20, temperature=0))
-    # Greedy means each new token is the argmax of the model's prediction for it.
-    logits, _ = model(out[:, -CFG.block_size - 1 : -1])
-    assert torch.equal(logits[:, -1].argmax(-1), out[:, -1])
-
-
-def test_generate_sampling_uses_generator_and_top_k() -> None:
-    model = init_model(CFG, seed=0)
-    prompt = torch.zeros(4, 1, dtype=torch.long)
-
-    def sample(seed: int, **kwargs: object) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return generate(model, prompt, 12, generator=gen, **kwargs)  # type: ignore[arg-type]
-
-    assert torch.equal(sample(0), sample(0))
-    assert not torch.equal(sample(0), sample(1))
-    # top_k=1 leaves one candidate, so sampling is greedy whatever the seed or temperature.
-    greedy = generate(model, prompt, 12, temperature=0)
-    assert torch.equal(sample(0, top_k=1, temperature=2.0), greedy)
-    assert torch.equal(sample(1, top_k=1), greedy)
-
-
-def test_generate_top_k_restricts_choices() -> None:
-    model = init_model(CFG, seed=0)
-    prompt = torch.zeros(256, 1, dtype=torch.long)  # 256 independent one-token samples
-    out = generate(model, prompt, 1, top_k=3, generator=torch.Generator().manual_seed(0))
-    logits, _ = model(prompt)
-    allowed = set(torch.topk(logits[0, -1], 3).indices.tolist())
-    assert set(out[:, -1].tolist()) == allowed
-
-
-def test_generate_restores_training_mode_and_validates() -> None:
-    model = init_model(CFG, seed=0)
-    model.train()
-    generate(model, torch.zeros(1, 1, dtype=torch.long), 2)
-    assert model.training
-    with pytest.raises(ValueError, match="temperature"):
-        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1.0)
-    with pytest.raises(ValueError, match="top_k"):
-        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, top_k=0)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_runs_on_cuda_like_on_cpu() -> None:
     model = init_model(CFG, seed=0)
@@ -305,5 +285,3 @@ def test_runs_on_cuda_like_on_cpu() -> None:
     torch.testing.assert_close(logits.cpu(), cpu_logits, atol=1e-4, rtol=1e-4)
     assert loss is not None and cpu_loss is not None
     loss.backward()
-    out = generate(cuda_model, idx.cuda()[:, :4], 8, top_k=5)
-    assert out.device.type == "cuda" and out.shape == (2, 12)

@@ -311,7 +311,7 @@ def test_load_with_an_unknown_consistency_is_invalid_and_keeps_the_old_job():
     before = values(store)
 
     with pytest.raises(InvalidArgument, match="unknown consistency"):
-        store.load("job-2", SGD, SHARDS, randn(9), ["w2"], consistency="async")  # type: ignore[arg-type]
+        store.load("job-2", SGD, SHARDS, randn(9), ["w2"], consistency="hogwild")  # type: ignore[arg-type]
 
     assert store.describe() == (JOB, 0, SHARDS, ["w0", "w1"], ["w0"])
     assert_equal(values(store), before)
