@@ -465,11 +465,14 @@ def test_bounded_staleness_worker_killed_keeps_the_bound(tmp_path: Path) -> None
     try:
         job_id = submit_mode(driver, staleness=bound, lease=4)
         before = staleness_buckets(cluster, ["ps-0", "ps-1"])
+        after_first = batch_after("worker-1", BATCHES // 4)
         steps, summary, at = run_until(
             driver,
             job_id,
             0,
-            batch_after("worker-1", BATCHES // 4),
+            # At the first batch of one of its leases: running at most `bound` steps ahead,
+            # the worker is still inside that lease, so it is lost with a lease outstanding.
+            lambda steps: after_first(steps) and steps[-1].batch_index % 4 == 0,
             lambda: cluster.kill("worker-1", signal.SIGKILL),
         )
         assert summary is not None and at > 0
