@@ -191,8 +191,30 @@ def test_port_in_use_is_one_line_naming_the_flag(tmp_path: Path) -> None:
         local = ["--host", "127.0.0.1"]
         results = run_all(
             [
-                ["serve", "coordinator", *local, "--port", port, "--metrics-port", "-1"],
-                ["serve", "coordinator", *local, "--port", "0", "--metrics-port", port],
+                # Each coordinator its own state dir: two at once in one folder would race
+                # for the lock of the default one (and the loser warns: a second line).
+                [
+                    "serve",
+                    "coordinator",
+                    *local,
+                    "--port",
+                    port,
+                    "--metrics-port",
+                    "-1",
+                    "--state-dir",
+                    str(tmp_path / "state-a"),
+                ],
+                [
+                    "serve",
+                    "coordinator",
+                    *local,
+                    "--port",
+                    "0",
+                    "--metrics-port",
+                    port,
+                    "--state-dir",
+                    str(tmp_path / "state-b"),
+                ],
                 ["serve", "ps", *local, "--port", port, "--coordinator", coordinator],
                 ["serve", "worker", *local, "--port", "0", "--metrics-port", port],
                 ["cluster", "up", "--servers", "1", "--workers", "1", "--port", port],
