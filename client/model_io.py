@@ -1,8 +1,9 @@
 """Fetch a trained model from a cluster, save it, load it back.
 
-A saved model is a folder: `model.safetensors` (weights), `config.json` (GPTConfig) and
-`tokenizer.json` (the `tokenizers` tokenizer the job was trained with). `--init-from` also
-takes `hf:DIR`, a Hugging Face GPT-2 folder (`lmps.client.hf_io`).
+A saved model is a folder: `model.safetensors` (weights), `config.json` (GPTConfig),
+`tokenizer.json` (the `tokenizers` tokenizer the job was trained with) and, for a fine-tuned
+model, `task.json` ({"task": "classify" | "sft", "labels": [class names]}; absent: "lm").
+`--init-from` also takes `hf:DIR`, a Hugging Face GPT-2 folder (`lmps.client.hf_io`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
@@ -21,6 +23,7 @@ from tokenizers import Tokenizer
 from lmps.client import run_log
 from lmps.core.model import GPT, GPTConfig, decay_mask
 from lmps.core.partition import ParamInfo, assemble, validate_cover
+from lmps.core.tasks import TASK_NAMES, TaskName
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -32,6 +35,8 @@ class TrainedModel:
     config: GPTConfig
     tokenizer: Tokenizer | None  # None when the job was submitted without one
     version: int = 0
+    task: TaskName = "lm"
+    labels: tuple[str, ...] = ()  # classify: class names, index = class id
 
 
 def fetch_model(coordinator: str, job_id: str = "", wait: bool = True) -> TrainedModel:
@@ -51,15 +56,25 @@ def fetch_model(coordinator: str, job_id: str = "", wait: bool = True) -> Traine
     shards = [codec.shard_from_proto(s) for s in header.shards]
     model = GPT(config)
     params = dict(model.named_parameters())
+    # The job's own weight-decay flags (a frozen backbone has none): only the cover matters.
+    decays = {s.param: s.weight_decay for s in shards}
     validate_cover(
-        shards, [ParamInfo(n, tuple(p.shape), decay_mask(n, p)) for n, p in params.items()]
+        shards,
+        [ParamInfo(n, tuple(p.shape), decays.get(n, decay_mask(n, p))) for n, p in params.items()],
     )
     full = assemble(shards, values)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(full[name])
     tokenizer = Tokenizer.from_str(header.tokenizer_json) if header.tokenizer_json else None
-    return TrainedModel(model, config, tokenizer, int(header.version))
+    return TrainedModel(
+        model,
+        config,
+        tokenizer,
+        int(header.version),
+        task=codec.task_from_proto(header.task),
+        labels=tuple(header.labels),
+    )
 
 
 def save(trained: TrainedModel, out: Path) -> None:
@@ -75,6 +90,13 @@ def save(trained: TrainedModel, out: Path) -> None:
             "this job has no tokenizer; submit it with JobSpec.tokenizer_json to save it"
         )
     trained.tokenizer.save(str(out / "tokenizer.json"))
+    task_file = out / "task.json"
+    if trained.task != "lm":
+        task_file.write_text(
+            json.dumps({"task": trained.task, "labels": list(trained.labels)}, indent=2) + "\n"
+        )
+    elif task_file.exists():
+        task_file.unlink()  # a folder reused for a language model
 
 
 def check(path: Path) -> GPTConfig:
@@ -123,7 +145,34 @@ def load(path: Path) -> TrainedModel:
         load_model(model, str(weights))
     except Exception as err:  # safetensors' own error type, or a shape/key mismatch
         raise ValueError(_bad_weights(weights, err)) from None
-    return TrainedModel(model, config, _read_tokenizer(path / "tokenizer.json"))
+    task, labels = _read_task(path / "task.json", config)
+    return TrainedModel(
+        model, config, _read_tokenizer(path / "tokenizer.json"), task=task, labels=labels
+    )
+
+
+def _read_task(path: Path, config: GPTConfig) -> tuple[TaskName, tuple[str, ...]]:
+    """task.json (absent: a language model); a ValueError naming the file otherwise."""
+    if not path.exists():
+        if config.num_labels:
+            raise ValueError(f"{path} is missing: config.json has a {config.num_labels}-class head")
+        return "lm", ()
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({_one_line(err)})") from None
+    task = fields.get("task") if isinstance(fields, dict) else None
+    labels = fields.get("labels", []) if isinstance(fields, dict) else None
+    if task not in TASK_NAMES or not isinstance(labels, list):
+        raise ValueError(
+            f'{path}: expected {{"task": one of {", ".join(TASK_NAMES)}, "labels": [...]}}'
+        )
+    if not all(isinstance(x, str) for x in labels) or len(labels) != config.num_labels:
+        raise ValueError(
+            f"{path}: needs {config.num_labels} string labels (config.json's num_labels), "
+            f"got {len(labels)}"
+        )
+    return cast(TaskName, task), tuple(labels)
 
 
 def _bad_weights(path: Path, err: BaseException) -> str:

@@ -44,6 +44,12 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 """Activation name -> a factory of the module; `GPTConfig.activation` picks one."""
 
+Pooling = Literal["last", "mean"]
+"""How the classification head sees a sequence (`GPT.classify`): the final LayerNorm's output
+at the last token ("last": under causal attention the only position that saw them all, GPT-2
+and Hugging Face's GPT2ForSequenceClassification choice) or its mean over the tokens."""
+POOLINGS: tuple[str, ...] = ("last", "mean")
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -68,6 +74,11 @@ class GPTConfig:
     activation: Activation = "gelu"
     """The MLP's nonlinearity, a key of `ACTIVATIONS`: exact "gelu" (the default, and what a
     config.json without the key means) or GPT-2's "gelu_tanh"."""
+    num_labels: int = 0
+    """Classes of the sequence-classification head `score` (n_embd -> num_labels, no bias);
+    0: no head, a language model only."""
+    pooling: Pooling = "last"
+    """What `score` sees of a sequence (`Pooling`); ignored without a head."""
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -86,11 +97,29 @@ class GPTConfig:
                 f"GPTConfig.activation must be one of {', '.join(ACTIVATIONS)}, "
                 f"got {self.activation!r}"
             )
+        if (
+            not isinstance(self.num_labels, int)
+            or isinstance(self.num_labels, bool)
+            or not 0 <= self.num_labels <= MAX_LABELS
+        ):
+            raise ValueError(
+                f"GPTConfig.num_labels must be an int in [0, {MAX_LABELS}], got {self.num_labels!r}"
+            )
+        if self.num_labels == 1:
+            raise ValueError("GPTConfig.num_labels must be 0 (no head) or at least 2 classes")
+        if self.pooling not in POOLINGS:
+            raise ValueError(
+                f"GPTConfig.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"
+            )
 
     @property
     def head_size(self) -> int:
         """Width of one attention head (n_embd // n_head)."""
         return self.n_embd // self.n_head
+
+
+MAX_LABELS = 10_000
+"""Most classes a head may have (a larger number is a data mistake, not a task)."""
 
 
 # vocab_size here is a placeholder default: the real one comes from the tokenizer, see `preset`.
@@ -282,6 +311,12 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             # The same Parameter object: one tensor, one gradient (the sum of both uses).
             self.lm_head.weight = self.transformer.wte.weight
+        # Sequence classification (Radford et al. 2018, GPT-1's task heads; Hugging Face's
+        # GPT2ForSequenceClassification.score): a bias-free Linear over a pooled hidden state.
+        # Created last, so a model without it draws the same initial weights as before.
+        self.score = (
+            nn.Linear(config.n_embd, config.num_labels, bias=False) if config.num_labels else None
+        )
         self._init_weights()
 
     @torch.no_grad()
@@ -309,6 +344,40 @@ class GPT(nn.Module):
         """Number of parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def hidden(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The trunk's output, the final LayerNorm's (B, T, C), for token ids `idx` (B, T)
+        (with `cache`: as in `forward`)."""
+        _, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if self.config.block_size < start + T:
+            what = f"sequence length {T}" + (f" after {start} cached" if start else "")
+            raise ValueError(f"{what} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache.layers[i])
+        out: Tensor = self.transformer.ln_f(x)  # (B, T, C)
+        return out
+
+    def classify(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """Class logits (B, num_labels) of the sequences `idx` (B, T), right-padded: row b's
+        tokens are idx[b, :lengths[b]] (1 <= lengths[b] <= T). Padding never changes the
+        result: under causal attention no real token sees a later position."""
+        if self.score is None:
+            raise ValueError("this model has no classification head (num_labels is 0)")
+        h = self.hidden(idx)  # (B, T, C)
+        B, T, _ = h.shape
+        lengths = lengths.to(device=h.device, dtype=torch.long)
+        if self.config.pooling == "last":
+            pooled = h[torch.arange(B, device=h.device), lengths - 1]  # (B, C)
+        else:
+            keep = torch.arange(T, device=h.device) < lengths[:, None]  # (B, T)
+            pooled = (h * keep[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
+        logits: Tensor = self.score(pooled)  # (B, num_labels)
+        return logits
+
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None
     ) -> tuple[Tensor, Tensor | None]:
@@ -320,17 +389,7 @@ class GPT(nn.Module):
         and are added to the cache. The logits equal those of the same positions in an
         uncached forward of the whole sequence (up to rounding)."""
         B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        if self.config.block_size < start + T:
-            what = f"sequence length {T}" + (f" after {start} cached" if start else "")
-            raise ValueError(f"{what} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
-        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache.layers[i])
-        x = self.transformer.ln_f(x)  # (B, T, C)
+        x = self.hidden(idx, cache)  # (B, T, C)
         logits: Tensor = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None

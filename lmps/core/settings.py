@@ -21,6 +21,7 @@ from lmps.core.compress import NONE, Compression
 from lmps.core.model import GPTConfig
 from lmps.core.optim import OptimizerSettings
 from lmps.core.partition import DEFAULT_SHARD_BYTES
+from lmps.core.tasks import TASK_NAMES, TaskName
 
 Consistency = Literal["sync", "bounded_staleness", "async"]
 """How workers and servers agree on a version (the consistency seam's modes).
@@ -50,6 +51,7 @@ MAX_WAIT_FOR_MEMBERS_S = 3600.0
 MIN_SHARD_BYTES = 4  # one fp32 element
 MAX_LOCAL_STEPS = 10_000  # H; a round longer than this is a typo, not a plan
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+AUTOCAST_DTYPES = (torch.float32, torch.bfloat16)  # float32: autocast off
 
 
 class JobState(StrEnum):
@@ -178,6 +180,16 @@ class JobSettings:
     gradient per batch. `batches_per_lease` must then be a multiple of H."""
     push_compression: Compression = NONE
     """How workers compress their pushes, with error feedback (`lmps.core.compress`)."""
+    task: TaskName = "lm"
+    """What the model learns and the layout of the data (`lmps.core.tasks.TASKS`)."""
+    labels: tuple[str, ...] = ()
+    """classify: the class names, index = class id (`model.num_labels` of them)."""
+    freeze_backbone: bool = False
+    """classify: train the head `score` only."""
+    micro_batches: int = 1
+    """Gradient accumulation: micro-batches per worker batch (divides `batch_size`)."""
+    autocast: torch.dtype = torch.float32
+    """Workers' compute dtype: float32, or bfloat16 under torch.autocast (fp32 masters)."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -236,6 +248,34 @@ class JobSettings:
                 f"batches_per_lease {self.batches_per_lease} must be a multiple of "
                 f"local_steps.steps {self.local_steps.steps}"
             )
+
+        self._check_task()
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"micro_batches {self.micro_batches} must be >= 1 and divide batch_size "
+                f"{self.batch_size}"
+            )
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError("autocast must be float32 (off) or bfloat16")
+
+    def _check_task(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {TASK_NAMES}")
+        n = self.model.num_labels
+        if self.task != "classify":
+            if n or self.labels or self.freeze_backbone:
+                raise ValueError(
+                    f"num_labels, labels and freeze_backbone are for task classify, not {self.task}"
+                )
+            return
+        if n < 2:
+            raise ValueError("task classify needs model.num_labels >= 2")
+        if len(self.labels) != n:
+            raise ValueError(
+                f"task classify needs {n} labels (model.num_labels), got {len(self.labels)}"
+            )
+        if len(set(self.labels)) != n or not all(self.labels):
+            raise ValueError("labels must be distinct and non-empty")
 
     def for_workers(self) -> JobSettings:
         """The same settings without what workers never use (the tokenizer can be MBs)."""

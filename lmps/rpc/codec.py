@@ -52,6 +52,7 @@ from lmps.core.settings import (
     JobSettings,
     LocalSteps,
 )
+from lmps.core.tasks import TASK_NAMES, TaskName
 from lmps.v1 import job_pb2, parameter_pb2, tensor_pb2
 
 # proto enum value <-> torch dtype. Keep both directions in one table.
@@ -494,13 +495,15 @@ def model_to_proto(c: GPTConfig) -> job_pb2.ModelConfig:
         bias=c.bias,
         tie_embeddings=c.tie_embeddings,
         activation=cast(job_pb2.Activation, job_pb2.Activation.Value(c.activation.upper())),
+        num_labels=c.num_labels,
+        pooling=cast(job_pb2.Pooling, job_pb2.Pooling.Value(c.pooling.upper())),
     )
 
 
 def model_from_proto(m: job_pb2.ModelConfig) -> GPTConfig:
     """Raises ValueError (from GPTConfig's validation) on a bad config. An unset activation
     is "gelu" (specs from before the field); a value this build does not know is refused."""
-    from lmps.core.model import Activation
+    from lmps.core.model import Activation, Pooling
 
     if m.activation == job_pb2.ACTIVATION_UNSPECIFIED:
         activation = "gelu"
@@ -508,6 +511,12 @@ def model_from_proto(m: job_pb2.ModelConfig) -> GPTConfig:
         activation = job_pb2.Activation.Name(m.activation).lower()
     else:
         activation = f"<unknown {m.activation}>"  # GPTConfig names the choices
+    if m.pooling == job_pb2.POOLING_UNSPECIFIED:
+        pooling = "last"
+    elif m.pooling in job_pb2.Pooling.values():
+        pooling = job_pb2.Pooling.Name(m.pooling).lower()
+    else:
+        pooling = f"<unknown {m.pooling}>"
     return GPTConfig(
         n_layer=m.n_layer,
         n_head=m.n_head,
@@ -518,6 +527,8 @@ def model_from_proto(m: job_pb2.ModelConfig) -> GPTConfig:
         bias=m.bias,
         tie_embeddings=m.tie_embeddings,
         activation=cast(Activation, activation),
+        num_labels=int(m.num_labels),
+        pooling=cast(Pooling, pooling),
     )
 
 
@@ -680,7 +691,37 @@ def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSe
         replication=int(spec.replication) or 1,
         local_steps=local,
         push_compression=compression_from_proto(spec.push_compression),
+        task=task_from_proto(spec.task),
+        labels=tuple(spec.labels),
+        freeze_backbone=spec.freeze_backbone,
+        micro_batches=int(spec.micro_batches) or 1,
+        autocast=autocast_from_proto(spec.autocast),
     )
+
+
+def task_from_proto(value: int) -> TaskName:
+    """`lmps.v1.Task` -> its name in `lmps.core.tasks.TASK_NAMES` (UNSPECIFIED: "lm").
+    ValueError for a value this build does not know."""
+    if value == job_pb2.TASK_UNSPECIFIED:
+        return "lm"
+    name = job_pb2.Task.Name(value).lower() if value in job_pb2.Task.values() else ""
+    if name not in TASK_NAMES:
+        raise ValueError(f"unknown task {value}; this build knows {', '.join(TASK_NAMES)}")
+    return cast(TaskName, name)
+
+
+def task_to_proto(name: TaskName) -> job_pb2.Task:
+    return cast(job_pb2.Task, job_pb2.Task.Value(name.upper()))
+
+
+def autocast_from_proto(value: int) -> torch.dtype:
+    """`JobSpec.autocast`: UNSPECIFIED is float32 (off); ValueError for any dtype but
+    float32 and bfloat16."""
+    if value in (tensor_pb2.DTYPE_UNSPECIFIED, tensor_pb2.FLOAT32):
+        return torch.float32
+    if value == tensor_pb2.BFLOAT16:
+        return torch.bfloat16
+    raise ValueError("autocast must be FLOAT32 (off) or BFLOAT16")
 
 
 def job_settings_to_proto(s: JobSettings) -> job_pb2.JobSpec:
@@ -706,4 +747,9 @@ def job_settings_to_proto(s: JobSettings) -> job_pb2.JobSpec:
         replication=s.replication,
         local_steps=None if s.local_steps is None else local_steps_to_proto(s.local_steps),
         push_compression=compression_to_proto(s.push_compression),
+        task=task_to_proto(s.task),
+        labels=list(s.labels),
+        freeze_backbone=s.freeze_backbone,
+        micro_batches=s.micro_batches,
+        autocast=to_proto_dtype(s.autocast),
     )

@@ -24,6 +24,7 @@ from lmps.core.errors import FailedPrecondition, InvalidArgument, LmpsError, Not
 from lmps.core.model import GPTConfig, init_model
 from lmps.core.partition import Shard
 from lmps.core.settings import JobSettings, JobState, default_total_steps
+from lmps.core.tasks import Evaluation, TaskName
 from lmps.rpc import codec
 from lmps.services.coordinator import checkpoint, jobs
 from lmps.services.coordinator.cluster import Cluster
@@ -51,6 +52,8 @@ class ExportPlan:
     shards: list[Shard]
     version: int
     values: Iterator[tensor_pb2.ShardTensor]  # the servers' Pull stream, passed through
+    task: TaskName = "lm"
+    labels: tuple[str, ...] = ()
 
 
 def job_settings(spec: job_pb2.JobSpec, total_steps: int) -> JobSettings:
@@ -255,7 +258,7 @@ class Driver:
 
     # -- evaluation, export ----------------------------------------------------------------
 
-    def evaluate(self, job: Job) -> tuple[float, int, int]:
+    def evaluate(self, job: Job) -> Evaluation:
         return self.placement.evaluate(job)
 
     def export(self, job: Job) -> ExportPlan:
@@ -271,4 +274,6 @@ class Driver:
             shards=list(job.shards),
             version=version,
             values=self.fleet.pull(job.job_id, job.shards, job.servers, version),
+            task=job.settings.task,
+            labels=job.settings.labels,
         )

@@ -292,7 +292,8 @@ class EpochRun:
             job.step = self.fleet.version(job.job_id, job.servers)
             job.epochs_done = self.epoch_no + 1
             job.resume = None
-        loss, _, _ = self.placement.evaluate(job)
+        evaluation = self.placement.evaluate(job)
+        loss = evaluation.loss
         job.last_eval_loss = loss
         path = self.placement.checkpoint(job, job.step, epoch=None, done={})
         wall = time.perf_counter() - self.started
@@ -326,5 +327,8 @@ class EpochRun:
                 checkpoint=str(path or ""),
                 failovers=t.failovers,
                 servers_lost=t.servers_lost,
+                eval_accuracy=evaluation.accuracy,
+                eval_macro_f1=evaluation.macro_f1,
+                eval_confusion=evaluation.confusion,
             ),
         )

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lmps.core.errors import FailedPrecondition, Unavailable
 from lmps.core.partition import Shard
 from lmps.core.settings import JobSettings
+from lmps.core.tasks import EvalCounts
 from lmps.rpc import codec
 from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
 from lmps.v1 import (
@@ -289,8 +290,8 @@ class Fleet:
 
     def evaluate(
         self, job_id: str, workers: Mapping[str, str], sequences: torch.Tensor, min_version: int
-    ) -> tuple[float, int, int]:
-        """(sum of token losses, tokens, version) over `sequences`, split across workers.
+    ) -> tuple[EvalCounts, int]:
+        """(the task's summed counts, version) over `sequences`, split across workers.
 
         A worker that is unreachable (it may have died since its last heartbeat) is left
         out and the split is redone over the others."""
@@ -320,8 +321,15 @@ class Fleet:
                 break
             addresses = [a for a in addresses if a not in failed]
         results = [r for r in outcome if not isinstance(r, str)]
-        return (
-            sum(r.loss_sum for r in results),
-            sum(int(r.tokens) for r in results),
-            min(int(r.version) for r in results),
-        )
+        counts = [
+            EvalCounts(
+                r.loss_sum,
+                int(r.tokens),
+                torch.tensor(list(r.confusion), dtype=torch.long) if r.confusion else None,
+            )
+            for r in results
+        ]
+        total = counts[0]
+        for c in counts[1:]:
+            total = total.plus(c)
+        return total, min(int(r.version) for r in results)

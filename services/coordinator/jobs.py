@@ -23,7 +23,7 @@ import torch
 from google.protobuf import json_format
 from safetensors.torch import load_file, save_file
 
-from lmps.core.data import to_sequences
+from lmps.core import tasks
 from lmps.core.errors import InvalidArgument
 from lmps.core.files import atomic_write_text
 from lmps.core.model import GPT
@@ -148,14 +148,18 @@ def apply_manifest(job: Job, manifest: dict[str, Any]) -> None:
 def to_splits(
     settings: JobSettings, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The train and eval token streams as (N, T+1) sequences; InvalidArgument when a token
-    id is outside the vocabulary or the train split is shorter than one batch."""
-    vocab, block = settings.model.vocab_size, settings.model.block_size
+    """The train and eval streams as (N, T+1) rows of the job's task (`lmps.core.tasks`);
+    InvalidArgument, naming the split, when they do not fit the task's layout or the model
+    (e.g. a token id outside the vocabulary), or the train split is shorter than one batch."""
+    block = settings.model.block_size
+    task = tasks.task(settings.task)
+    splits = []
     for name, tokens in (("train", train_tokens), ("eval", eval_tokens)):
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-            raise InvalidArgument(f"{name} data has token ids outside [0, {vocab})")
-    train = to_sequences(train_tokens, block)
-    evals = to_sequences(eval_tokens, block)
+        try:
+            splits.append(task.rows(tokens, settings.model))
+        except ValueError as err:
+            raise InvalidArgument(f"{name} split: {err}") from None
+    train, evals = splits
     if train.shape[0] < settings.batch_size:
         raise InvalidArgument(
             f"train split has {train.shape[0]} sequences of {block + 1} tokens, "

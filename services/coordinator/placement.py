@@ -18,10 +18,11 @@ from pathlib import Path
 import grpc
 import torch
 
+from lmps.core import tasks
 from lmps.core.errors import FailedPrecondition, InvalidArgument, LmpsError, Unavailable
-from lmps.core.model import decay_mask
 from lmps.core.partition import ParamInfo, assemble, plan_shards, promote
 from lmps.core.settings import JobState
+from lmps.core.tasks import EvalCounts, Evaluation
 from lmps.services.coordinator import checkpoint, jobs, replicas
 from lmps.services.coordinator.cluster import Cluster
 from lmps.services.coordinator.fleet import Fleet
@@ -58,7 +59,8 @@ class Placement:
         s = job.settings
         servers = self._servers_for(s.num_servers, s.replication, wait_s)
         workers = self.cluster.wait_members(Role.WORKER, s.num_workers, wait_s)
-        infos = [ParamInfo(n, tuple(t.shape), decay_mask(n, t)) for n, t in params.items()]
+        decays = tasks.decay_rule(s.freeze_backbone)
+        infos = [ParamInfo(n, tuple(t.shape), decays(n, t)) for n, t in params.items()]
         try:
             shards = plan_shards(infos, sorted(servers), s.shard_bytes, s.replication)
         except ValueError as err:
@@ -288,13 +290,14 @@ class Placement:
                 )
             self.restore(job, wait_s=job.settings.wait_for_members_s)
 
-    def evaluate(self, job: Job) -> tuple[float, int, int]:
-        """(mean loss, tokens, version) on the eval split, spread over the workers."""
+    def evaluate(self, job: Job) -> Evaluation:
+        """The task's evaluation on the eval split, spread over the workers."""
         self.ensure_loaded(job)
         if job.eval.shape[0] == 0:
-            return math.nan, 0, job.step
+            return Evaluation(math.nan, 0, job.step)
         alive = {w: a for w, a in job.workers.items() if self.cluster.is_alive(w)}
-        loss_sum, count, version = self.fleet.evaluate(
-            job.job_id, alive or job.workers, job.eval, job.step
-        )
-        return loss_sum / max(count, 1), count, version
+        counts, version = self.fleet.evaluate(job.job_id, alive or job.workers, job.eval, job.step)
+        n = job.settings.model.num_labels
+        if counts.confusion is not None:
+            counts = EvalCounts(counts.loss_sum, counts.count, counts.confusion.view(n, n))
+        return Evaluation.of(counts, version)

@@ -188,9 +188,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.EvaluateJobRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.EvaluateJobResponse:
         job = self.driver.job(request.job_id)
-        loss, tokens, version = self.driver.evaluate(job)
+        e = self.driver.evaluate(job)
         return coordinator_pb2.EvaluateJobResponse(
-            loss=loss, perplexity=perplexity(loss), tokens=tokens, version=version
+            loss=e.loss,
+            perplexity=perplexity(e.loss),
+            tokens=e.count,
+            version=e.version,
+            accuracy=e.accuracy,
+            macro_f1=e.macro_f1,
+            confusion=e.confusion,
         )
 
     def ExportModel(
@@ -219,6 +225,8 @@ def export_messages(plan: ExportPlan) -> Iterator[coordinator_pb2.ExportModelRes
             tokenizer_json=plan.tokenizer_json,
             shards=[codec.shard_to_proto(s) for s in plan.shards],
             version=plan.version,
+            task=codec.task_to_proto(plan.task),
+            labels=list(plan.labels),
         )
     )
     for msg in plan.values:

@@ -9,8 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from lmps.core.model import GPT, GPTConfig, decay_mask
+from lmps.core import tasks
+from lmps.core.model import GPT, GPTConfig
 from lmps.core.partition import ParamInfo, Shard, shard_view, validate_cover
+from lmps.core.tasks import EvalCounts, Task, TaskName
 
 
 def pick_device(requested: str) -> torch.device:
@@ -24,18 +26,49 @@ def pick_device(requested: str) -> torch.device:
 
 
 class Replica:
-    def __init__(self, config: GPTConfig, shards: Sequence[Shard], device: torch.device) -> None:
+    """One worker's copy of the model, trained on one job's `task`.
+
+    `micro_batches` > 1 is gradient accumulation: a batch runs as that many equal slices,
+    each one's mean loss weighted by its share of the batch's loss units, so the summed
+    gradient is the whole batch's mean gradient (up to rounding) in a fraction of the
+    activation memory. `autocast` bfloat16 runs forward and backward under torch.autocast:
+    bf16 matmuls, fp32 parameters and gradients (the servers' masters stay fp32).
+    `freeze_backbone` trains the classification head only: the other parameters get no
+    gradient computed and push zeros (which, with no weight decay on them, leave the servers'
+    values exactly as they are; `lmps.core.tasks.decay_rule`).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        shards: Sequence[Shard],
+        device: torch.device,
+        *,
+        task: TaskName = "lm",
+        micro_batches: int = 1,
+        autocast: torch.dtype = torch.float32,
+        freeze_backbone: bool = False,
+    ) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.config = config
         self.device = device
+        self.task: Task = tasks.task(task)
+        self.micro_batches = micro_batches
+        self.autocast = autocast
+        decays = tasks.decay_rule(freeze_backbone)
         # Check the map on a weightless model first: a bad request must cost no memory.
         with torch.device("meta"):
             meta = GPT(config).named_parameters()
-            infos = [ParamInfo(n, tuple(p.shape), decay_mask(n, p)) for n, p in meta]
+            infos = [ParamInfo(n, tuple(p.shape), decays(n, p)) for n, p in meta]
         validate_cover(shards, infos)  # ValueError if the map doesn't cover the model exactly
         # Values are overwritten by the first pull, so init cost is all we care about here.
         self.model = GPT(config).to(device)
         self.params = dict(self.model.named_parameters())
+        for name, p in self.params.items():
+            p.requires_grad_(tasks.trainable(name, freeze_backbone))
         self.shards = {s.shard_id: s for s in shards}
+        self._zeros: dict[str, torch.Tensor] = {}  # frozen shard -> its (CPU) zero gradient
         # Backward hands each parameter's shards to `_on_grad` (set during `train_step`) the
         # moment its gradient is final, so they can be pushed while backward goes on.
         self._of_param: dict[str, list[Shard]] = {}
@@ -44,7 +77,8 @@ class Replica:
         self._on_grad: Callable[[str, torch.Tensor], None] | None = None
         self._given: set[str] = set()
         for name, p in self.params.items():
-            p.register_post_accumulate_grad_hook(lambda p, name=name: self._give(name, p))
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p, name=name: self._give(name, p))
 
     @property
     def numel(self) -> int:
@@ -61,7 +95,11 @@ class Replica:
 
     def _grad_of(self, s: Shard) -> torch.Tensor:
         g = self.params[s.param].grad
-        assert g is not None
+        if g is None:  # frozen (or unused by the task): its gradient is zero
+            zeros = self._zeros.get(s.shard_id)
+            if zeros is None:
+                zeros = self._zeros[s.shard_id] = torch.zeros(s.numel)
+            return zeros
         view = shard_view(g, s).detach()
         return view if view.device.type == "cpu" else view.to("cpu")
 
@@ -72,44 +110,70 @@ class Replica:
             self._given.add(s.shard_id)
             self._on_grad(s.shard_id, self._grad_of(s))
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.autocast == torch.bfloat16
+        )
+
     def train_step(
         self,
         batch: torch.Tensor,
         on_grad: Callable[[str, torch.Tensor], None] | None = None,
     ) -> tuple[float, dict[str, torch.Tensor]]:
-        """Forward/backward on `batch` (B, T+1) int tokens -> (mean loss, shard grads on CPU).
+        """Forward/backward on `batch` (B, T+1) rows of the task -> (mean loss, shard grads
+        on CPU).
 
         On CPU the shard gradients are views of the parameters' .grad buffers (no copy: the
         push encodes from them), valid until the next `train_step` zeroes them. `on_grad`
         gets every shard's gradient once, as soon as backward has made it (reverse layer
-        order; any backward left out comes after it)."""
+        order, during the last micro-batch's backward; any left out comes after it)."""
         self.model.train()
-        tokens = batch.to(self.device, dtype=torch.long, non_blocking=True)
-        x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
+        rows = batch.to(self.device, non_blocking=True)
+        if rows.shape[0] % self.micro_batches:
+            raise ValueError(
+                f"a batch of {rows.shape[0]} rows does not split into {self.micro_batches} "
+                "micro-batches"
+            )
+        parts = rows.chunk(self.micro_batches) if self.micro_batches > 1 else (rows,)
+        units = [self.task.units(p) for p in parts]
+        total = sum(units)
         self.model.zero_grad(set_to_none=False)
-        _, loss = self.model(x, y)
-        assert loss is not None
-        self._on_grad, self._given = on_grad, set()
-        try:
-            loss.backward()
-        finally:
-            self._on_grad = None
+        loss_sum = 0.0
+        for k, part in enumerate(parts):
+            with self._autocast():
+                loss = self.task.loss(self.model, part)
+            # Each slice's mean, weighted by its share: the sum is the batch's mean. One slice
+            # is weighted by exactly 1.0, so the whole batch at once is unchanged.
+            share = units[k] / total if total else 1.0 / len(parts)
+            last = k == len(parts) - 1
+            self._on_grad, self._given = (on_grad if last else None), set()
+            try:
+                (loss * share if len(parts) > 1 else loss).backward()
+            finally:
+                self._on_grad = None
+            loss_sum += float(loss.detach()) * share
         grads = {sid: self._grad_of(s) for sid, s in self.shards.items()}
         if on_grad is not None:
             for sid in grads.keys() - self._given:
                 on_grad(sid, grads[sid])
-        return float(loss.detach()), grads
+        return loss_sum, grads
 
     @torch.no_grad()
-    def evaluate(self, sequences: torch.Tensor, batch_size: int = 32) -> tuple[float, int]:
-        """Sum of token cross-entropies and token count over `sequences` (N, T+1)."""
+    def evaluate(self, rows: torch.Tensor, batch_size: int = 32) -> EvalCounts:
+        """The task's loss sum, units and (classify) confusion counts over `rows` (N, T+1)."""
         self.model.eval()
-        total, count = 0.0, 0
-        for i in range(0, sequences.shape[0], batch_size):
-            tokens = sequences[i : i + batch_size].to(self.device, dtype=torch.long)
-            x, y = tokens[:, :-1], tokens[:, 1:]
-            _, loss = self.model(x, y)
-            assert loss is not None
-            total += float(loss) * y.numel()
-            count += y.numel()
-        return total, count
+        counts: EvalCounts | None = None
+        for i in range(0, rows.shape[0], batch_size):
+            part = rows[i : i + batch_size].to(self.device)
+            with self._autocast():
+                got = self.task.evaluate(self.model, part)
+            counts = got if counts is None else counts.plus(got)
+        if counts is None:  # no rows
+            n = self.config.num_labels
+            confusion = (
+                torch.zeros(n, n, dtype=torch.long)
+                if isinstance(self.task, tasks.Classification)
+                else None
+            )
+            counts = EvalCounts(0.0, 0, confusion)
+        return counts

@@ -90,9 +90,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 request.spec, int(request.spec.optimizer.total_steps) or 1
             )
             mode = codec.consistency_from_proto(request.spec.consistency)
+            # The task's options, resolved once (the coordinator's spec is complete).
+            settings = codec.job_settings_from_proto(
+                request.spec, total_steps=int(request.spec.optimizer.total_steps) or 1
+            )
             staleness = int(request.spec.max_staleness) if mode == "bounded_staleness" else 0
             with torch.random.fork_rng(devices=[]):
-                replica = Replica(config, shards, self.device)
+                replica = Replica(
+                    config,
+                    shards,
+                    self.device,
+                    task=settings.task,
+                    micro_batches=settings.micro_batches,
+                    autocast=settings.autocast,
+                    freeze_backbone=settings.freeze_backbone,
+                )
             inner = None
             if local is not None:
                 decay = {s.shard_id: s.weight_decay for s in shards}
@@ -127,6 +139,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 local=inner,
                 staleness=staleness,
                 asynchronous=mode == "async",
+                weigh=replica.task.weight,
             )
             self._job = _Job(request.job_id, replica, pool, trainer)
         log.info(
@@ -166,7 +179,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             sequences = codec.decode(request.tokens)
         except CodecError as err:
             raise InvalidArgument(f"evaluate: {err}") from None
-        check_eval_tokens(sequences, job.replica.config)
+        check_eval_tokens(sequences, job.replica.config, job.replica.task)
         with self._lock:
             if self._training:
                 raise FailedPrecondition("evaluate: an epoch is running on this worker")
@@ -178,8 +191,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             context.add_callback(lambda: job.pool.cancel(generation))
             version, values = job.pool.pull(request.min_version, timeout_s=timeout)
             job.replica.load(values)
-            loss_sum, count = job.replica.evaluate(sequences)
-        return worker_pb2.EvaluateResponse(loss_sum=loss_sum, tokens=count, version=version)
+            counts = job.replica.evaluate(sequences)
+        confusion = [] if counts.confusion is None else counts.confusion.flatten().tolist()
+        return worker_pb2.EvaluateResponse(
+            loss_sum=counts.loss_sum, tokens=counts.count, version=version, confusion=confusion
+        )
 
     def GetStatus(
         self, request: worker_pb2.WorkerStatusRequest, context: grpc.ServicerContext

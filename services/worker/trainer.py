@@ -27,6 +27,7 @@ import torch
 
 from lmps.core.errors import InvalidArgument
 from lmps.core.model import GPTConfig
+from lmps.core.tasks import TASKS, Task
 from lmps.services.worker.local_steps import InnerLoop
 
 # -- collaborators -------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class Trainer:
         local: InnerLoop | None = None,
         staleness: int = 0,
         asynchronous: bool = False,
+        weigh: Callable[[torch.Tensor], float] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.model = model
@@ -207,6 +209,10 @@ class Trainer:
         they are at (at least the one after its last push's step, which that push made on
         every server: the pull never waits) and never waits for the other workers."""
         self._computed_at: int | None = None
+        self.weigh = weigh or (lambda batch: float(batch.shape[0]))
+        """A batch's push weight (`lmps.core.tasks.Task.weight`): its sequences, or for SFT
+        its target tokens, so the servers' weighted mean is the union batch's mean loss
+        gradient."""
 
     def cancel(self) -> None:
         """Unblock a pull waiting on the barrier (the epoch was cancelled)."""
@@ -284,7 +290,7 @@ class Trainer:
             return None
         del values
         t2 = time.perf_counter()
-        weight = float(sum(b.shape[0] for b in batches))
+        weight = sum(self.weigh(b) for b in batches)
         self.params.push(self.step, weight, done.delta, self._computed_at)
         t3 = time.perf_counter()
         tokens = [b.shape[0] * (b.shape[1] - 1) for b in batches]
@@ -313,7 +319,7 @@ class Trainer:
         t1 = time.perf_counter()
         # SYNC: push the plain gradient of this step, weighted by the batch's sequences; each
         # shard leaves while backward still runs (push_s: the part not hidden behind it).
-        sink = self.params.open_push(self.step, float(batch.shape[0]), self._computed_at)
+        sink = self.params.open_push(self.step, self.weigh(batch), self._computed_at)
         try:
             loss, _ = self.model.train_step(batch, on_grad=sink.add)
         except BaseException:
@@ -347,19 +353,11 @@ class Trainer:
 # -- evaluation ----------------------------------------------------------------------------
 
 
-def check_eval_tokens(sequences: torch.Tensor, config: GPTConfig) -> None:
-    """Raise InvalidArgument unless `sequences` is an int (N, T+1) tensor of token ids the
-    model can score (ids in the vocabulary, T at most block_size)."""
-    if sequences.dim() != 2 or sequences.shape[1] < 2 or sequences.is_floating_point():
-        raise InvalidArgument(
-            f"evaluate: tokens must be an int tensor (N, T+1), got {list(sequences.shape)}"
-        )
-    vocab = config.vocab_size
-    if sequences.numel() and (int(sequences.min()) < 0 or int(sequences.max()) >= vocab):
-        raise InvalidArgument(f"evaluate: token ids must be in [0, {vocab})")
-    context_len = config.block_size + 1
-    if sequences.shape[1] > context_len:
-        raise InvalidArgument(
-            f"evaluate: sequences of {sequences.shape[1]} tokens exceed block_size + 1 = "
-            f"{context_len}"
-        )
+def check_eval_tokens(sequences: torch.Tensor, config: GPTConfig, task: Task | None = None) -> None:
+    """Raise InvalidArgument unless `sequences` are int (N, T+1) rows the model can score in
+    the layout of `task` (default: language modelling, token ids in the vocabulary, T at
+    most block_size)."""
+    try:
+        (task or TASKS["lm"]).check(sequences, config)
+    except ValueError as err:
+        raise InvalidArgument(f"evaluate: {err}") from None
