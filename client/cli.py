@@ -1,9 +1,11 @@
 """`lmps`: run, drive and inspect an lmps cluster.
 
-lmps demo                        # local cluster, train the tiny model, sample, stop
+lmps demo                        # local cluster: train, sample, fine-tune a classifier, predict
 lmps cluster up --servers 2 --workers 2
 lmps train --preset tiny --epochs 3 --out runs/tiny
 lmps generate --model runs/tiny "The for statement"   # streamed; tokens/s on stderr
+lmps predict --model runs/cls "some text"   # a --task classify model: label, probabilities
+lmps chat --model runs/sft                  # a --task sft model: a conversation
 lmps report runs/tiny            # losses, tokens/s, steps; the loss plot's path
 lmps export runs/tiny hf/tiny    # a Hugging Face GPT-2 folder (pip install 'lmps[hf]')
 lmps shards                      # which server holds which slice, with stats
@@ -63,6 +65,83 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _sampling_flags(p: argparse.ArgumentParser, what: str = "tokens to add") -> None:
+    """`lmps generate`'s and `lmps chat`'s sampling flags (`generation.sampling_settings`)."""
+    p.add_argument(
+        "--max-new-tokens",
+        "--max-tokens",
+        type=int,
+        default=100,
+        metavar="N",
+        help=f"{what}, at most",
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: keep mass p; 1 = off"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="CTRL's penalty on tokens already in the text (e.g. 1.2); 1 = off",
+    )
+
+
+def _model_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """--model DIR | --job JOB, and --coordinator."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="a model folder written by `lmps train`")
+    src.add_argument(
+        "--job",
+        default=None,
+        help=f"{command} with this job's model, fetched from the cluster at --coordinator "
+        "(without --model or --job: the latest job's)",
+    )
+    coordinator_flag(p)
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.usage = "lmps predict [--model DIR | --job JOB] [TEXT ...] [--file F] [options]"
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    _model_flags(p, "classify")
+    p.add_argument(
+        "--file",
+        metavar="F",
+        help='more texts, one a line: plain text or {"text": ...} (.jsonl: JSON only; '
+        'with a "label", the output marks each answer and gives the accuracy); - reads stdin',
+    )
+    p.add_argument(
+        "--top", type=int, default=None, metavar="K", help="show the K likeliest classes"
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines: text, label, probs")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from lmps.client.predict import cmd_predict  # torch: only when it runs
+
+    return cmd_predict(args)
+
+
+def _add_chat(p: argparse.ArgumentParser) -> None:
+    p.usage = "lmps chat [--model DIR | --job JOB] [--prompt TEXT] [--system TEXT] [options]"
+    _model_flags(p, "chat")
+    p.add_argument(
+        "--prompt", default=None, help="one message: print the reply and exit (no session)"
+    )
+    p.add_argument("--system", default=None, help="a system message that opens the chat")
+    _sampling_flags(p, "reply tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (reply i: SEED + i)")
+    p.set_defaults(func=_cmd_chat, no_cache=False)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from lmps.client.chat import cmd_chat  # torch: only when it runs
+
+    return cmd_chat(args)
+
+
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.usage = "lmps generate [--model DIR | --job JOB] [PROMPT] [options]"
     p.add_argument(
@@ -82,25 +161,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     )
     coordinator_flag(p)
     p.add_argument("--prompt", default=None, help="the same as PROMPT")
-    p.add_argument(
-        "--max-new-tokens",
-        "--max-tokens",
-        type=int,
-        default=100,
-        metavar="N",
-        help="tokens to add, at most",
-    )
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
-    p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling: keep mass p; 1 = off"
-    )
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="CTRL's penalty on tokens already in the text (e.g. 1.2); 1 = off",
-    )
+    _sampling_flags(p)
     p.add_argument(
         "--stop",
         action="append",
@@ -220,7 +281,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 # name -> (one-line help, how to add its flags, example)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "demo": (
-        "start a local cluster, train the tiny model, sample, stop",
+        "start a local cluster, train the tiny model, sample, fine-tune a classifier from it, stop",
         _add_demo,
         example("lmps demo --epochs 5 --out runs/demo"),
     ),
@@ -235,6 +296,22 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
         example(
             'lmps generate --model runs/tiny "The for statement" --top-p 0.9 --stop "\\n\\n"',
             'lmps generate --job JOB "The with statement" --temperature 0',
+        ),
+    ),
+    "predict": (
+        "classify texts with a --task classify model: labels and probabilities",
+        _add_predict,
+        example(
+            'lmps predict --model runs/sentiment "a fine film" "dull and long" --top 2',
+            "lmps predict --job JOB --file texts.jsonl --json",
+        ),
+    ),
+    "chat": (
+        "talk to a --task sft model, the reply streamed token by token",
+        _add_chat,
+        example(
+            "lmps chat --model runs/sft",
+            'lmps chat --model runs/sft --system "Be brief." --prompt "What is a shard?"',
         ),
     ),
     "report": (
@@ -366,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EnvError as err:  # a bad LMPS_* default: even --help says so, in one line
         error(err)
         return 2
-    if getattr(args, "command", "health") in ("train", "demo", "generate"):
+    if getattr(args, "command", "health") in ("train", "demo", "generate", "chat", "predict"):
         _stop_on_sigterm()
     try:
         code: int = args.func(args)

@@ -115,7 +115,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def generate_text(
     model: GPT,
     tokenizer: Tokenizer | None,
-    prompt: str,
+    prompt: str | Sequence[int],
     settings: SamplingSettings,
     *,
     stops: Sequence[str] = (),
@@ -125,10 +125,11 @@ def generate_text(
     """Continue `prompt` with `model` (on whatever device it is). `on_text` gets
     each piece of the continuation as soon as it is final (streaming); the pieces add up to
     `Generation.text`. Stops at max_new_tokens, the first of `stops` in the text, or (with
-    `stop_at_eot`) the end-of-text token."""
+    `stop_at_eot`) the end-of-text token. `prompt` may also be token ids already encoded
+    (a chat template's, `lmps chat`)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer to encode the prompt with")
-    ids = prompt_ids(tokenizer, prompt)
+    ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     eot = tokenizer.token_to_id(EOT) if stop_at_eot else None

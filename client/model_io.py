@@ -77,6 +77,21 @@ def fetch_model(coordinator: str, job_id: str = "", wait: bool = True) -> Traine
     )
 
 
+def open_model(
+    model_dir: str | None, job: str | None, coordinator: str
+) -> tuple[TrainedModel, str]:
+    """The model a command's `--model DIR` or `--job JOB` names (neither: the cluster's
+    latest job), and how to name it in a message (DIR, or "job JOB")."""
+    if model_dir:
+        if not Path(model_dir).is_dir():
+            raise FileNotFoundError(
+                f"--model {model_dir}: no such folder; pass a run folder written by `lmps train`"
+            )
+        return load(Path(model_dir)), model_dir
+    trained = fetch_model(coordinator, job or "", wait=False)
+    return trained, f"job {job}" if job else "the latest job"
+
+
 def save(trained: TrainedModel, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_model(trained.model, str(out / "model.safetensors"))  # handles the tied wte/lm_head
