@@ -1,8 +1,11 @@
 """Hugging Face GPT-2 folders in and out: `lmps export --format hf` writes what
-`GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load; `lmps train
---init-from hf:DIR` reads a `save_pretrained` folder of a GPT-2-family model and its
-tokenizer. The name and layout mapping is `lmps.core.hf`; this module reads and writes the
-files. `transformers` (`pip install 'lmps[hf]'`) is imported only here, only when called.
+`GPT2LMHeadModel.from_pretrained` (a classifier: `GPT2ForSequenceClassification`) and
+`AutoTokenizer.from_pretrained` load; `lmps train --init-from hf:DIR` reads a
+`save_pretrained` folder of a GPT-2-family model and its tokenizer, a
+GPT2ForSequenceClassification folder as a classify model (num_labels, labels from
+id2label, `score.weight`). The name and layout mapping is `lmps.core.hf` (with the pooling
+and padding rule of exported classifiers); this module reads and writes the files.
+`transformers` (`pip install 'lmps[hf]'`) is imported only here, only when called.
 
 Every refusal is a ValueError whose message is one line naming the folder or file and what
 to do (the CLI prints it and exits 2).
@@ -14,7 +17,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -22,6 +25,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from lmps.core import hf
 from lmps.core.data import EOT
 from lmps.core.model import GPT, GPTConfig
+from lmps.core.tasks import TaskName
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -88,6 +92,11 @@ def check(path: Path) -> GPTConfig:
 
 def read_config(path: Path) -> GPTConfig:
     """A Hugging Face config.json as a GPTConfig; ValueError naming the file otherwise."""
+    return _read_hf_config(path)[0]
+
+
+def _read_hf_config(path: Path) -> tuple[GPTConfig, tuple[str, ...]]:
+    """config.json's GPTConfig and (a classifier's) labels in class-id order."""
     if not path.is_file():
         raise ValueError(f"{path} is missing: not a save_pretrained folder")
     try:
@@ -97,15 +106,30 @@ def read_config(path: Path) -> GPTConfig:
     if not isinstance(fields, dict):
         raise ValueError(f"{path}: expected a JSON object")
     try:
-        return hf.from_hf_config(fields)
+        return hf.from_hf_config(fields), hf.labels_from_hf(fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {_one_line(err)}") from None
 
 
-def load(path: Path) -> tuple[GPT, GPTConfig, Tokenizer]:
-    """The model and tokenizer of a Hugging Face GPT-2 folder as an lmps model (fp32);
-    `model_io.load_init("hf:DIR")` makes them a TrainedModel."""
-    config = check(path)
+class Loaded(NamedTuple):
+    """What `load` reads, in `model_io.TrainedModel`'s field order:
+    `TrainedModel(*load(path))` is the folder as a trained model."""
+
+    model: GPT
+    config: GPTConfig
+    tokenizer: Tokenizer
+    version: int = 0
+    task: TaskName = "lm"
+    labels: tuple[str, ...] = ()
+    """classify: class names, index = class id (config.json's id2label)."""
+
+
+def load(path: Path) -> Loaded:
+    """The model and tokenizer of a Hugging Face GPT-2 folder as an lmps model (fp32); a
+    GPT2ForSequenceClassification folder (config.json's architectures) as a classify model
+    with its labels. `model_io.load_init("hf:DIR")` makes them a TrainedModel."""
+    check(path)
+    config, labels = _read_hf_config(path / "config.json")
     tokenizer = read_tokenizer(path)
     where = f"{PREFIX}{path}"
     if tokenizer.token_to_id(EOT) is None:
@@ -118,8 +142,9 @@ def load(path: Path) -> tuple[GPT, GPTConfig, Tokenizer]:
             f"{config.vocab_size} embeddings (vocab_size in config.json)"
         )
     transformers = transformers_module()
+    model_class = getattr(transformers, hf.architecture(config))
     try:
-        model, info = transformers.GPT2LMHeadModel.from_pretrained(
+        model, info = model_class.from_pretrained(
             str(path), dtype=torch.float32, output_loading_info=True, local_files_only=True
         )
     except Exception as err:  # OSError, RuntimeError (shapes), safetensors' own errors
@@ -142,7 +167,9 @@ def load(path: Path) -> tuple[GPT, GPTConfig, Tokenizer]:
     with torch.no_grad():
         for name, p in lmps_model.named_parameters():
             p.copy_(params[name])
-    return lmps_model, config, tokenizer
+    if config.num_labels:
+        return Loaded(lmps_model, config, tokenizer, task="classify", labels=labels)
+    return Loaded(lmps_model, config, tokenizer)
 
 
 def read_tokenizer(path: Path) -> Tokenizer:
@@ -208,18 +235,23 @@ def _json_object(path: Path) -> dict[str, Any]:
 
 def save(trained: TrainedModel, out: Path) -> None:
     """Write `trained` as a Hugging Face GPT-2 folder: config.json, model.safetensors,
-    generation_config.json (GPT2LMHeadModel.save_pretrained) and the tokenizer
-    (GPT2TokenizerFast.save_pretrained: tokenizer.json, tokenizer_config.json)."""
+    generation_config.json (GPT2LMHeadModel.save_pretrained; a classifier's is a
+    GPT2ForSequenceClassification with its labels as id2label, see `lmps.core.hf` for its
+    padding rule) and the tokenizer (GPT2TokenizerFast.save_pretrained: tokenizer.json,
+    tokenizer_config.json). Refusals (no biases, mean pooling, labels that do not fit the
+    head) come before anything is written."""
     if trained.tokenizer is None:
         raise ValueError("this model has no tokenizer; a Hugging Face folder needs one")
     config = trained.config
+    eot_id = trained.tokenizer.token_to_id(EOT)
     try:
         params = hf.to_hf(dict(trained.model.named_parameters()), config)
+        hf_config = hf.to_hf_config(config, eot_id, trained.labels)
     except ValueError as err:
         raise ValueError(f"cannot export to Hugging Face: {_one_line(err)}") from None
     transformers = transformers_module()
-    eot_id = trained.tokenizer.token_to_id(EOT)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf.to_hf_config(config, eot_id)))
+    model_class = getattr(transformers, hf.architecture(config))
+    model = model_class(transformers.GPT2Config(**hf_config))
     model.load_state_dict(params, strict=True)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,27 @@ MLP of width 4C, biases everywhere, learned positions, a tied output head. What 
   up to rounding.
 - Config keys: `block_size` is `n_positions`, one `dropout` is GPT-2's three `*_pdrop`.
 
+A classifier (`GPTConfig.num_labels` >= 2, the `score` head) is a
+`transformers.GPT2ForSequenceClassification`: the same trunk, the same bias-free
+`score.weight` (num_labels, C), no `lm_head`. Its labels are config.json's `id2label` /
+`label2id`, and `architectures` (["GPT2ForSequenceClassification"]) is what tells one apart
+on import. Pooling:
+
+- lmps' "last" feeds the text's ids followed by <|endoftext|> and reads the last position.
+  GPT2ForSequenceClassification reads the rightmost position whose id is not
+  `config.pad_token_id`, or simply the last one when that is None. Exports say None, so an
+  unpadded input (text ids + EOT) gives `GPT.classify`'s logits exactly; transformers then
+  refuses batches of more than one row ("Cannot handle batch sizes > 1 if no padding token
+  is defined"). For batches, right-pad each row after its EOT with any id other than EOT's
+  and set `model.config.pad_token_id` to that id: the rightmost non-pad position is then
+  each row's EOT, and causal attention keeps padding from changing it (tested). Never pad
+  with EOT itself (GPT-2's usual pad = eos): the row's own EOT would count as padding and
+  the head would read the token before it. Left padding shifts the positions: not exact.
+- lmps' "mean" has no GPT2ForSequenceClassification form: refused on export.
+- An imported classifier's `pad_token_id` is not used: lmps always reads the EOT it
+  appends, so a model fine-tuned in transformers with pad = eos (which read the last text
+  token) is fine-tuned on from a slightly different pooled state.
+
 Pure torch: `transformers` is imported only by `lmps.client.hf_io`, which reads and writes
 the directories (`save_pretrained` / `from_pretrained`).
 """
@@ -24,7 +45,7 @@ the directories (`save_pretrained` / `from_pretrained`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -51,6 +72,11 @@ BLOCK_PARAMS: dict[str, bool] = {
 TRUNK_PARAMS = ("transformer.wte.weight", "transformer.wpe.weight")
 FINAL_PARAMS = ("transformer.ln_f.weight", "transformer.ln_f.bias")
 HEAD = "lm_head.weight"
+SCORE = "score.weight"
+"""The classification head: the same name and (num_labels, C) layout on both sides."""
+
+LM_ARCHITECTURE = "GPT2LMHeadModel"
+CLASSIFIER_ARCHITECTURE = "GPT2ForSequenceClassification"
 
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 """Causal-mask buffers older GPT-2 checkpoints carry; not weights, ignored on import."""
@@ -93,51 +119,77 @@ HF_DEFAULTS: dict[str, Any] = {
 
 def param_layout(config: GPTConfig) -> dict[str, bool]:
     """Every lmps parameter name (as `named_parameters()` lists them) -> transposed on the
-    GPT-2 side; `lm_head.weight` only when the head is not tied."""
+    GPT-2 side; `lm_head.weight` only when the head is not tied, `score.weight` only for a
+    classifier."""
     names = dict.fromkeys(TRUNK_PARAMS, False)
     for i in range(config.n_layer):
         names.update({f"transformer.h.{i}.{n}": t for n, t in BLOCK_PARAMS.items()})
     names.update(dict.fromkeys(FINAL_PARAMS, False))
     if not config.tie_embeddings:
         names[HEAD] = False
+    if config.num_labels:
+        names[SCORE] = False
     return names
 
 
+def architecture(config: GPTConfig) -> str:
+    """The transformers class of the model's Hugging Face form: `GPT2ForSequenceClassification`
+    for a classifier, `GPT2LMHeadModel` otherwise."""
+    return CLASSIFIER_ARCHITECTURE if config.num_labels else LM_ARCHITECTURE
+
+
 def to_hf(params: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """lmps parameters (`named_parameters()` or `state_dict()`) -> a `GPT2LMHeadModel` state
-    dict, `lm_head.weight` included (the wte matrix when tied). Raises ValueError when the
-    model has no GPT-2 layout (no biases) or a name is missing."""
+    """lmps parameters (`named_parameters()` or `state_dict()`) -> the state dict of
+    `architecture(config)`: a `GPT2LMHeadModel`'s with `lm_head.weight` (the wte matrix when
+    tied), or a classifier's `GPT2ForSequenceClassification` one: the trunk and
+    `score.weight`, no LM head (a classifier never uses it; an untied one is left out).
+    Raises ValueError when the model has no GPT-2 form (no biases, mean pooling) or a name
+    is missing."""
     if not config.bias:
         raise ValueError(
             "the model has no biases (bias false): GPT-2 has them in every layer, so it has "
             "no Hugging Face GPT-2 form"
+        )
+    if config.num_labels and config.pooling != "last":
+        raise ValueError(
+            f"the classifier pools by {config.pooling!r}: {CLASSIFIER_ARCHITECTURE} reads the "
+            "last token only, so it has no Hugging Face form (train with --pooling last, or "
+            "export with --format lmps)"
         )
     layout = param_layout(config)
     missing = sorted(set(layout) - set(params))
     if missing:
         raise ValueError(f"parameters missing: {', '.join(missing[:3])}")
     out = {n: _layout(params[n], t) for n, t in layout.items()}
-    out[HEAD] = out[HEAD] if HEAD in out else out["transformer.wte.weight"]
+    if config.num_labels:
+        out.pop(HEAD, None)
+    else:
+        out[HEAD] = out[HEAD] if HEAD in out else out["transformer.wte.weight"]
     return out
 
 
 def from_hf(state: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """A `GPT2LMHeadModel` (or `GPT2Model`: no `transformer.` prefix) state dict -> lmps
-    parameters by name, fp32, in lmps' layout. Raises ValueError naming the first missing,
-    unexpected or misshapen tensor."""
+    """A `GPT2LMHeadModel` (or `GPT2Model`: no `transformer.` prefix) state dict, or for a
+    classifier config a `GPT2ForSequenceClassification` one -> lmps parameters by name, fp32,
+    in lmps' layout. A classifier has no LM head: an untied lmps one (never used by
+    classify) starts as a copy of the token embedding. Raises ValueError naming the first
+    missing, unexpected or misshapen tensor."""
     state = {
-        n if n.startswith(("transformer.", HEAD)) else f"transformer.{n}": v
+        n if n.startswith(("transformer.", HEAD, SCORE)) else f"transformer.{n}": v
         for n, v in state.items()
         if not n.endswith(HF_BUFFERS)
     }
     layout = param_layout(config)
-    missing = sorted(set(layout) - set(state))
+    optional = {HEAD} if config.num_labels else set()
+    missing = sorted(set(layout) - set(state) - optional)
     extra = sorted(set(state) - set(layout) - {HEAD})
     if missing or extra:
         what = f"missing {', '.join(missing[:3])}" if missing else ""
         what += ("; " if what else "") + (f"unexpected {', '.join(extra[:3])}" if extra else "")
         raise ValueError(f"not a GPT-2 state dict of this shape: {what}")
-    out = {n: _layout(state[n], t).float() for n, t in layout.items()}
+    out = {n: _layout(state[n], t).float() for n, t in layout.items() if n in state}
+    if HEAD in layout and HEAD not in out:
+        out[HEAD] = out["transformer.wte.weight"].clone()
     want = expected_shapes(config)
     for name, value in out.items():
         if tuple(value.shape) != want[name]:
@@ -171,6 +223,8 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
         "transformer.ln_f.bias": (C,),
         HEAD: (V, C),
     }
+    if config.num_labels:
+        shapes[SCORE] = (config.num_labels, C)
     for i in range(config.n_layer):
         shapes.update({f"transformer.h.{i}.{n}": s for n, s in block.items()})
     return shapes
@@ -180,10 +234,15 @@ def _layout(t: Tensor, transposed: bool) -> Tensor:
     return t.detach().t().contiguous() if transposed else t.detach()
 
 
-def to_hf_config(config: GPTConfig, eot_id: int | None = None) -> dict[str, Any]:
+def to_hf_config(
+    config: GPTConfig, eot_id: int | None = None, labels: Sequence[str] = ()
+) -> dict[str, Any]:
     """`transformers.GPT2Config` keyword arguments for `config`; `eot_id` (the tokenizer's
-    <|endoftext|>) becomes bos and eos, as in GPT-2."""
-    return {
+    <|endoftext|>) becomes bos and eos, as in GPT-2. A classifier's `labels` (class names,
+    index = class id; empty: transformers' LABEL_0, LABEL_1, ...) become id2label and
+    label2id, and its pad_token_id is None (see the module docstring). ValueError when the
+    labels do not fit the head."""
+    fields: dict[str, Any] = {
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
         "n_embd": config.n_embd,
@@ -202,13 +261,58 @@ def to_hf_config(config: GPTConfig, eot_id: int | None = None) -> dict[str, Any]
         "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": [architecture(config)],
     }
+    if config.num_labels:
+        names = list(labels) or [f"LABEL_{i}" for i in range(config.num_labels)]
+        if len(names) != config.num_labels or len(set(names)) != len(names):
+            raise ValueError(
+                f"the {config.num_labels}-class head needs {config.num_labels} distinct labels, "
+                f"got {len(names)} ({len(set(names))} distinct)"
+            )
+        fields.update(
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+            problem_type="single_label_classification",
+            # The last position is always the EOT lmps appends: no padding to skip.
+            pad_token_id=None,
+        )
+    return fields
+
+
+def is_classifier(fields: Mapping[str, Any]) -> bool:
+    """Whether a GPT-2 config.json (as a dict) is a `GPT2ForSequenceClassification`'s (its
+    `architectures`; every config has id2label, language models too)."""
+    architectures = fields.get("architectures") or []
+    return isinstance(architectures, list) and CLASSIFIER_ARCHITECTURE in architectures
+
+
+def labels_from_hf(fields: Mapping[str, Any]) -> tuple[str, ...]:
+    """A classifier config.json's class names in id order (its id2label; absent:
+    transformers' default, LABEL_0 and LABEL_1); () for a language model. ValueError
+    unless the ids are 0 .. n-1 and there are at least two."""
+    if not is_classifier(fields):
+        return ()
+    id2label = fields.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"}
+    if not isinstance(id2label, Mapping):
+        raise ValueError("id2label is not an object of class id -> name")
+    try:
+        by_id = {int(i): str(name) for i, name in id2label.items()}
+    except (TypeError, ValueError):
+        raise ValueError("id2label has a class id that is not an integer") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ValueError(f"id2label's class ids are not 0 .. {len(by_id) - 1}")
+    if len(by_id) < 2:
+        raise ValueError(
+            f"id2label has {len(by_id)} class (regression?): lmps classifies into 2 or more"
+        )
+    return tuple(by_id[i] for i in range(len(by_id)))
 
 
 def from_hf_config(fields: Mapping[str, Any]) -> GPTConfig:
     """A GPT-2 config.json (as a dict) -> GPTConfig; ValueError naming the first setting
-    lmps' model cannot reproduce. Dropout is the largest of GPT-2's three."""
+    lmps' model cannot reproduce. Dropout is the largest of GPT-2's three. A
+    GPT2ForSequenceClassification's gets its num_labels (`labels_from_hf`), pooling last."""
     model_type = fields.get("model_type")
     if model_type != "gpt2":
         raise ValueError(
@@ -246,6 +350,7 @@ def from_hf_config(fields: Mapping[str, Any]) -> GPTConfig:
         if bad:
             raise ValueError(f"{key} {why}: lmps cannot run this model exactly")
     dropout = max(float(get(k)) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
+    labels = labels_from_hf(fields)
     return GPTConfig(
         n_layer=int(get("n_layer")),
         n_head=int(get("n_head")),
@@ -256,4 +361,6 @@ def from_hf_config(fields: Mapping[str, Any]) -> GPTConfig:
         bias=True,
         tie_embeddings=bool(get("tie_word_embeddings")),
         activation=ACTIVATION_FROM_HF[activation],
+        num_labels=len(labels),  # 0: a language model
+        pooling="last",
     )
