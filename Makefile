@@ -26,7 +26,7 @@ lmps/v1/.generated: $(PROTO_SRC) $(BIN)/.installed
 
 proto: lmps/v1/.generated  ## Generate Python code from protos/ into lmps/v1/
 
-demo: proto  ## Train the tiny model on a local 2-server, 2-worker cluster and sample from it
+demo: proto  ## Train the tiny model on a local 2-server, 2-worker cluster, sample, fine-tune a classifier
 	$(BIN)/lmps demo
 
 test: proto  ## Run the whole test suite (unit, service, cluster, docker)

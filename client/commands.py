@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmps.client.cli_common import console, options_from_args
+
+if TYPE_CHECKING:
+    from lmps.client.train_options import TrainOptions
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -200,10 +206,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sample_prompt=args.sample_prompt or "The for statement",
         )
         report = train(opts, console)
-        console.print(f"demo finished in {report['wall_s']:.0f}s; model in {out}")
+        wall = float(report["wall_s"])  # type: ignore[arg-type]
+        if opts.task == "lm":
+            wall += _demo_classifier(opts, out)
+        console.print(f"demo finished in {wall:.0f}s; model in {out}")
     finally:
         codes = cluster.stop()
         bad = {k: v for k, v in codes.items() if v != 0}
         if bad:
             console.print(f"[yellow]unclean exits: {bad}[/]")
     return 0
+
+
+DEMO_TEXT = "Use a for loop to go over the items of a list, and break to leave it early."
+"""What the demo's classifier is asked about (a sentence of no pydoc topic)."""
+
+
+def _demo_classifier(opts: TrainOptions, out: str) -> float:
+    """The demo's second act on the same cluster: fine-tune the model just trained at `out`
+    into a classifier of builtin:pydoc-topics (`--init-from OUT --task classify`), say its
+    accuracy against the majority-class baseline, and classify `DEMO_TEXT` with
+    `lmps predict`. Returns the seconds it took."""
+    from lmps.client.cli import main
+    from lmps.client.train import train
+    from lmps.core.task_data import BUILTIN_PYDOC_TOPICS
+
+    started = time.perf_counter()
+    classifier = f"{out}-classify"
+    console.rule(f"fine-tune {out} into a classifier of {BUILTIN_PYDOC_TOPICS}")
+    tuned = dataclasses.replace(
+        opts,
+        name="demo-classify",
+        task="classify",
+        data=BUILTIN_PYDOC_TOPICS,
+        init_from=out,
+        out=classifier,
+        preset="",  # --init-from fixes the shape and the tokenizer
+        vocab_size=0,
+        block_size=0,
+        pooling="mean",
+        epochs=3,
+        lr=2e-3,
+        min_lr=1e-4,
+        warmup_steps=5,
+        eval_fraction=0.1,
+        sample_prompt="",
+    )
+    report = train(tuned, console)
+    accuracy, baseline = report.get("eval_accuracy"), report.get("majority_baseline")
+    if isinstance(accuracy, float) and isinstance(baseline, float):
+        console.print(
+            f"classifier: [bold]{accuracy:.1%}[/] of the held-out passages right; always "
+            f"answering the most common topic would get {baseline:.1%}"
+        )
+    argv = ["predict", "--model", classifier, DEMO_TEXT, "--top", "2"]
+    console.print(f"$ lmps {shlex.join(argv)}", markup=False, highlight=False, soft_wrap=True)
+    main(argv)
+    return time.perf_counter() - started

@@ -167,8 +167,21 @@ def tokens_per_batch(batch_size: int, block_size: int) -> int:
 
 
 def check_corpus(opts: TrainOptions, spec: job_pb2.JobSpec, train_tokens: torch.Tensor) -> None:
-    """Enough training tokens for one batch of the job's shape, or `Refused`."""
+    """Enough training data for one batch of the job's shape, or `Refused`: tokens for
+    --task lm; for classify and sft, whose stream is whole rows of block_size + 1 values,
+    examples (the coordinator refuses fewer rows than a batch too, after the upload)."""
+    from lmps.v1 import job_pb2
+
     block = spec.model.block_size
+    if spec.task in (job_pb2.CLASSIFY, job_pb2.SFT):
+        rows = int(train_tokens.numel()) // (block + 1)
+        if rows < opts.batch_size:
+            raise Refused(
+                f"--data {opts.data} has {rows:,} training examples, too few: one batch needs "
+                f"--batch-size {opts.batch_size}; give more data, a smaller --eval-fraction "
+                "or a smaller --batch-size"
+            )
+        return
     need = tokens_per_batch(opts.batch_size, block)
     have = int(train_tokens.numel())
     if have < need:

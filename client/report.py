@@ -32,6 +32,12 @@ class RunSummary:
     wall_s: float | None
     finished: bool
     plot: Path | None
+    task: str = "lm"
+    accuracy: float | None = None
+    """classify: eval accuracy after the last epoch."""
+    macro_f1: float | None = None
+    baseline: float | None = None
+    """classify: the eval split's majority-class accuracy (report.json)."""
 
 
 def summarize(run: Path) -> RunSummary:
@@ -74,13 +80,29 @@ def summarize(run: Path) -> RunSummary:
         wall_s=float(wall) if isinstance(wall, int | float) else None,
         finished=bool(report),
         plot=run / PLOT if (run / PLOT).is_file() else None,
+        task=str(report.get("task", "lm")),
+        accuracy=last.get("accuracy"),
+        macro_f1=last.get("macro_f1"),
+        baseline=_float(report.get("majority_baseline")),
     )
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _f(value: float | None, fmt: str = ".4f") -> str:
     if value is None or not math.isfinite(value):
         return "-"
     return format(value, fmt)
+
+
+def _eval_unit(s: RunSummary) -> str:
+    if s.task == "classify":
+        return "(per example)"
+    if s.task == "sft":
+        return f"(per response token, perplexity {_f(s.perplexity, '.1f')})"
+    return f"(perplexity {_f(s.perplexity, '.1f')})"
 
 
 def render(s: RunSummary) -> list[str]:
@@ -91,10 +113,16 @@ def render(s: RunSummary) -> list[str]:
         f"epochs       {s.epochs_done} of {s.epochs}",
         f"steps        {s.steps} of {s.total_steps}",
         f"train loss   {_f(s.train_loss)} (mean of the last epoch)",
-        f"eval loss    {_f(s.eval_loss)} (perplexity {_f(s.perplexity, '.1f')}); "
-        f"initial {_f(s.initial_eval_loss)}",
+        f"eval loss    {_f(s.eval_loss)} {_eval_unit(s)}; initial {_f(s.initial_eval_loss)}",
         f"tokens/s     {_f(s.tokens_per_s, ',.0f')} (mean over epochs); {s.tokens:,} tokens",
     ]
+    if s.accuracy is not None:
+        pct = None if s.baseline is None else 100 * s.baseline
+        lines.insert(
+            5,
+            f"accuracy     {_f(100 * s.accuracy, '.1f')}% (majority-class baseline "
+            f"{_f(pct, '.1f')}%); macro-F1 {_f(s.macro_f1, '.3f')}",
+        )
     if s.wall_s is not None:
         lines.append(f"wall time    {s.wall_s:.1f} s")
     lines.append(f"plot         {s.plot if s.plot else '- (no loss.png yet)'}")

@@ -13,7 +13,9 @@ each with a `kind`:
   mean; `lr` the rate the servers applied (`lmps.core.optim.lr_at` of the job's resolved
   optimizer); `grad_norm` is null: the servers do not report it (yet).
 - `eval`: one per evaluation: the initial one (epoch 0, step 0) and one at every epoch end
-  (`epoch` 1-based, with the epoch's mean `train_loss` and `tokens_per_s`).
+  (`epoch` 1-based, with the epoch's mean `train_loss` and `tokens_per_s`). `eval_loss` is
+  the task's: per token (lm), per example (classify), per response token (sft); a classify
+  job's rows also have `accuracy` and `macro_f1` (report.json: the confusion matrix).
 
 A value that is not a finite number (no eval data: NaN) is written as null. Every file is
 written with the same mode, 0666 less the umask (`file_mode`).
@@ -192,6 +194,8 @@ class MetricsLog:
         perplexity: float,
         train_loss: float | None = None,
         tokens_per_s: float | None = None,
+        accuracy: float | None = None,
+        macro_f1: float | None = None,
     ) -> None:
         row: dict[str, Any] = {
             "kind": "eval",
@@ -204,6 +208,10 @@ class MetricsLog:
             row["train_loss"] = _num(train_loss)
         if tokens_per_s is not None:
             row["tokens_per_s"] = _num(round(tokens_per_s, 1))
+        if accuracy is not None:
+            row["accuracy"] = _num(accuracy)
+        if macro_f1 is not None:
+            row["macro_f1"] = _num(macro_f1)
         row["time"] = round(time.time(), 3)
         self.write(row)
 
@@ -316,6 +324,7 @@ class RunRecorder:
     def epoch_ended(self, summary: job_pb2.EpochSummary) -> Path | None:
         """Log the epoch's eval and redraw the plot (None if it could not be drawn)."""
         self.steps_done()
+        classify = len(summary.eval_confusion) > 0  # only a classify job counts one
         self.metrics.eval(
             epoch=int(summary.epoch) + 1,
             step=int(summary.end_step),
@@ -323,6 +332,8 @@ class RunRecorder:
             perplexity=summary.eval_perplexity,
             train_loss=summary.train_loss,
             tokens_per_s=summary.tokens_per_s,
+            accuracy=summary.eval_accuracy if classify else None,
+            macro_f1=summary.eval_macro_f1 if classify else None,
         )
         drawn = plot(self.run)
         self.plot_missing = drawn is None

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from lmps.client import preflight
 from lmps.core.compress import compression_from_name
-from lmps.core.model import PRESETS
+from lmps.core.model import POOLINGS, PRESETS
 from lmps.core.optim import (
     DEFAULTS,
     KINDS,
@@ -22,6 +22,7 @@ from lmps.core.optim import (
     ScheduleName,
 )
 from lmps.core.settings import MAX_LOCAL_STEPS, MAX_STALENESS, WIRE_DTYPES, Consistency
+from lmps.core.tasks import TASK_NAMES
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ def flag(
 
 
 WIRE_DTYPE_NAMES = tuple(str(t).removeprefix("torch.") for t in WIRE_DTYPES)
+TASK_CHOICES: tuple[str, ...] = TASK_NAMES
+AUTOCAST_CHOICES = ("off", "bf16")
+"""--autocast: off (fp32) or bf16 (`JobSpec.autocast` BFLOAT16)."""
+CLASSIFY_FLAGS = ("pooling", "freeze_backbone")
+"""`TrainOptions` fields that only apply with --task classify."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,33 @@ class TrainOptions:
     )
     block_size: int = field(default=0, metadata=flag("model", "context length; 0 = the preset's"))
     dropout: float = field(default=0.0, metadata=flag("model"))
+    # -- task (fine-tuning)
+    task: str = field(
+        default="lm",
+        metadata=flag(
+            "task (fine-tuning)",
+            "lm: next-token prediction on a text corpus; classify: sequence classification, "
+            '--data a {"text", "label"} JSONL or builtin:pydoc-topics; sft: instruction/chat '
+            'tuning, --data a {"messages": [...]} or {"prompt", "completion"} JSONL, loss on '
+            "the responses only (default %(default)s)",
+            choices=TASK_CHOICES,
+        ),
+    )
+    pooling: str = field(
+        default="",
+        metadata=flag(
+            "task (fine-tuning)",
+            "classify: what the head reads, the last token's hidden state (last, the "
+            "default) or the mean over the text's tokens",
+            choices=POOLINGS,
+        ),
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata=flag(
+            "task (fine-tuning)", "classify: train the classification head only (a linear probe)"
+        ),
+    )
     # -- optimisation
     epochs: int = field(default=3, metadata=flag("optimisation"))
     batch_size: int = field(
@@ -137,6 +170,24 @@ class TrainOptions:
     warmup_steps: int = field(default=10, metadata=flag("optimisation"))
     min_lr: float = field(default=3e-4, metadata=flag("optimisation"))
     seed: int = field(default=1337, metadata=flag("optimisation"))
+    micro_batches: int = field(
+        default=1,
+        metadata=flag(
+            "optimisation",
+            "gradient accumulation: each batch runs as N slices of --batch-size / N sequences, "
+            "one push (N must divide --batch-size; default %(default)s)",
+            metavar="N",
+        ),
+    )
+    autocast: str = field(
+        default="off",
+        metadata=flag(
+            "optimisation",
+            "bf16: workers run forward/backward under bfloat16 autocast (fp32 parameters, "
+            "gradients and server copies); off: fp32 throughout (default %(default)s)",
+            choices=AUTOCAST_CHOICES,
+        ),
+    )
     # -- local steps (DiLoCo); the --optimizer above is then the outer one, on the servers
     local_steps: int = field(
         default=0,
@@ -276,6 +327,7 @@ class TrainOptions:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be {' or '.join(SCHEDULE_NAMES)}")
         self._check_local_steps()
+        self._check_task()
         self.consistency_mode()  # raises on a bad --consistency
         try:
             compression_from_name(self.push_compression)
@@ -308,6 +360,47 @@ class TrainOptions:
                 f"got {self.consistency!r}"
             )
         return "bounded_staleness", int(bound)
+
+    def _check_task(self) -> None:
+        """--task and what goes with it: classify-only flags, --micro-batches, --autocast."""
+        if self.task not in TASK_CHOICES:
+            raise ValueError(f"--task must be {', '.join(TASK_CHOICES[:-1])} or {TASK_CHOICES[-1]}")
+        if self.pooling not in ("", *POOLINGS):
+            raise ValueError(f"--pooling must be {' or '.join(POOLINGS)}")
+        if self.task != "classify":
+            given = [
+                f"--{f.name.replace('_', '-')}"
+                for f in dataclasses.fields(self)
+                if f.name in CLASSIFY_FLAGS and getattr(self, f.name) != f.default
+            ]
+            if given:  # never silently ignored: only a classifier has a head to pool or train
+                raise ValueError(
+                    f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} "
+                    f"with --task classify (this is --task {self.task})"
+                )
+        if self.task != "lm" and self.data == "builtin:pydoc":
+            want = (
+                'a {"text", "label"} JSONL or builtin:pydoc-topics'
+                if self.task == "classify"
+                else 'a {"messages": [...]} or {"prompt", "completion"} JSONL'
+            )
+            raise ValueError(
+                f"--task {self.task} needs its own --data, {want} (builtin:pydoc is plain text)"
+            )
+        if self.task == "classify" and self.sample_prompt:
+            raise ValueError(
+                "--sample-prompt samples text; a classifier answers with a label: drop it and "
+                'run `lmps predict --model OUT "TEXT"` after training'
+            )
+        if self.micro_batches < 1:
+            raise ValueError("--micro-batches must be >= 1")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"--micro-batches {self.micro_batches} must divide --batch-size "
+                f"{self.batch_size} (each micro-batch is an equal slice of the batch)"
+            )
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ValueError(f"--autocast must be {' or '.join(AUTOCAST_CHOICES)}")
 
     def _check_local_steps(self) -> None:
         if not 0 <= self.local_steps <= MAX_LOCAL_STEPS:

@@ -167,8 +167,9 @@ class Classification:
         longest = rows.shape[1] - 2
         if int(lengths.min()) < 1 or int(lengths.max()) > longest:
             raise ValueError(f"classify data has example lengths outside [1, {longest}]")
-        keep = torch.arange(longest) < lengths[:, None]  # (N, T-1) real tokens
-        _check_ids(rows[:, 2:][keep], config.vocab_size, "classify data")
+        # Every position, padding too: a batch runs up to its longest example, so a shorter
+        # one's padding goes through the embedding (it is 0 in the layout).
+        _check_ids(rows[:, 2:], config.vocab_size, "classify data")
 
     def units(self, rows: Tensor) -> int:
         return rows.shape[0]

@@ -106,9 +106,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 raise InvalidArgument(f"submit: {err}") from None
             if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64, torch.int16):
                 raise InvalidArgument("submit: dataset parts must be 1-D integer token tensors")
-            # Check the range before narrowing: 2**32 + k would wrap to k in int32.
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) > torch.iinfo(torch.int32).max):
-                raise InvalidArgument("submit: token ids must be in [0, 2**31)")
+            # Check the range before narrowing: 2**32 + k would wrap to k in int32. Only the
+            # int32 range here: SFT rows carry negative values (not-a-target ids, padding);
+            # each task checks its own layout and the vocabulary in `to_splits`.
+            bounds = torch.iinfo(torch.int32)
+            if t.numel() and (int(t.min()) < bounds.min or int(t.max()) > bounds.max):
+                raise InvalidArgument("submit: dataset values must be int32, in [-2**31, 2**31)")
             parts[msg.data.split].append(t.to(torch.int32))
         if not context.is_active():
             raise Aborted("submit: the client cancelled the stream")

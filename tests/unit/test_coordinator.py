@@ -147,7 +147,9 @@ def test_submit_refuses_a_bad_spec(driver: Driver, fields: dict[str, Any], messa
 
 
 def test_submit_refuses_bad_data(driver: Driver) -> None:
-    with pytest.raises(InvalidArgument, match=r"train split: the data has token ids outside \[0, 16\)"):
+    with pytest.raises(
+        InvalidArgument, match=r"train split: the data has token ids outside \[0, 16\)"
+    ):
         driver.submit(spec(), torch.tensor([1, 2, 99], dtype=torch.int32), tokens(0))
     with pytest.raises(InvalidArgument, match="fewer than one batch of 2"):
         driver.submit(spec(), tokens(5), tokens(0))

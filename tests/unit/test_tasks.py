@@ -321,7 +321,9 @@ def test_two_workers_match_one_process_on_the_union_batch(task: str) -> None:
     init = dict(init_model(config, SEED).named_parameters())
     for n, p in model.named_parameters():
         torch.testing.assert_close(trained[n], p.detach(), msg=lambda m, n=n: f"{task} {n}: {m}")  # type: ignore[misc]
-    assert max(float((init[n] - p).detach().abs().max()) for n, p in model.named_parameters()) > 1e-3
+    assert (
+        max(float((init[n] - p).detach().abs().max()) for n, p in model.named_parameters()) > 1e-3
+    )
 
 
 def test_eval_counts_add_up() -> None:

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+import torch
 
 from lmps.client import cli
 from lmps.client.train import build_spec
@@ -18,9 +19,11 @@ from lmps.client.train_options import (
     inner_optimizer_request,
     optimizer_request,
 )
-from lmps.core.model import PRESETS
+from lmps.core.model import POOLINGS, PRESETS
 from lmps.core.optim import KINDS, SCHEDULE_NAMES, OptimizerRequest
+from lmps.core.tasks import TASK_NAMES
 from lmps.rpc import codec
+from lmps.v1 import job_pb2, tensor_pb2
 
 
 def parse(*argv: str) -> TrainOptions:
@@ -152,3 +155,72 @@ def test_every_inner_flag_needs_local_steps() -> None:
         with pytest.raises(ValueError, match=f"^{flag_name} only applies"):
             TrainOptions(**given)
         TrainOptions(local_steps=1, **given)  # fine with local steps
+
+
+def test_task_flags_take_values_and_reach_the_spec() -> None:
+    opts = parse(
+        "train",
+        "--task=classify",
+        "--data=labelled.jsonl",
+        "--pooling=mean",
+        "--freeze-backbone",
+        "--batch-size=8",
+        "--micro-batches=4",
+        "--autocast=bf16",
+    )
+    assert (opts.task, opts.pooling, opts.freeze_backbone) == ("classify", "mean", True)
+    assert (opts.micro_batches, opts.autocast) == (4, "bf16")
+    spec = build_spec(opts, vocab_size=64, tokenizer_json="", labels=("neg", "pos"))
+    assert spec.task == job_pb2.CLASSIFY and list(spec.labels) == ["neg", "pos"]
+    assert (spec.model.num_labels, spec.model.pooling) == (2, job_pb2.MEAN)
+    assert spec.freeze_backbone and spec.micro_batches == 4 and spec.autocast == tensor_pb2.BFLOAT16
+    settings = codec.job_settings_from_proto(spec, total_steps=10)  # a job that can run
+    assert (settings.task, settings.labels, settings.model.num_labels) == (
+        "classify",
+        ("neg", "pos"),
+        2,
+    )
+    assert (settings.micro_batches, settings.autocast) == (4, torch.bfloat16)
+    # The defaults: a language model, no head, fp32, one micro-batch.
+    plain = build_spec(TrainOptions(), vocab_size=64, tokenizer_json="")
+    assert plain.task == job_pb2.LM and plain.model.num_labels == 0 and not plain.labels
+    assert (plain.micro_batches, plain.autocast) == (1, tensor_pb2.DTYPE_UNSPECIFIED)
+    sft = build_spec(parse("train", "--task=sft", "--data=chats.jsonl"), 64, "")
+    assert sft.task == job_pb2.SFT and sft.model.num_labels == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (
+            ["--pooling=mean"],
+            r"^--pooling only applies with --task classify \(this is --task lm\)$",
+        ),
+        (
+            ["--task=sft", "--data=c.jsonl", "--pooling=last", "--freeze-backbone"],
+            "^--pooling, --freeze-backbone only apply with --task classify",
+        ),
+        (["--batch-size=4", "--micro-batches=3"], "^--micro-batches 3 must divide --batch-size 4"),
+        (["--micro-batches=0"], "^--micro-batches must be >= 1$"),
+        (["--task=classify"], "^--task classify needs its own --data, a .* builtin:pydoc-topics"),
+        (["--task=sft"], '^--task sft needs its own --data, a {"messages"'),
+        (
+            ["--task=classify", "--data=x.jsonl", "--sample-prompt=hi"],
+            "^--sample-prompt samples text; a classifier answers",
+        ),
+    ],
+)
+def test_task_flags_are_checked(argv: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse("train", *argv)
+
+
+def test_task_choices_are_the_registries() -> None:
+    how = {name: flag for name, _, flag in flags()}
+    assert how["task"].choices == TASK_NAMES == ("lm", "classify", "sft")
+    assert how["pooling"].choices == POOLINGS
+    assert how["autocast"].choices == ("off", "bf16")
+    with pytest.raises(SystemExit):
+        parse("train", "--task=regress")
+    with pytest.raises(SystemExit):
+        parse("train", "--autocast=fp16")
