@@ -11,7 +11,9 @@ each with a `kind`:
   the mean over the workers' batches; `tokens` their sum; `tokens_per_s` the sum of the
   workers' own throughputs over the step; `pull_ms` / `compute_ms` / `push_ms` the workers'
   mean; `lr` the rate the servers applied (`lmps.core.optim.lr_at` of the job's resolved
-  optimizer); `grad_norm` is null: the servers do not report it (yet).
+  optimizer); `grad_norm` the global L2 norm of the step's gradient before clipping
+  (`--max-grad-norm`; the workers' mean, which under SYNC is one value; null with clipping
+  off).
 - `eval`: one per evaluation: the initial one (epoch 0, step 0) and one at every epoch end
   (`epoch` 1-based, with the epoch's mean `train_loss` and `tokens_per_s`). `eval_loss` is
   the task's: per token (lm), per example (classify), per response token (sft); a classify
@@ -91,7 +93,8 @@ class StepRecord:
     workers: int
     """Workers whose batch went into this step."""
     grad_norm: float | None = None
-    """Not reported by the servers today: always None."""
+    """The step's gradient norm before clipping (the workers' mean: under SYNC they report
+    one value; local steps: each its inner step's); None with clipping off."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -152,6 +155,7 @@ class StepAggregator:
             compute_ms=1e3 * sum(e.compute_s for e in evs) / n,
             push_ms=1e3 * sum(e.push_s for e in evs) / n,
             workers=n,
+            grad_norm=sum(e.grad_norm for e in evs) / n if any(e.grad_norm for e in evs) else None,
         )
 
 

@@ -79,6 +79,7 @@ def build_spec(
         freeze_backbone=opts.freeze_backbone,
         micro_batches=opts.micro_batches,
         autocast=tensor_pb2.BFLOAT16 if opts.autocast == "bf16" else tensor_pb2.DTYPE_UNSPECIFIED,
+        max_grad_norm=opts.max_grad_norm,
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -163,6 +164,16 @@ class TrainOptions:
     )
     weight_decay: float = field(
         default=0.1, metadata=flag("optimisation", "decoupled decay on weights (not biases/norms)")
+    )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata=flag(
+            "optimisation",
+            "clip every update's gradient by its global L2 norm to X, as "
+            "torch.nn.utils.clip_grad_norm_ (sync: the step's mean, across every server; "
+            "async: each push; --local-steps: each inner step); 0 = off (default %(default)s)",
+            metavar="X",
+        ),
     )
     schedule: ScheduleName = field(
         default="cosine", metadata=flag("optimisation", choices=SCHEDULE_NAMES)
@@ -328,7 +339,14 @@ class TrainOptions:
             raise ValueError(f"--schedule must be {' or '.join(SCHEDULE_NAMES)}")
         self._check_local_steps()
         self._check_task()
-        self.consistency_mode()  # raises on a bad --consistency
+        _, staleness = self.consistency_mode()  # raises on a bad --consistency
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError("--max-grad-norm must be a finite number >= 0 (0 = off)")
+        if self.max_grad_norm and staleness and not self.local_steps:
+            raise ValueError(
+                f"--max-grad-norm needs each step's norm before the next, which --consistency "
+                f"{self.consistency} would wait for at every step: drop one of them"
+            )
         try:
             compression_from_name(self.push_compression)
         except ValueError as err:

@@ -190,6 +190,14 @@ class JobSettings:
     """Gradient accumulation: micro-batches per worker batch (divides `batch_size`)."""
     autocast: torch.dtype = torch.float32
     """Workers' compute dtype: float32, or bfloat16 under torch.autocast (fp32 masters)."""
+    max_grad_norm: float = 0.0
+    """Clip each update's gradient by its global L2 norm to this, as
+    `torch.nn.utils.clip_grad_norm_` does; 0 = off. Where it happens depends on the mode
+    (`clip_on_servers`): SYNC clips each step's mean on the servers once the workers have
+    exchanged its norm; ASYNC clips each push on its worker; local steps clip each inner
+    step's gradient on its worker (the outer step is not clipped). Refused under bounded
+    staleness with max_staleness > 0 (the exchange would make every worker wait for its
+    step). Finite and >= 0."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -257,6 +265,27 @@ class JobSettings:
             )
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError("autocast must be float32 (off) or bfloat16")
+        self._check_clipping()
+
+    def _check_clipping(self) -> None:
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be finite and >= 0, got {self.max_grad_norm}")
+        if self.max_grad_norm and self.max_staleness and self.local_steps is None:
+            # The servers clip a step once every worker's push for it is in and its norm has
+            # gone round: a worker running ahead would wait for that at every step.
+            raise ValueError(
+                f"max_grad_norm {self.max_grad_norm:g} needs every step's norm before the "
+                f"next, which bounded staleness (max_staleness {self.max_staleness}) would "
+                "wait for at every step: drop one of them (local steps clip on the workers)"
+            )
+
+    @property
+    def clip_on_servers(self) -> bool:
+        """The servers clip each step's mean gradient (SYNC without local steps, with
+        max_grad_norm > 0): they get max_grad_norm at Load and the workers exchange each
+        step's norm (GradNorm, ApplyStep). Otherwise a worker clips what it computes itself
+        (ASYNC: its push; local steps: its inner gradients), or nothing is clipped."""
+        return bool(self.max_grad_norm) and self.consistency != "async" and self.local_steps is None
 
     def _check_task(self) -> None:
         if self.task not in TASK_NAMES:

@@ -696,6 +696,7 @@ def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSe
         freeze_backbone=spec.freeze_backbone,
         micro_batches=int(spec.micro_batches) or 1,
         autocast=autocast_from_proto(spec.autocast),
+        max_grad_norm=float(spec.max_grad_norm),
     )
 
 
@@ -752,4 +753,5 @@ def job_settings_to_proto(s: JobSettings) -> job_pb2.JobSpec:
         freeze_backbone=s.freeze_backbone,
         micro_batches=s.micro_batches,
         autocast=to_proto_dtype(s.autocast),
+        max_grad_norm=s.max_grad_norm,
     )

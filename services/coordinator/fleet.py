@@ -3,10 +3,16 @@
 The one module of the coordinator that speaks to members (ps-lite keeps its transport in one
 place the same way): one channel per address, every call with a deadline. Settings go out
 through the codec's mappers (`optimizer_to_proto`, `job_settings_to_proto`), never by hand.
+
+With gradient clipping a complete SYNC step waits on its servers for its norm, which the
+workers of the step exchange (`lmps.core.clip.commit_step`). Should they all die first, the
+step would wait for ever: so before the servers' version is read (`state`) or snapshotted,
+such a step is committed from here, with the same procedure (`settle`).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,12 +23,14 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lmps.core.errors import FailedPrecondition, Unavailable
+from lmps.core.clip import commit_step
+from lmps.core.errors import FailedPrecondition, LmpsError, Unavailable
 from lmps.core.partition import Shard
 from lmps.core.settings import JobSettings
 from lmps.core.tasks import EvalCounts
 from lmps.rpc import codec
 from lmps.rpc.channel import DEFAULT_TIMEOUT_S, open_channel
+from lmps.rpc.clip import GrpcNormServer
 from lmps.v1 import (
     parameter_pb2,
     parameter_pb2_grpc,
@@ -33,6 +41,7 @@ from lmps.v1 import (
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+log = logging.getLogger("lmps.fleet")
 
 
 class Diverged(Unavailable):
@@ -104,6 +113,8 @@ class Fleet:
                 max_staleness=settings.max_staleness,
                 checkpoint_every=settings.checkpoint_every,
                 history=history,
+                # SYNC: the servers clip each step (ASYNC and local steps: the workers do).
+                max_grad_norm=settings.max_grad_norm if settings.clip_on_servers else 0.0,
             )
 
             def messages() -> Iterator[parameter_pb2.LoadRequest]:
@@ -186,6 +197,7 @@ class Fleet:
         deadline = time.monotonic() + settle_s
         while True:
             try:
+                self.settle(job_id, servers)
                 return self._state_once(job_id, servers)
             except Diverged:
                 if time.monotonic() >= deadline:
@@ -199,16 +211,61 @@ class Fleet:
         )
         return not resp.job_id
 
-    def _states(self, job_id: str, servers: Mapping[str, str]) -> list[tuple[int, str]]:
-        """(version, step-composition digest) of every server, from ListShards."""
+    def _listings(
+        self, job_id: str, servers: Mapping[str, str]
+    ) -> list[parameter_pb2.ListShardsResponse]:
+        """Every server's ListShards, in the order of `servers`."""
 
-        def one(address: str) -> tuple[int, str]:
-            resp = self.ps(address).ListShards(
+        def one(address: str) -> parameter_pb2.ListShardsResponse:
+            resp: parameter_pb2.ListShardsResponse = self.ps(address).ListShards(
                 parameter_pb2.ListShardsRequest(job_id=job_id), timeout=DEFAULT_TIMEOUT_S
             )
-            return int(resp.version), str(resp.history)
+            return resp
 
         return self.fanout(one, list(servers.values()))
+
+    def _states(self, job_id: str, servers: Mapping[str, str]) -> list[tuple[int, str]]:
+        """(version, step-composition digest) of every server, from ListShards."""
+        return [(int(r.version), str(r.history)) for r in self._listings(job_id, servers)]
+
+    def settle(self, job_id: str, servers: Mapping[str, str]) -> float | None:
+        """Gradient clipping: commit a step that is complete and waits for its norm on some
+        servers (`ListShardsResponse.awaiting_norm`) when every other server has it complete
+        too or applied, the same exchange the workers of the step make (idempotent: they may
+        be making it meanwhile). Returns its norm; None when there is none to commit, or it
+        cannot be committed here (a server still waits for a push for it: the attempt that
+        starts at this version drops it, `SetMembersRequest.discard_pending`)."""
+        listings = self._listings(job_id, servers)
+        waiting = [int(r.version) for r in listings if r.awaiting_norm]
+        if not waiting:
+            return None
+        step = min(waiting)
+        if any(
+            not (int(r.version) == step and r.awaiting_norm) and int(r.version) != step + 1
+            for r in listings
+        ):
+            log.info("job %s: step %d waits for its norm, but not on every server", job_id, step)
+            return None
+        ids = sorted(servers)
+        norms = {
+            sid: GrpcNormServer(self._channel(servers[sid]), job_id, DEFAULT_TIMEOUT_S)
+            for sid in ids
+        }
+        held = [codec.shard_from_proto(info.spec) for r in listings for info in r.shards]
+        owners = {s.shard_id: s.server_id for s in held}
+        try:
+            norm = commit_step(
+                norms,
+                step,
+                owners=owners,
+                shards=owners.keys(),
+                fanout=self.fanout,
+            )
+        except (grpc.RpcError, LmpsError) as err:
+            log.warning("job %s: could not commit step %d: %s", job_id, step, err)
+            return None
+        log.info("job %s: committed step %d (grad norm %s) for its workers", job_id, step, norm)
+        return norm
 
     def _state_once(self, job_id: str, servers: Mapping[str, str]) -> tuple[int, str]:
         seen = set(self._states(job_id, servers))
@@ -222,8 +279,10 @@ class Fleet:
         return min(self.versions(job_id, servers))
 
     def versions(self, job_id: str, servers: Mapping[str, str]) -> list[int]:
-        """Every server's version (mid-epoch they may be a step apart)."""
-        return [v for v, _ in self._states(job_id, servers)]
+        """Every server's version (mid-epoch they may be a step apart). A step complete and
+        awaiting its norm (gradient clipping) counts as made: a join at it is refused."""
+        listings = self._listings(job_id, servers)
+        return [int(r.version) + int(r.awaiting_norm) for r in listings]
 
     def snapshot(
         self, job_id: str, servers: Mapping[str, str], version: int, timeout_s: float = 600.0
@@ -238,6 +297,7 @@ class Fleet:
 
         values: dict[str, torch.Tensor] = {}
         states: dict[str, dict[str, torch.Tensor]] = {}
+        self.settle(job_id, servers)  # a step before `version` whose workers died
         parts = self.fanout(one, list(servers.values()))
         if len({msg.history for part in parts for msg in part}) > 1:
             raise Diverged(f"version {version} was made of different steps on different servers")

@@ -74,9 +74,12 @@ class EpochStop:
             return
         if at is None:
             return  # settling finds out whether what was recorded matches the servers
+        # With gradient clipping a worker reports a step once its norm is applied, so its
+        # push for v (a step that is never made) is never reported: its step v - 1 is the last.
+        last = at - 1 if self.job.settings.clip_on_servers else at
         deadline = time.monotonic() + STOP_WAIT_S
         while a.calls and time.monotonic() < deadline:
-            waiting = [w for w in a.desk.active if w in a.calls and a.last_step.get(w, -1) < at]
+            waiting = [w for w in a.desk.active if w in a.calls and a.last_step.get(w, -1) < last]
             if not waiting:
                 return
             try:

@@ -107,6 +107,12 @@ class Barrier(Protocol):
         """May a pull asking for `wanted` be answered with the server at `version`?"""
         ...
 
+    def rewind(self, version: int) -> None:
+        """The update the barrier handed out last, for step `version`, was dropped unapplied
+        (gradient clipping parks a complete step until its norm comes; an attempt that starts
+        at `version` drops it): the pending step is `version` again, with nothing pushed."""
+        ...
+
 
 class SyncBarrier:
     """BSP: the update for step `version` is the weighted mean of the gradients of every
@@ -244,6 +250,11 @@ class SyncBarrier:
     def readable(self, version: int, wanted: int) -> bool:
         return version >= wanted  # a pull sees exactly the steps every member made
 
+    def rewind(self, version: int) -> None:
+        if version != self._version - 1 or any(s >= version for s in self._weight):
+            raise ValueError(f"rewind to {version}: the barrier is at {self._version}")
+        self._version = version
+
     def _complete(self) -> Update | None:
         """The weighted mean once every member required for the pending step pushed
         (non-members that pushed before they left still count unless discarded), and a fresh
@@ -363,6 +374,9 @@ class AsyncBarrier:
 
     def readable(self, version: int, wanted: int) -> bool:
         return version >= wanted  # any version will do; a worker asks for one it has seen
+
+    def rewind(self, version: int) -> None:
+        raise ValueError("ASYNC applies every update at once: there is none to rewind")
 
 
 class BarrierFactory(Protocol):

@@ -96,6 +96,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             history=h.history,
             consistency=consistency,
             max_staleness=h.max_staleness,
+            max_grad_norm=h.max_grad_norm,
         )
         self.metrics.version.set(h.version)
         self.metrics.held_bytes.set(held)
@@ -222,6 +223,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             pushed=pushed,
             total_bytes=sum(s.numel * 4 for s in specs),
             history=self.store.history(job_id) if job_id else "",
+            awaiting_norm=self.store.awaiting_norm(job_id) if job_id else False,
         )
 
     def GetShard(
@@ -239,6 +241,26 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             stats=_stats(value),
             optimizer_state_bytes=state_bytes,
         )
+
+    def GradNorm(
+        self, request: parameter_pb2.GradNormRequest, context: grpc.ServicerContext
+    ) -> parameter_pb2.GradNormResponse:
+        version, sums = self.store.grad_norm(
+            request.job_id, request.step, context.time_remaining(), context.is_active
+        )
+        norms = [parameter_pb2.ShardNorm(shard_id=sid, sum_sq=x) for sid, x in sums.items()]
+        return parameter_pb2.GradNormResponse(norms=norms, version=version)
+
+    def ApplyStep(
+        self, request: parameter_pb2.ApplyStepRequest, context: grpc.ServicerContext
+    ) -> parameter_pb2.ApplyStepResponse:
+        version, norm, applied = self.store.apply_step(
+            request.job_id, request.step, request.grad_norm
+        )
+        if applied:
+            self.metrics.applies.inc()
+            self.metrics.version.set(version)
+        return parameter_pb2.ApplyStepResponse(version=version, grad_norm=norm)
 
 
 def _stats(value: torch.Tensor) -> parameter_pb2.ShardStats:

@@ -4,7 +4,9 @@ The update runs on the server (MXNet KVStore's `set_optimizer`): `ShardOptimizer
 fp32 master shards. When pushes become an update, and which version a pull may see, is the
 job's `Barrier` (`consistency.py`, ps-lite's settable request handle from Parameter Server,
 OSDI'14); the store applies what the barrier hands it, bumps the version, keeps the digest of
-which workers made each step and the checkpoint snapshots.
+which workers made each step and the checkpoint snapshots. With gradient clipping
+(`max_grad_norm`, SYNC) a complete step is parked until its global norm, which spans every
+server, comes back from the workers (`grad_norm`, then `apply_step`; `lmps.core.clip`).
 
 Pure torch + threading; the gRPC servicer is a thin wrapper around `ParameterStore`.
 Every mutating call validates everything first and only then changes state under the
@@ -23,6 +25,7 @@ from typing import cast
 
 import torch
 
+from lmps.core import clip
 from lmps.core.compress import Encoded
 from lmps.core.errors import (
     Aborted,
@@ -30,6 +33,7 @@ from lmps.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     Unavailable,
 )
 from lmps.core.optim import OptimizerSettings, ShardOptimizer
@@ -61,6 +65,23 @@ class ShardStats:
 OptState = dict[str, dict[str, torch.Tensor]]  # shard_id -> torch optimizer state
 
 
+@dataclass
+class _Parked:
+    """A complete SYNC step waiting for its global norm (gradient clipping)."""
+
+    step: int
+    update: Update
+    sums: dict[str, float]  # shard id -> fp64 sum of squares of its mean gradient, load order
+
+
+@dataclass(frozen=True)
+class _Clipped:
+    """An applied step's norm: what `grad_norm` and `apply_step` answer for it later."""
+
+    sums: dict[str, float]
+    norm: float
+
+
 @dataclass(frozen=True)
 class Snapshot:
     version: int
@@ -84,6 +105,9 @@ class _Job:
     history: str = ""
     # (encoding key, shard id) -> the shard encoded at `version` for pulls (`pull_encoded`).
     encoded: dict[tuple[Hashable, str], bytes] = field(default_factory=dict)
+    max_grad_norm: float = 0.0  # > 0: every SYNC step waits for its global norm (`parked`)
+    parked: _Parked | None = None  # the step at `version`, complete, awaiting its norm
+    clipped: dict[int, _Clipped] = field(default_factory=dict)  # the last KEEP_NORMS steps
 
     def take_snapshot(self) -> Snapshot:
         values = {sid: t.clone() for sid, t in self.optimizer.values.items()}
@@ -95,6 +119,7 @@ class _Job:
 MAX_GRAD_ABS = 1e18
 MAX_WEIGHT = 1e12
 MAX_WAIT_S = 3600.0  # longest a pull or snapshot waits for a version, whatever the deadline
+KEEP_NORMS = 4  # applied steps whose sums and norm are kept (a late worker's GradNorm)
 
 
 def stats_of(t: torch.Tensor) -> ShardStats:
@@ -212,15 +237,24 @@ class ParameterStore:
         history: str = "",
         consistency: Consistency = "sync",
         max_staleness: int = 0,
+        max_grad_norm: float = 0.0,
     ) -> int:
         """Install a job. Returns fp32 bytes held. Validates fully before replacing anything.
 
         `state` restores optimizer state (checkpoints); it must then cover every shard.
         `consistency` picks the job's barrier (`consistency.BARRIERS`); `max_staleness` is
-        its bound under bounded staleness.
+        its bound under bounded staleness. `max_grad_norm` > 0 (SYNC only) clips every step
+        by its global norm: a complete step waits for it (`grad_norm`, `apply_step`).
         """
         if not job_id:
             raise InvalidArgument("load: empty job id")
+        if not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+            raise InvalidArgument(f"load: max_grad_norm must be finite and >= 0: {max_grad_norm}")
+        if max_grad_norm and (consistency == "async" or max_staleness):
+            raise InvalidArgument(
+                "load: max_grad_norm is clipped on the servers under SYNC only, not under "
+                f"{consistency} with max_staleness {max_staleness} (workers clip there)"
+            )
         specs: dict[str, Shard] = {}
         for s in shards:
             if s.shard_id in specs:
@@ -253,6 +287,7 @@ class ParameterStore:
         except ValueError as err:
             raise InvalidArgument(f"load: {err}") from None
         job = _Job(job_id, specs, optimizer, version, barrier, checkpoint_every)
+        job.max_grad_norm = max_grad_norm
         job.history = history or hashlib.sha256(f"{job_id}|{version}".encode()).hexdigest()
         with self._cond:
             self._job = job
@@ -273,9 +308,11 @@ class ParameterStore:
         active: Callable[[], bool] | None,
         *,
         pull: bool = False,
+        until: Callable[[_Job], bool] | None = None,
     ) -> _Job:
         """Wait (holding the lock between naps) until the job reaches `version`, or with
-        `pull`, until its barrier lets a pull for `version` see the job's version.
+        `pull`, until its barrier lets a pull for `version` see the job's version, or with
+        `until`, until that holds of the job.
 
         Waits in short slices so that a client that went away, a shutdown, or the deadline
         ends the wait promptly instead of pinning a handler thread.
@@ -284,7 +321,13 @@ class ParameterStore:
             timeout_s = MAX_WAIT_S  # no deadline (or an absurd one): still bounded
         deadline = time.monotonic() + timeout_s
         job = self._require(job_id)
-        while not (job.barrier.readable(job.version, version) if pull else job.version >= version):
+
+        def ready(job: _Job) -> bool:
+            if until is not None:
+                return until(job)
+            return job.barrier.readable(job.version, version) if pull else job.version >= version
+
+        while not ready(job):
             if self._closed:
                 raise Unavailable("the parameter server is shutting down")
             if active is not None and not active():
@@ -454,6 +497,10 @@ class ParameterStore:
         with self._cond:
             job = self._require(job_id)
             job.barrier.admit(worker_id, step, job.version, computed_at)
+            if job.parked is not None and step <= job.parked.step:
+                raise FailedPrecondition(
+                    f"push: step {step} is complete (every member pushed); it awaits its norm"
+                )
             # SYNC and SSP take pushes for steps >= the version (applied as that step); ASYNC
             # takes them for steps <= it and applies them now, at the version.
             stale = max(step, job.version) - (step if computed_at is None else computed_at)
@@ -467,7 +514,8 @@ class ParameterStore:
             del checked
             applied = self._apply_all(job, update)
             del update
-            pending = 0 if applied else job.barrier.pending
+            # Parked (clipping): complete, nothing left to push for it.
+            pending = 0 if applied or job.parked is not None else job.barrier.pending
             return PushResult(job.version, applied, pending, stale)
 
     def set_members(
@@ -491,18 +539,126 @@ class ParameterStore:
                 raise FailedPrecondition(
                     f"set_members: join_at {join_at} is past; server is at version {job.version}"
                 )
+            if join_at and job.parked is not None and join_at <= job.parked.step:
+                raise FailedPrecondition(
+                    f"set_members: join_at {join_at}: that step is complete here, awaiting "
+                    "its norm; join at the next"
+                )
+            if discard_pending and job.parked is not None:
+                # An attempt starts at this version: the step waiting for its norm is not
+                # in it (its pushers are gone); it is pushed anew.
+                job.parked = None
+                job.barrier.rewind(job.version)
+            # A parked step stays when workers are only discarded: it is complete, and the
+            # workers that pushed for it commit it (the discarded ones' pushes are in it).
             drop = job.barrier.pushed if discard_pending else discard
             applied = self._apply_all(job, job.barrier.set_members(members, drop, join_at))
             return job.version, applied
 
+    # -- gradient clipping: a SYNC step's global norm spans servers -------------------------
+
+    def awaiting_norm(self, job_id: str = "") -> bool:
+        """The step at the job's version is complete and waits for its norm."""
+        with self._cond:
+            return self._require(job_id).parked is not None
+
+    def _clipping(self, job: _Job, what: str) -> None:
+        if not job.max_grad_norm:
+            raise FailedPrecondition(f"{what}: job {job.job_id!r} does not clip gradients")
+
+    def grad_norm(
+        self,
+        job_id: str,
+        step: int,
+        timeout_s: float | None,
+        active: Callable[[], bool] | None = None,
+    ) -> tuple[int, dict[str, float]]:
+        """(version, each held shard's fp64 sum of squares of step `step`'s mean gradient),
+        waiting up to `timeout_s` until the step is complete here. A step applied already:
+        the sums it had while they are kept (`KEEP_NORMS`), else none."""
+        with self._cond:
+            job = self._require(job_id)
+            self._clipping(job, "grad norm")
+            if step > job.version:
+                raise OutOfRange(f"grad norm: step {step} is past version {job.version}")
+
+            def complete(job: _Job) -> bool:
+                return job.version > step or (job.parked is not None and job.parked.step == step)
+
+            job = self._wait_for(job_id, step + 1, timeout_s, active, until=complete)
+            self._clipping(job, "grad norm")  # a Load may have replaced the job meanwhile
+            if job.version > step:
+                done = job.clipped.get(step)
+                return job.version, dict(done.sums) if done else {}
+            assert job.parked is not None
+            return job.version, dict(job.parked.sums)
+
+    def apply_step(self, job_id: str, step: int, grad_norm: float) -> tuple[int, float, bool]:
+        """Apply the parked step `step`, clipped by the global norm `grad_norm` as
+        clip_grad_norm_ clips: (version, the norm the step was applied with, whether this
+        call applied it). Idempotent: a step applied already with this norm changes nothing;
+        with another, FailedPrecondition (nothing changes)."""
+        if not (math.isfinite(grad_norm) and grad_norm >= 0):
+            raise InvalidArgument(f"apply step: grad_norm must be finite and >= 0: {grad_norm}")
+        with self._cond:
+            job = self._require(job_id)
+            self._clipping(job, "apply step")
+            if step < job.version:
+                done = job.clipped.get(step)
+                if done is None:
+                    raise FailedPrecondition(
+                        f"apply step: step {step} was applied before the norms kept here "
+                        f"(version {job.version})"
+                    )
+                if done.norm != grad_norm:
+                    raise FailedPrecondition(
+                        f"apply step: step {step} was applied with norm {done.norm!r}, "
+                        f"not {grad_norm!r}"
+                    )
+                return job.version, done.norm, False
+            if step > job.version:
+                raise OutOfRange(f"apply step: step {step} is past version {job.version}")
+            parked = job.parked
+            if parked is None:
+                raise FailedPrecondition(
+                    f"apply step: step {step} is not complete here (pushes still to come)"
+                )
+            # The norm covers every shard of the job, these among them: never below their
+            # own part (a margin for the different order of the fp64 additions).
+            own = math.sqrt(sum(parked.sums.values()))
+            if grad_norm < own * (1 - 1e-9):
+                raise InvalidArgument(
+                    f"apply step: grad_norm {grad_norm!r} is below this server's part of it, "
+                    f"{own!r}"
+                )
+            clip.scale_(parked.update.grads, job.max_grad_norm, grad_norm)
+            job.parked = None
+            self._apply(job, parked.update)
+            job.clipped[step] = _Clipped(parked.sums, grad_norm)
+            for old in [k for k in job.clipped if k <= step - KEEP_NORMS]:
+                del job.clipped[old]
+            self._apply_all(job, job.barrier.ready())
+            return job.version, grad_norm, True
+
     def _apply_all(self, job: _Job, update: Update | None) -> bool:
         """`_apply` the update, then every later step the barrier has complete already
-        (bounded staleness: pushes for them came in ahead). Holds the lock."""
+        (bounded staleness: pushes for them came in ahead). With clipping a step is parked
+        instead, until its norm comes (`apply_step`). Holds the lock."""
         applied = False
         while update is not None:
+            if job.max_grad_norm and update.push is None:
+                self._park(job, update)
+                return applied
             applied = self._apply(job, update) or applied
             update = job.barrier.ready()
         return applied
+
+    def _park(self, job: _Job, update: Update) -> None:
+        """SYNC with clipping: the complete step at `version` waits for its global norm; its
+        shards' sums of squares are what `grad_norm` answers. Holds the lock."""
+        sums = {sid: clip.sum_sq(g) for sid, g in update.grads.items()}
+        job.parked = _Parked(job.version, update, sums)
+        self._cond.notify_all()  # GradNorm calls waiting for it
 
     def _apply(self, job: _Job, update: Update | None) -> bool:
         """Run the optimizer on the barrier's update, if it made one. Holds the lock."""

@@ -14,6 +14,10 @@ values with the new global ones. The inner lr of step k of the round made at ver
 the inner schedule at v * H + k: a pure function of the round, the same on every worker and
 after a resume.
 
+Gradient clipping (`max_grad_norm`) clips each inner step's gradient by its global norm
+before the inner optimizer step, exactly as clip_grad_norm_ on this replica (the worker holds
+every shard); the pseudo-gradient pushed, and so the outer step, is not clipped.
+
 Pure torch: no gRPC.
 """
 
@@ -26,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from lmps.core import clip
 from lmps.core.optim import OptimizerSettings, ShardOptimizer
 
 
@@ -39,21 +44,31 @@ class InnerModel(Protocol):
 
 @dataclass(frozen=True)
 class Round:
-    """One round's outcome: Δ per shard (fp32), and the loss and seconds of each inner step."""
+    """One round's outcome: Δ per shard (fp32), and the loss and seconds of each inner step,
+    and its gradient's global norm before clipping (0.0 each when clipping is off)."""
 
     delta: dict[str, torch.Tensor]
     losses: list[float]
     compute_s: list[float]
+    norms: list[float]
 
 
 class InnerLoop:
     """The inner optimizer of one worker for one job (built at the first round)."""
 
     def __init__(
-        self, model: InnerModel, steps: int, inner: OptimizerSettings, decay: Mapping[str, bool]
+        self,
+        model: InnerModel,
+        steps: int,
+        inner: OptimizerSettings,
+        decay: Mapping[str, bool],
+        *,
+        max_grad_norm: float = 0.0,
     ) -> None:
         if steps < 1:
             raise ValueError(f"local steps must be >= 1, got {steps}")
+        self.max_grad_norm = max_grad_norm
+        """Clip every inner gradient by its global norm to this (0: off)."""
         self.model = model
         self.steps = steps
         self.settings = inner
@@ -79,16 +94,18 @@ class InnerLoop:
             self.optimizer.assign(start)
         losses: list[float] = []
         seconds: list[float] = []
+        norms: list[float] = []
         for k, batch in enumerate(batches):
             if not active():
                 return None
             t0 = time.perf_counter()
             self.model.load(self.optimizer.values)
             loss, grads = self.model.train_step(batch)
+            norms.append(clip.clip_(grads, self.max_grad_norm) if self.max_grad_norm else 0.0)
             self.optimizer.step(grads, version * self.steps + k)
             losses.append(loss)
             seconds.append(time.perf_counter() - t0)
         # Δ = θ(v) - θ_local: the outer optimizer's "gradient" (DiLoCo, Algorithm 1, line 12).
         local = self.optimizer.values
         delta = {sid: start[sid].sub(local[sid]) for sid in start}
-        return Round(delta, losses, seconds)
+        return Round(delta, losses, seconds, norms)

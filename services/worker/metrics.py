@@ -30,6 +30,11 @@ class WorkerMetrics:
             "lmps_worker_tokens_total", "Training tokens processed", registry=r
         )
         self.loss = prometheus_client.Gauge("lmps_worker_loss", "Loss of the last step", registry=r)
+        self.grad_norm = prometheus_client.Gauge(
+            "lmps_worker_grad_norm",
+            "Global gradient norm of the last step, before clipping (0 with clipping off)",
+            registry=r,
+        )
         self.phase = prometheus_client.Histogram(
             "lmps_worker_phase_seconds",
             "Time per step phase",
@@ -45,6 +50,7 @@ class WorkerMetrics:
         self.steps.inc()
         self.tokens.inc(r.tokens)
         self.loss.set(r.loss)
+        self.grad_norm.set(r.grad_norm)
         self.phase.labels("pull").observe(r.pull_s)
         self.phase.labels("compute").observe(r.compute_s)
         self.phase.labels("push").observe(r.push_s)

@@ -3,24 +3,28 @@
 `ServerPool` is the trainer's `ParameterClient` over gRPC. As in BytePS (OSDI'20), each
 worker talks to every server directly and each link is used once per direction per step.
 Pushes may be compressed (int8 or top-k, `lmps.core.compress`) with error feedback: the
-residuals are the pool's, one per shard, kept across pushes.
+residuals are the pool's, one per shard, kept across pushes. With gradient clipping on the
+servers (`clip`) every push is followed by the exchange of its step's global norm
+(`lmps.core.clip.StepCommitter`: GradNorm, then ApplyStep, on every server in parallel).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import torch
 
+from lmps.core.clip import StepCommitter
 from lmps.core.compress import NONE, Compression, ErrorFeedback
 from lmps.core.partition import Shard
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
+from lmps.rpc.clip import GrpcNormServer
 from lmps.v1 import parameter_pb2
 
 
@@ -48,6 +52,7 @@ class ServerPool:
         mixed_versions: bool = False,
         *,
         compression: Compression = NONE,
+        clip: bool = False,
     ) -> None:
         self.job_id = job_id
         self.worker_id = worker_id
@@ -97,6 +102,21 @@ class ServerPool:
         self.executor = ThreadPoolExecutor(
             max_workers=max(1, 2 * len(self.channels)), thread_name_prefix="ps"
         )
+        self.committer: StepCommitter | None = None
+        """The servers clip each step by its global norm (SYNC, `JobSettings.clip_on_servers`):
+        each push is followed by the exchange of its norm, and a pull for v by the one of
+        step v - 1 when this worker did not make it."""
+        if clip:
+            norms = {
+                sid: GrpcNormServer(ch, job_id, timeout_s, track=self._track, untrack=self._untrack)
+                for sid, ch in self.channels.items()
+            }
+            self.committer = StepCommitter(norms, shards, fanout=self._fanout)
+
+    def _fanout(self, fn: Callable[[str], Any], items: Sequence[str]) -> list[Any]:
+        """`fn` over every item in parallel on the pool's threads; raises the first error."""
+        futures = [self.executor.submit(fn, item) for item in items]
+        return [f.result() for f in futures]
 
     def begin(self) -> int:
         """A new generation of calls (an epoch's, an evaluation's); `cancel(generation)`
@@ -165,7 +185,12 @@ class ServerPool:
     def pull(
         self, min_version: int, timeout_s: float | None = None
     ) -> tuple[int, dict[str, torch.Tensor]]:
-        """All shards from all servers at a version >= min_version; one version everywhere."""
+        """All shards from all servers at a version >= min_version; one version everywhere.
+
+        With clipping, step min_version - 1 is committed first unless this pool did (a
+        no-op where it is applied: one GradNorm round trip)."""
+        if self.committer is not None:
+            self.committer.before_pull(min_version)
         futures = [
             self.executor.submit(self._pull_one, s, min_version, timeout_s) for s in self.owned
         ]
@@ -216,6 +241,9 @@ class PushStream:
         self, pool: ServerPool, step: int, weight: float, computed_at: int | None = None
     ) -> None:
         self._pool, self._step = pool, step
+        self.grad_norm = 0.0
+        """The global norm of the step's gradient (before clipping), once `close` returned,
+        when the servers clip; 0.0 otherwise."""
         header = parameter_pb2.PushHeader(
             job_id=pool.job_id,
             worker_id=pool.worker_id,
@@ -281,7 +309,9 @@ class PushStream:
     def close(self) -> int:
         """Wait for every server's answer (each shard must have been added); raises the first
         server error. Returns the highest version among the answers (each server's version
-        after the push; under ASYNC the version the push made there)."""
+        after the push; under ASYNC the version the push made there). With clipping, then
+        commits the step (waits for its last push, exchanges its norm: `grad_norm`) and
+        returns the version after that."""
         errors = []
         versions = []
         for call in self._calls.values():
@@ -295,6 +325,10 @@ class PushStream:
             raise errors[0]
         if self._feedback is not None:
             self._feedback.commit(self._staged)
+        committer = self._pool.committer
+        if committer is not None:
+            self.grad_norm = committer.after_push(self._step)
+            return self._step + 1
         return max(versions)
 
     def abort(self) -> None:

@@ -44,6 +44,7 @@ def _step_event(r: StepResult) -> job_pb2.StepEvent:
         data_shard=r.data_shard,
         batch_index=r.batch_index,
         computed_at=r.computed_at,
+        grad_norm=r.grad_norm,
     )
 
 
@@ -108,7 +109,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             inner = None
             if local is not None:
                 decay = {s.shard_id: s.weight_decay for s in shards}
-                inner = InnerLoop(replica, local.steps, local.inner, decay)
+                inner = InnerLoop(
+                    replica, local.steps, local.inner, decay, max_grad_norm=settings.max_grad_norm
+                )
             pool = ServerPool(
                 request.job_id,
                 self.worker_id,
@@ -119,6 +122,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 # versions.
                 mixed_versions=staleness > 0 or mode == "async",
                 compression=codec.compression_from_proto(request.spec.push_compression),
+                # SYNC with max_grad_norm: each push is followed by its step's norm exchange.
+                clip=settings.clip_on_servers,
             )
         except (ValueError, CodecError) as err:
             raise InvalidArgument(f"configure: {err}") from None
@@ -140,6 +145,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 staleness=staleness,
                 asynchronous=mode == "async",
                 weigh=replica.task.weight,
+                # ASYNC with max_grad_norm: the worker clips its own pushes.
+                max_grad_norm=settings.max_grad_norm if mode == "async" else 0.0,
             )
             self._job = _Job(request.job_id, replica, pool, trainer)
         log.info(

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from lmps.core import clip
 from lmps.core.errors import InvalidArgument
 from lmps.core.model import GPTConfig
 from lmps.core.tasks import TASKS, Task
@@ -99,6 +100,10 @@ class GradientSink(Protocol):
     `close` (waits for the servers, raises their error, returns what `ParameterClient.push`
     returns); `abort` gives it up, applying nothing anywhere."""
 
+    grad_norm: float
+    """Once `close` returned: the global norm of the step's gradient before clipping, where
+    the servers clip it (SYNC with max_grad_norm: `ServerPool` exchanges it); else 0.0."""
+
     def add(self, shard_id: str, grad: torch.Tensor) -> None: ...
 
     def close(self) -> int | None: ...
@@ -116,6 +121,7 @@ class CollectingPush:
         self.client, self.step, self.weight = client, step, weight
         self.computed_at = computed_at
         self.grads: dict[str, torch.Tensor] = {}
+        self.grad_norm = 0.0
 
     def add(self, shard_id: str, grad: torch.Tensor) -> None:
         self.grads[shard_id] = grad
@@ -170,6 +176,10 @@ class StepResult:
     """The version the gradient was computed at: `step` under SYNC; at most max_staleness
     below it under bounded staleness; the round's start under local steps; under ASYNC the
     lowest version the worker pulled (any number of versions below `step`)."""
+    grad_norm: float = 0.0
+    """With max_grad_norm: the global L2 norm of the gradient clipped, before clipping. SYNC:
+    the step's mean gradient (the same on every worker of the step); ASYNC: this push's;
+    local steps: this batch's inner step. 0.0 when clipping is off."""
 
 
 class Trainer:
@@ -191,6 +201,7 @@ class Trainer:
         staleness: int = 0,
         asynchronous: bool = False,
         weigh: Callable[[torch.Tensor], float] | None = None,
+        max_grad_norm: float = 0.0,
     ) -> None:
         self.worker_id = worker_id
         self.model = model
@@ -213,6 +224,12 @@ class Trainer:
         """A batch's push weight (`lmps.core.tasks.Task.weight`): its sequences, or for SFT
         its target tokens, so the servers' weighted mean is the union batch's mean loss
         gradient."""
+        if max_grad_norm and not asynchronous:
+            raise ValueError("a worker clips its own pushes under ASYNC only")
+        self.max_grad_norm = max_grad_norm
+        """ASYNC: clip each push's gradient by its global norm here, before it is sent (an
+        update is one push: exactly clip_grad_norm_ of it). SYNC clips on the servers
+        (`ServerPool`), local steps the inner gradients (`InnerLoop`)."""
 
     def cancel(self) -> None:
         """Unblock a pull waiting on the barrier (the epoch was cancelled)."""
@@ -308,6 +325,7 @@ class Trainer:
                 data_shard=lease.data_shard,
                 batch_index=lease.first_batch + first + k,
                 computed_at=version,
+                grad_norm=done.norms[k],
             )
             for k in range(n)
         ]
@@ -320,14 +338,24 @@ class Trainer:
         # SYNC: push the plain gradient of this step, weighted by the batch's sequences; each
         # shard leaves while backward still runs (push_s: the part not hidden behind it).
         sink = self.params.open_push(self.step, self.weigh(batch), self._computed_at)
+        norm = 0.0
         try:
-            loss, _ = self.model.train_step(batch, on_grad=sink.add)
+            if self.max_grad_norm:
+                # ASYNC clipping: the whole gradient's norm first, so nothing leaves during
+                # backward (no overlap), then the clipped shards.
+                loss, grads = self.model.train_step(batch)
+                norm = clip.clip_(grads, self.max_grad_norm)
+                for sid, g in grads.items():
+                    sink.add(sid, g)
+            else:
+                loss, _ = self.model.train_step(batch, on_grad=sink.add)
         except BaseException:
             sink.abort()
             raise
         t2 = time.perf_counter()
         made = sink.close()
         t3 = time.perf_counter()
+        norm = norm or sink.grad_norm
         n_tokens = batch.shape[0] * (batch.shape[1] - 1)
         step = self.step
         if self.asynchronous and made is not None:
@@ -347,6 +375,7 @@ class Trainer:
             data_shard=lease.data_shard,
             batch_index=lease.first_batch + b,
             computed_at=version,
+            grad_norm=norm,
         )
 
 

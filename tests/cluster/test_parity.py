@@ -40,8 +40,13 @@ def reference(
     steps: dict[int, list[job_pb2.StepEvent]],
     plans: dict[int, list[torch.Tensor]],
     epoch_of: dict[int, int],
+    *,
+    max_grad_norm: float = 0.0,
+    norms: list[float] | None = None,
 ) -> GPT:
-    """Single-process torch: each step's batch is the union of the workers' batches."""
+    """Single-process torch: each step's batch is the union of the workers' batches. With
+    `max_grad_norm`, torch.nn.utils.clip_grad_norm_ before every step; `norms` gets what it
+    returns (the norm before clipping), one per step."""
     settings = codec.optimizer_from_proto(optimizer)
     model = init_model(SMALL, SEED)
     params = list(model.named_parameters())
@@ -81,6 +86,10 @@ def reference(
         _, loss = model(batch[:, :-1], batch[:, 1:])
         assert loss is not None
         loss.backward()
+        if max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if norms is not None:
+                norms.append(float(norm))
         for group in opt.param_groups:
             group["lr"] = lr_at(settings, step)
         opt.step()

@@ -325,6 +325,27 @@ def test_snapshot(fx: Fuzzed, data: st.DataObject) -> None:
     fx.assert_serving([name])
 
 
+@fuzz(60)
+@given(data=st.data())
+def test_grad_norm_and_apply_step(fx: Fuzzed, data: st.DataObject) -> None:
+    """The fuzzed job does not clip gradients: GradNorm and ApplyStep of it are refused
+    (FAILED_PRECONDITION; a NaN, infinite or negative norm INVALID_ARGUMENT), of any other job
+    NOT_FOUND, whatever the step; nothing changes."""
+    name = data.draw(st.sampled_from(sorted(fx.servers)))
+    server = fx.servers[name]
+    step = data.draw(S.weighted(50, st.integers(0, fx.version + 1), S.u64))
+    norm = data.draw(st.floats(allow_nan=True, allow_infinity=True))
+    asked = parameter_pb2.GradNormRequest(job_id=data.draw(jobs(fx)), step=step)
+    # A job that clipped would make a GradNorm for its pending step wait: a short deadline.
+    out = unary(server.stub.GradNorm, asked, timeout=1.0)
+    late = [Code.DEADLINE_EXCEEDED]
+    fx.check("ParameterService/GradNorm", out, ok=False, caused=late, what=asked)
+    apply = parameter_pb2.ApplyStepRequest(job_id=data.draw(jobs(fx)), step=step, grad_norm=norm)
+    out = unary(server.stub.ApplyStep, apply)
+    fx.check("ParameterService/ApplyStep", out, ok=False, what=apply)
+    fx.assert_serving([name])
+
+
 def test_oversized_streams(fx: Fuzzed) -> None:
     """Long and heavy streams, each refused: 20k gradients of unknown shards, one 64 MiB
     gradient, a Load header of 5k shards without values, and a message over the 256 MiB
@@ -578,6 +599,7 @@ def test_worker_evaluate_and_status(fx: Fuzzed, data: st.DataObject) -> None:
 
 READ_ONLY = {
     "ParameterService/Pull",
+    "ParameterService/GradNorm",
     "ParameterService/ListShards",
     "ParameterService/GetShard",
     "ParameterService/Snapshot",
@@ -615,7 +637,7 @@ def test_random_bytes_as_messages(fx: Fuzzed, data: st.DataObject) -> None:
     channel = fx.channels()[_process_of(fx, rpc.service, data)]
     ident = {"request_serializer": None, "response_deserializer": None}
     caused = [] if all(parse) else [Code.INTERNAL]
-    short = rpc.method in ("Pull", "Snapshot")
+    short = rpc.method in ("Pull", "Snapshot", "GradNorm")
     caused += [Code.DEADLINE_EXCEEDED] if short else []
     timeout = 1.0 if short else harness.TIMEOUT_S
     if rpc.client_streaming:
@@ -644,6 +666,8 @@ FUZZED = {
     "ParameterService/ListShards",
     "ParameterService/GetShard",
     "ParameterService/Snapshot",
+    "ParameterService/GradNorm",
+    "ParameterService/ApplyStep",
     "CoordinatorService/Register",
     "CoordinatorService/Heartbeat",
     "CoordinatorService/SubmitJob",

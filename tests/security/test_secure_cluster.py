@@ -153,6 +153,12 @@ def _attempts(
                 parameter_pb2.SetMembersRequest(job_id=job_id, members=[]), timeout=10
             ),
             "Pull": lambda ps: list(ps.Pull(parameter_pb2.PullRequest(job_id=job_id), timeout=10)),
+            "GradNorm": lambda ps: ps.GradNorm(
+                parameter_pb2.GradNormRequest(job_id=job_id, step=0), timeout=10
+            ),
+            "ApplyStep": lambda ps: ps.ApplyStep(
+                parameter_pb2.ApplyStepRequest(job_id=job_id, step=0, grad_norm=1.0), timeout=10
+            ),
         }
         with open_channel(address, config=config) as ch:
             ps = parameter_pb2_grpc.ParameterServiceStub(ch)

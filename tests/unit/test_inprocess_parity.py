@@ -6,7 +6,9 @@ The same oracle as tests/cluster/test_parity.py, without gRPC or subprocesses: t
 (services/worker/trainer.py), the SYNC barrier and the server-side optimizer are the real
 ones; the transport is a direct call into the stores and the coordinator's leases are a
 fixed round-robin deal (so every run composes the same steps) that releases a worker from
-the barrier when it runs dry, as the coordinator does. Seconds long.
+the barrier when it runs dry, as the coordinator does. Seconds long. With `max_grad_norm`
+the stores clip every step and the clients exchange its norm as `ServerPool` does (the same
+`StepCommitter`); tests/unit/test_clip.py runs that against torch's clip_grad_norm_.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 import torch
 
+from lmps.core.clip import StepCommitter
 from lmps.core.data import plan_data_shards, to_sequences
 from lmps.core.model import GPT, GPTConfig, decay_mask, init_model
 from lmps.core.optim import OptimizerSettings, lr_at
@@ -54,9 +57,44 @@ OPTIMIZERS = {
 }
 
 
+class StoreNorms:
+    """`lmps.core.clip.NormServer` straight into one store (GradNorm, ApplyStep)."""
+
+    def __init__(self, store: ParameterStore, cancelled: threading.Event | None = None) -> None:
+        self.store = store
+        self.cancelled = cancelled  # set: a waiting GradNorm ends (the epoch was cancelled)
+
+    def grad_norm(self, step: int) -> tuple[int, dict[str, float]]:
+        cancelled = self.cancelled
+        return self.store.grad_norm(
+            JOB, step, WAIT_S, None if cancelled is None else lambda: not cancelled.is_set()
+        )
+
+    def apply_step(self, step: int, grad_norm: float) -> float:
+        return self.store.apply_step(JOB, step, grad_norm)[1]
+
+
+class StorePush(CollectingPush):
+    """`CollectingPush` that, when the stores clip, commits the step's norm after the push
+    (what `PushStream.close` does)."""
+
+    def __init__(
+        self, client: StoreClient, step: int, weight: float, computed_at: int | None = None
+    ) -> None:
+        super().__init__(client, step, weight, computed_at)
+        self.committer = client.committer
+
+    def close(self) -> int | None:
+        made = super().close()
+        if self.committer is not None:
+            self.grad_norm = self.committer.after_push(self.step)
+        return made
+
+
 class StoreClient:
     """`ParameterClient` straight into the stores: each shard pulled from and pushed to the
-    store that owns it (what `ServerPool` does over gRPC)."""
+    store that owns it (what `ServerPool` does over gRPC). `clip`: the stores clip, and the
+    client exchanges each step's norm after its push and before a pull (`StepCommitter`)."""
 
     def __init__(
         self,
@@ -64,6 +102,7 @@ class StoreClient:
         stores: Mapping[str, ParameterStore],
         shards: Sequence[Shard],
         mixed: bool = False,
+        clip: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.stores = stores
@@ -71,10 +110,19 @@ class StoreClient:
         self.cancelled = threading.Event()
         self.mixed = mixed  # bounded staleness: stores may answer at different versions
         self.pulls: list[dict[str, int]] = []  # every pull: store -> version it answered
+        self.committer = (
+            StepCommitter(
+                {sid: StoreNorms(store, self.cancelled) for sid, store in stores.items()}, shards
+            )
+            if clip
+            else None
+        )
 
     def pull(
         self, min_version: int, timeout_s: float | None = None
     ) -> tuple[int, dict[str, torch.Tensor]]:
+        if self.committer is not None:
+            self.committer.before_pull(min_version)
         answered: dict[str, int] = {}
         values: dict[str, torch.Tensor] = {}
         for sid, store in self.stores.items():
@@ -107,7 +155,7 @@ class StoreClient:
             store.push(JOB, self.worker_id, step, weight, part, computed_at)
 
     def open_push(self, step: int, weight: float, computed_at: int | None = None) -> CollectingPush:
-        return CollectingPush(self, step, weight, computed_at)
+        return StorePush(self, step, weight, computed_at)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -177,20 +225,27 @@ def initial_shards(model: GPT) -> tuple[list[Shard], dict[str, torch.Tensor]]:
 
 
 def train_in_process(
-    settings: OptimizerSettings, sequences: torch.Tensor
+    settings: OptimizerSettings, sequences: torch.Tensor, *, max_grad_norm: float = 0.0
 ) -> tuple[list[StepResult], int, dict[str, torch.Tensor], LeaseBook]:
     shards, values = initial_shards(init_model(CONFIG, SEED))
     assert {s.server_id for s in shards} == set(SERVERS)
     stores = {sid: ParameterStore(sid) for sid in SERVERS}
     for sid, store in stores.items():
         mine = [s for s in shards if s.server_id == sid]
-        store.load(JOB, settings, mine, [(s.shard_id, values[s.shard_id]) for s in mine], WORKERS)
+        store.load(
+            JOB,
+            settings,
+            mine,
+            [(s.shard_id, values[s.shard_id]) for s in mine],
+            WORKERS,
+            max_grad_norm=max_grad_norm,
+        )
     leases = LeaseBook(stores, sequences)
     trainers = [
         Trainer(
             worker_id=w,
             model=Replica(CONFIG, shards, torch.device("cpu")),
-            params=StoreClient(w, stores, shards),
+            params=StoreClient(w, stores, shards, clip=max_grad_norm > 0),
             leases=leases.for_worker(w),
             batch_size=BATCH,
         )
@@ -236,8 +291,13 @@ def reference(
     results: Sequence[StepResult],
     plans: Mapping[int, list[torch.Tensor]],
     epoch_of: Mapping[str, int],
+    *,
+    max_grad_norm: float = 0.0,
+    norms: list[float] | None = None,
 ) -> GPT:
-    """Single-process torch: each step's batch is the union of the workers' batches."""
+    """Single-process torch: each step's batch is the union of the workers' batches. With
+    `max_grad_norm`, torch.nn.utils.clip_grad_norm_ before every step; `norms` gets what it
+    returns (the norm before clipping), one per step."""
     model = init_model(CONFIG, SEED)
     params = list(model.named_parameters())
     groups = [
@@ -280,6 +340,10 @@ def reference(
         _, loss = model(batch[:, :-1], batch[:, 1:])
         assert loss is not None
         loss.backward()
+        if max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if norms is not None:
+                norms.append(float(norm))
         for group in opt.param_groups:
             group["lr"] = lr_at(settings, step)
         opt.step()
