@@ -50,6 +50,9 @@ class UpdateRule:
     silently ignored."""
     hint: str = ""
     """What to use instead of a refused setting."""
+    align: int = 1
+    """`ShardOptimizer` pads every shard with zeros to a multiple of this many elements, so
+    that where a parameter was cut into shards cannot change the result (see `_adamw`)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,21 @@ def _sgd(groups: ParamGroups, lr: float, s: OptimizerSettings) -> torch.optim.Op
     )
 
 
+FUSED_ALIGN = 64
+"""Elements a shard is padded to for torch's fused AdamW kernel (see `_adamw`)."""
+
+
 def _adamw(groups: ParamGroups, lr: float, s: OptimizerSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=lr, betas=(s.beta1, s.beta2), eps=s.eps, foreach=False)
+    # fused=True: torch's one-pass kernel (aten `_fused_adamw_`), 4.6x cheaper per element
+    # than the single-tensor loop here (14.5 vs 66.8 ms per step for the `small` preset's
+    # 13.9M fp32 parameters, one thread). It runs vector lanes over the body of each tensor
+    # and a scalar loop over its last numel % lanes elements, and the two round differently
+    # (FMA): an element's result would depend on where its shard was cut, and a job resumed
+    # onto another number of servers would no longer be bit-exact. Every shard is therefore
+    # padded with zeros to a multiple of FUSED_ALIGN (64 >= the widest lane count and a
+    # multiple of the kernel's 16-float work units), so every element takes the vector path,
+    # whatever the cut; a zero pad stays zero (its update is 0 / (0 + eps)).
+    return torch.optim.AdamW(groups, lr=lr, betas=(s.beta1, s.beta2), eps=s.eps, fused=True)
 
 
 def _constant(s: OptimizerSettings, step: int) -> float:
@@ -91,6 +107,7 @@ OPTIMIZERS: Mapping[OptimizerKind, UpdateRule] = {
     "adamw": UpdateRule(
         label="AdamW",
         build=_adamw,
+        align=FUSED_ALIGN,
         takes=("beta1", "beta2", "eps"),
         refuses=("momentum", "nesterov"),
         hint="use beta1 for AdamW",
@@ -239,9 +256,10 @@ class ShardOptimizer:
     """The registry's torch optimizer (SGD / AdamW) over one server's flat fp32 shards, keyed
     by shard id.
 
-    Two param groups: shards with weight decay, and the rest with weight_decay 0. Every rule
-    is built with `foreach=False`: torch's single-tensor kernels, the reference the tests
-    compare to.
+    Two param groups: shards with weight decay, and the rest with weight_decay 0. SGD runs
+    torch's single-tensor kernel (`foreach=False`); AdamW the fused one, over shards padded
+    to `UpdateRule.align` elements (internal: `values`, `state_dict` and the gradients taken
+    are the shards' own sizes). Both give the same result however the parameters are cut.
     """
 
     def __init__(
@@ -260,12 +278,17 @@ class ShardOptimizer:
                     f"shard {sid!r} must be a 1-D float32 tensor, got {t.dtype} {tuple(t.shape)}"
                 )
         self._settings = settings
-        # Own copies: the optimizer needs leaf tensors and updates them in place, which must
-        # not reach into the caller's (e.g. a decoded wire buffer's) memory.
-        self._params: dict[str, Tensor] = {
-            sid: t.detach().clone(memory_format=torch.contiguous_format)
-            for sid, t in shards.items()
-        }
+        align = OPTIMIZERS[settings.kind].align
+        self._numel = {sid: t.numel() for sid, t in shards.items()}
+        # Own copies (padded with zeros to `align`): the optimizer needs leaf tensors and
+        # updates them in place, which must not reach into the caller's (e.g. a decoded wire
+        # buffer's) memory.
+        self._params: dict[str, Tensor] = {}
+        for sid, t in shards.items():
+            n = t.numel()
+            p = t.new_zeros(-(-n // align) * align)
+            p[:n].copy_(t.detach())
+            self._params[sid] = p
         # torch numbers params by position across groups in its state_dict; `_order` maps
         # those positions back to shard ids.
         decayed = [sid for sid in self._params if decay[sid]]
@@ -285,7 +308,7 @@ class ShardOptimizer:
     @property
     def values(self) -> dict[str, Tensor]:
         """The live master values by shard id (updated in place by `step`; do not write)."""
-        return dict(self._params)
+        return {sid: p[: self._numel[sid]] for sid, p in self._params.items()}
 
     def assign(self, values: Mapping[str, Tensor]) -> None:
         """Overwrite the master values with `values` (one per shard, any float dtype), keeping
@@ -299,14 +322,14 @@ class ShardOptimizer:
             extra = sorted(set(values) - set(self._params))
             raise ValueError(f"values: missing {missing}, unexpected {extra}")
         for sid, v in values.items():
-            if v.numel() != self._params[sid].numel() or not v.is_floating_point():
+            if v.numel() != self._numel[sid] or not v.is_floating_point():
                 raise ValueError(
-                    f"value of {sid!r}: expected {self._params[sid].numel()} float elements, "
+                    f"value of {sid!r}: expected {self._numel[sid]} float elements, "
                     f"got {v.dtype} {tuple(v.shape)}"
                 )
         with torch.no_grad():
             for sid, p in self._params.items():
-                p.copy_(values[sid].reshape(p.shape))
+                p[: self._numel[sid]].copy_(values[sid].reshape(-1))
 
     def step(self, grads: Mapping[str, Tensor], step: int) -> None:
         """Apply one update with `grads` (one per shard) at the lr of global step `step`.
@@ -319,15 +342,19 @@ class ShardOptimizer:
             extra = sorted(set(grads) - set(self._params))
             raise ValueError(f"gradients: missing {missing}, unexpected {extra}")
         for sid, g in grads.items():
-            p = self._params[sid]
-            if g.numel() != p.numel() or not g.is_floating_point():
+            if g.numel() != self._numel[sid] or not g.is_floating_point():
                 raise ValueError(
-                    f"gradient of {sid!r}: expected {p.numel()} float elements, got "
+                    f"gradient of {sid!r}: expected {self._numel[sid]} float elements, got "
                     f"{g.dtype} {tuple(g.shape)}"
                 )
         lr = lr_at(self._settings, step)
         for sid, p in self._params.items():
-            p.grad = grads[sid].detach().reshape(p.shape).to(dtype=p.dtype, device=p.device)
+            g = grads[sid].detach().reshape(-1)
+            if g.numel() == p.numel():
+                p.grad = g.to(dtype=p.dtype, device=p.device)
+            else:  # padded: the pad's gradient is zero
+                p.grad = p.new_zeros(p.shape)
+                p.grad[: g.numel()].copy_(g)
         for group in self._optimizer.param_groups:
             group["lr"] = lr
         with torch.no_grad():
@@ -362,10 +389,29 @@ class ShardOptimizer:
         Empty before the first step, and always for SGD without momentum.
         """
         return {
-            sid: {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+            sid: {k: self._unpad(sid, v) for k, v in st.items()}
             for sid in self._order
             if (st := self._optimizer.state.get(self._params[sid]))
         }
+
+    def _unpad(self, sid: str, v: Any) -> Any:
+        """A copy of state value `v` of shard `sid` at the shard's own size."""
+        if not isinstance(v, Tensor):
+            return v
+        if v.dim() == 1 and v.numel() == self._params[sid].numel():
+            return v.detach()[: self._numel[sid]].clone()
+        return v.detach().clone()
+
+    def _pad(self, sid: str, v: Any) -> Any:
+        """A copy of saved state value `v` of shard `sid` at the padded size."""
+        if not isinstance(v, Tensor):
+            return v
+        n, padded = self._numel[sid], self._params[sid].numel()
+        if v.dim() == 1 and v.numel() == n and padded != n:
+            out = v.new_zeros(padded)
+            out[:n].copy_(v)
+            return out
+        return v.clone()
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
         """Restore state saved by `state_dict` for the same shards and settings.
@@ -378,7 +424,7 @@ class ShardOptimizer:
             extra = sorted(set(state) - set(self._params))
             raise ValueError(f"optimizer state: missing {missing}, unexpected {extra}")
         for sid, st in state.items():
-            n = self._params[sid].numel()
+            n = self._numel[sid]
             for k, v in st.items():
                 if isinstance(v, Tensor) and v.dim() > 0 and tuple(v.shape) != (n,):
                     raise ValueError(
@@ -390,8 +436,8 @@ class ShardOptimizer:
         self._optimizer.load_state_dict(
             {
                 "state": {
-                    # Cloned so that later steps do not write into the caller's checkpoint.
-                    i: {k: v.clone() if isinstance(v, Tensor) else v for k, v in state[sid].items()}
+                    # Copies (padded) so later steps do not write into the caller's checkpoint.
+                    i: {k: self._pad(sid, v) for k, v in state[sid].items()}
                     for i, sid in enumerate(self._order)
                     if sid in state
                 },

@@ -22,6 +22,7 @@ Pure torch: no grpc. Not thread-safe on its own: the store calls it under its lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -268,6 +269,17 @@ class SyncBarrier:
         contrib = self._contrib.pop(step)
         del self._weight[step]
         mean = {}
+        if len(workers) == 1 and _exact_scale(weights[workers[0]]):
+            # One contribution: the fp64 mean (w * g) / w is g itself, bit for bit (the
+            # product of an fp32 g and a w of <= 29 significant bits is exact in fp64, and
+            # so is dividing it back), so the four passes below are skipped for one: g + 0.0,
+            # a fresh tensor (the optimizer owns what it is handed; a push is a view of the
+            # bytes received) that also maps -0.0 to +0.0 as the zeroed fp64 sum does.
+            only = contrib.pop(workers[0])
+            for sid in self._numel:
+                mean[sid] = torch.add(only.pop(sid).to(torch.float32), 0.0)
+            self._version += 1
+            return Update(mean, ((workers[0], weights[workers[0]]),))
         for sid, numel in self._numel.items():
             # fp64: weight * grad sums cannot overflow, and the mean is back in fp32 range.
             acc = self._scratch[:numel].zero_()
@@ -280,6 +292,13 @@ class SyncBarrier:
         made_of = tuple((w, weights[w]) for w in workers)
         self._version += 1
         return Update(mean, made_of)
+
+
+def _exact_scale(weight: float) -> bool:
+    """Whether weight * x is exact in fp64 for every fp32 x: the weight's significand has
+    at most 53 - 24 = 29 bits (sequence and token counts below 2**29 have)."""
+    mantissa, _ = math.frexp(weight)
+    return math.isfinite(weight) and weight > 0 and (mantissa * 2**29).is_integer()
 
 
 class AsyncBarrier:

@@ -13,6 +13,7 @@ from lmps.rpc.flags import (
     serve_options,
     setup_logging,
 )
+from lmps.rpc.malloc import tune_malloc
 from lmps.rpc.metrics import process_registry
 from lmps.rpc.registration import Registration
 from lmps.v1 import coordinator_pb2, worker_pb2_grpc
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     from lmps.services.worker.servicer import WorkerServicer
 
     setup_logging(args.log_level)
+    tune_malloc()  # before the first pull or activation is allocated (see lmps.rpc.malloc)
     metrics = process_registry()  # this role's series only (docs/metrics.md)
     servicer = WorkerServicer(
         worker_id=args.id,

@@ -450,3 +450,19 @@ def test_async_pulls_see_any_version_reached() -> None:
 def test_async_refuses_a_staleness_bound() -> None:
     with pytest.raises(ValueError, match="ASYNC needs 0"):
         make_barrier("async", job_id="job", numel=NUMEL, members=["w0"], max_staleness=1)
+
+
+@pytest.mark.parametrize("weight", [1.0, 3.0, 7.0, 1e6, 2.0**29 - 1, 0.5, 0.1, 1 / 3])
+def test_one_contribution_is_the_fp64_mean_bit_for_bit(weight: float):
+    # A step of one worker skips the fp64 sum where (w * g) / w is exact (w of <= 29
+    # significant bits); it must give what the sum gives, extremes of fp32 included.
+    g = grads(5)
+    g["w#0"] = torch.tensor([3.4e38, -3.4e38, 1e-45, -1e-45, 1.17e-38, 0.0, -0.0])
+    g["b#0"] = torch.tensor([1.0000001, 2.0**-126 * 1.5, 65504.0])
+    update = push(barrier("w0"), "w0", weight, g)
+    assert update is not None
+    got, want = update.grads, reference_mean({"w0": (weight, g)})
+    assert_equal(got, want)
+    for sid in got:  # fresh tensors, bit for bit (signed zeros too)
+        assert torch.equal(got[sid].view(torch.int32), want[sid].view(torch.int32)), sid
+        assert got[sid].data_ptr() != g[sid].data_ptr()

@@ -15,7 +15,7 @@ import torch
 
 from lmps.core.compress import Compression, Encoded, encode
 from lmps.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from lmps.core.optim import OptimizerSettings
+from lmps.core.optim import OPTIMIZERS, OptimizerSettings
 from lmps.core.partition import ParamInfo, Shard, plan_shards
 from lmps.services.parameter_server.store import MAX_GRAD_ABS, MAX_WEIGHT, ParameterStore
 
@@ -369,7 +369,9 @@ def test_optimizer_state_bytes_per_shard(settings: OptimizerSettings, per_elemen
     assert store.shard_state_bytes(JOB) == {s.shard_id: 0 for s in SHARDS}  # before a step
     step(store, 1)
 
-    want = {s.shard_id: s.numel * per_element + extra for s in SHARDS}
+    # What is held: AdamW's moments at the fused kernel's padded size (`UpdateRule.align`).
+    align = OPTIMIZERS[settings.kind].align
+    want = {s.shard_id: -(-s.numel // align) * align * per_element + extra for s in SHARDS}
     assert store.shard_state_bytes(JOB) == want
     for s in SHARDS:
         assert store.shard(JOB, s.shard_id)[3] == want[s.shard_id]
