@@ -22,6 +22,9 @@ residual per shard, compresses x + residual, and keeps residual = (x + residual)
 So over T pushes, sum(decoded) = sum(x) - residual_T: nothing is lost, only delayed, and the
 mean of what was sent differs from the mean of the true values by residual_T / T.
 
+A third, lossless encoding is not a setting: `Rows` (`lmps.core.sparse_rows`), an embedding
+shard's nonzero rows, which an uncompressed ("none") push uses whenever it is smaller.
+
 Pure torch, device-agnostic (a CUDA gradient is compressed on the GPU and only the compact
 payload is copied to the host by the codec); no grpc. `lmps.rpc.codec` frames an `Encoded`
 as a `lmps.v1.Compressed` ShardTensor and reads it back, calling `validate` on what arrives.
@@ -37,6 +40,8 @@ from typing import Literal, get_args
 
 import torch
 from torch import Tensor
+
+from lmps.core.sparse_rows import Rows
 
 CompressionKind = Literal["none", "int8", "topk"]
 """Names of the push encodings (keys of `COMPRESSIONS`)."""
@@ -230,7 +235,8 @@ class TopK:
             raise ValueError("top-k indices are not strictly increasing (unsorted or repeated)")
 
 
-Encoded = Dense | Int8Chunks | TopK
+Encoded = Dense | Int8Chunks | TopK | Rows
+"""What a push sends for one shard; `Rows` only for an uncompressed push (`sparse_rows`)."""
 Encoder = Callable[[Tensor, Compression, torch.dtype], Encoded]
 
 

@@ -52,6 +52,7 @@ from lmps.core.settings import (
     JobSettings,
     LocalSteps,
 )
+from lmps.core.sparse_rows import RowGrid, Rows
 from lmps.core.tasks import TASK_NAMES, TaskName
 from lmps.v1 import job_pb2, parameter_pb2, tensor_pb2
 
@@ -202,12 +203,18 @@ def shard_tensor_bytes(
     return _shard_frame(shard_id, version, head, data, b"", wrap)
 
 
-def _compressed_tail(kind: int, numel: int, chunk: int, scales: bytes, indices: bytes) -> bytes:
+def _compressed_tail(
+    kind: int, numel: int, chunk: int, scales: bytes, indices: bytes, grid: RowGrid | None = None
+) -> bytes:
     """ShardTensor field 4, a `Compressed`: 1 kind, 2 numel, 3 chunk (varints), 4 scales,
-    5 indices (bytes); zeros and empty bytes left out, as protobuf does."""
+    5 indices (bytes), 6 row_width, 7 first_column (varints, ROWS); zeros and empty bytes
+    left out, as protobuf does."""
     body = b"\x08" + _varint(kind) + (b"\x10" + _varint(numel) if numel else b"")
     body += (b"\x18" + _varint(chunk)) if chunk else b""
     body += _field(0x22, scales) + scales + _field(0x2A, indices) + indices
+    if grid is not None:
+        body += b"\x30" + _varint(grid.width)
+        body += (b"\x38" + _varint(grid.first_column)) if grid.first_column else b""
     return b"\x22" + _varint(len(body)) + body
 
 
@@ -218,10 +225,15 @@ def _le_bytes(t: torch.Tensor) -> bytes:
 def compressed_shard_bytes(shard_id: str, version: int, sent: Encoded, *, wrap: int = 0) -> bytes:
     """A serialized `lmps.v1.ShardTensor` carrying a compressed shard (`lmps.core.compress`):
     byte for byte what protobuf serializes for it, the payload copied once as in
-    `shard_tensor_bytes`. A `Dense` one is a plain ShardTensor. Only pushes may carry these."""
+    `shard_tensor_bytes`. A `Dense` one is a plain ShardTensor; `Rows` (lossless sparse rows,
+    `lmps.core.sparse_rows`) is kind ROWS. Only pushes may carry these."""
     if isinstance(sent, Dense):
         return shard_tensor_bytes(shard_id, version, sent.values, wrap=wrap)
-    if isinstance(sent, Int8Chunks):
+    if isinstance(sent, Rows):
+        head, data = _tensor_fields(sent.values, None)
+        indices = _le_bytes(sent.indices)
+        tail = _compressed_tail(tensor_pb2.Compressed.ROWS, sent.numel, 0, b"", indices, sent.grid)
+    elif isinstance(sent, Int8Chunks):
         head, data = _tensor_fields(sent.q, None)
         tail = _compressed_tail(
             tensor_pb2.Compressed.INT8, sent.numel, sent.chunk, _le_bytes(sent.scales), b""
@@ -344,25 +356,40 @@ def read_compressed(
     blob: Buffer, where: tuple[int, int], payload: torch.Tensor, shard_id: str = ""
 ) -> Encoded:
     """The `Compressed` message in blob[where] describing `payload` (the ShardTensor's
-    tensor) -> a validated `Int8Chunks` / `TopK` (views of `blob`; `decode()` makes the dense
-    fp32 shard). CodecError naming the problem (see `lmps.v1.Compressed`)."""
-    kind = numel = chunk = 0
+    tensor) -> a validated `Int8Chunks` / `TopK` / `Rows` (views of `blob`; `decode()` makes
+    the dense fp32 shard). CodecError naming the problem (see `lmps.v1.Compressed`)."""
+    kind = numel = chunk = width = column = 0
     scales, indices = (0, 0), (0, 0)
     for number, wire, a, b in _fields(blob, *where):
-        if wire == 0 and number in (1, 2, 3):
+        if wire == 0 and number in (1, 2, 3, 6, 7):
             if number == 1:
                 kind = a
             elif number == 2:
                 numel = a
-            else:
+            elif number == 3:
                 chunk = a
+            elif number == 6:
+                width = a
+            else:
+                column = a
         elif wire == 2 and number == 4:
             scales = (a, b)
         elif wire == 2 and number == 5:
             indices = (a, b)
     what = f"compressed shard {shard_id!r}"
+    if kind != tensor_pb2.Compressed.ROWS and (width or column):
+        raise CodecError(f"{what}: only ROWS carries row_width and first_column")
     sent: Encoded
-    if kind == tensor_pb2.Compressed.INT8:
+    if kind == tensor_pb2.Compressed.ROWS:
+        if scales[1] > scales[0] or chunk:
+            raise CodecError(f"{what}: rows carry no scales or chunk")
+        sent = Rows(
+            numel=numel,
+            grid=RowGrid(width, column),
+            indices=_array(blob, *indices, torch.int32, f"{what} indices"),
+            values=payload,
+        )
+    elif kind == tensor_pb2.Compressed.INT8:
         if indices[1] > indices[0]:
             raise CodecError(f"{what}: int8 carries no indices")
         sent = Int8Chunks(
@@ -393,9 +420,9 @@ def read_push_request(
 ) -> parameter_pb2.PushHeader | tuple[str, int, torch.Tensor | Encoded]:
     """A serialized `lmps.v1.PushRequest` -> its header, or its gradient: a tensor as
     `view_shard_tensor` gives it (a read-only view of `blob`: no copy on the server's push
-    path), or for a compressed one its validated `Int8Chunks` / `TopK` (`read_compressed`),
-    which the store decodes once it has checked its numel. CodecError when malformed or when
-    neither field is set."""
+    path), or for a compressed one its validated `Int8Chunks` / `TopK` / `Rows`
+    (`read_compressed`), which the store decodes once it has checked its numel (and a
+    `Rows`' grid). CodecError when malformed or when neither field is set."""
     view = memoryview(blob)
     kind = None
     for number, wire, a, b in _fields(view, 0, len(view)):
@@ -639,6 +666,8 @@ def compression_from_proto(m: job_pb2.PushCompression) -> Compression:
     """`JobSpec.push_compression` -> `Compression` (0 chunk / ratio: the defaults). Raises
     ValueError naming the field."""
     kind = _COMPRESSION_KINDS.get(m.kind)
+    if m.kind == tensor_pb2.Compressed.ROWS:
+        raise ValueError("push_compression: ROWS is not a setting (uncompressed pushes use it)")
     if kind is None:
         raise ValueError(f"push_compression: unknown kind {m.kind}")
     try:

@@ -39,6 +39,7 @@ from lmps.core.errors import (
 from lmps.core.optim import OptimizerSettings, ShardOptimizer
 from lmps.core.partition import Shard
 from lmps.core.settings import Consistency
+from lmps.core.sparse_rows import Rows, check_shard
 from lmps.services.parameter_server.consistency import Barrier, Update, make_barrier
 
 
@@ -182,7 +183,8 @@ def _densify(
     """`grads` with every compressed gradient (`lmps.core.compress`, already validated by the
     codec) decoded to its dense fp32 shard, so that the checks and the barrier see only
     tensors; `grads` itself when none is compressed. A compressed shard's numel is checked
-    against the shard first: a top-k message of a few bytes could otherwise claim any size."""
+    against the shard first: a top-k message of a few bytes could otherwise claim any size
+    (and sparse rows' grid: the rows must be the shard's parameter rows)."""
     if all(isinstance(g, torch.Tensor) for _, g in grads):
         return cast(list[tuple[str, torch.Tensor]], grads)
     out: list[tuple[str, torch.Tensor]] = []
@@ -195,6 +197,11 @@ def _densify(
                 raise InvalidArgument(
                     f"{what}: shard {shard_id!r} needs numel {spec.numel}, compressed {g.numel}"
                 )
+            if isinstance(g, Rows):
+                try:
+                    check_shard(g, spec)
+                except ValueError as err:
+                    raise InvalidArgument(f"{what}: shard {shard_id!r}: {err}") from None
             g = g.decode()
         out.append((shard_id, g))
     return out

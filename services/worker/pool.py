@@ -3,9 +3,11 @@
 `ServerPool` is the trainer's `ParameterClient` over gRPC. As in BytePS (OSDI'20), each
 worker talks to every server directly and each link is used once per direction per step.
 Pushes may be compressed (int8 or top-k, `lmps.core.compress`) with error feedback: the
-residuals are the pool's, one per shard, kept across pushes. With gradient clipping on the
-servers (`clip`) every push is followed by the exchange of its step's global norm
-(`lmps.core.clip.StepCommitter`: GradNorm, then ApplyStep, on every server in parallel).
+residuals are the pool's, one per shard, kept across pushes. Uncompressed, an embedding
+shard travels as its nonzero rows whenever that is the smaller message (lossless:
+`lmps.core.sparse_rows`). With gradient clipping on the servers (`clip`) every push is
+followed by the exchange of its step's global norm (`lmps.core.clip.StepCommitter`:
+GradNorm, then ApplyStep, on every server in parallel).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from lmps.core.clip import StepCommitter
 from lmps.core.compress import NONE, Compression, ErrorFeedback
 from lmps.core.partition import Shard
+from lmps.core.sparse_rows import RowGrid, encode_push, push_grids
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.rpc.clip import GrpcNormServer
@@ -53,6 +56,7 @@ class ServerPool:
         *,
         compression: Compression = NONE,
         clip: bool = False,
+        sparse_rows: bool = True,
     ) -> None:
         self.job_id = job_id
         self.worker_id = worker_id
@@ -66,6 +70,11 @@ class ServerPool:
             None if compression.kind == "none" else ErrorFeedback(compression, wire_dtype)
         )
         """Error-feedback residuals of compressed pushes (topk values go in `wire_dtype`)."""
+        self.row_grids: dict[str, RowGrid] = (
+            push_grids(shards) if sparse_rows and self.feedback is None else {}
+        )
+        """Shards pushed as their nonzero rows when that is smaller (uncompressed pushes;
+        `sparse_rows=False`: none, every push dense)."""
         # Pull each shard from its owner; push its gradient to owner and backup (if any).
         self.owned: dict[str, list[str]] = {}
         self.by_server: dict[str, list[str]] = {}
@@ -285,9 +294,19 @@ class PushStream:
             # PushRequest.grad (field 2), encoded straight from the gradient's memory, here
             # on gRPC's request thread rather than on the one running backward.
             if self._feedback is None:
-                yield codec.shard_tensor_bytes(sid, self._step, grad, self._pool.wire_dtype, wrap=2)
+                yield self._dense(sid, grad)
             else:
                 yield self._compressed(sid, grad)
+
+    def _dense(self, sid: str, grad: torch.Tensor) -> bytes:
+        """An uncompressed push of `sid`: its nonzero rows when that message is smaller (the
+        same decoded values: `lmps.core.sparse_rows`), else the shard in the wire dtype."""
+        pool = self._pool
+        grid = pool.row_grids.get(sid)
+        sent = grad if grid is None else encode_push(grad, grid, pool.wire_dtype)
+        if isinstance(sent, torch.Tensor):
+            return codec.shard_tensor_bytes(sid, self._step, sent, pool.wire_dtype, wrap=2)
+        return codec.compressed_shard_bytes(sid, self._step, sent, wrap=2)
 
     def _compressed(self, sid: str, grad: torch.Tensor) -> bytes:
         """The error-feedback step for `sid`, made once for all its holders."""
