@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "ps_memory": "parameter-server peak RSS growth vs state held (small, AdamW, 2 workers)",
     "peers": "lmps vs torch (1 / N threads), DDP and a torch.distributed.rpc PS: same job",
     "wire": "GB/s of the small model's bytes: lmps Pull/Push vs bare grpcio vs raw TCP",
+    "scaling": "lmps SYNC vs DDP at W = 1, 2, 4 workers: step time, CPU, bytes per step",
     "slowlink": "lmps vs DDP on 100 Mbit/s shaped links (netns + tbf): loss vs time and bytes",
 }
 """Benchmark name -> one line on what it measures. Each name is a module of this package."""

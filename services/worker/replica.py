@@ -124,7 +124,9 @@ class Replica:
         on CPU).
 
         On CPU the shard gradients are views of the parameters' .grad buffers (no copy: the
-        push encodes from them), valid until the next `train_step` zeroes them. `on_grad`
+        push encodes from them). Each step's .grad tensors are new (`zero_grad(set_to_none)`:
+        autograd hands its result over instead of adding it into zeroed buffers, two passes
+        over every gradient fewer), so a view stays valid as long as it is held. `on_grad`
         gets every shard's gradient once, as soon as backward has made it (reverse layer
         order, during the last micro-batch's backward; any left out comes after it)."""
         self.model.train()
@@ -137,7 +139,7 @@ class Replica:
         parts = rows.chunk(self.micro_batches) if self.micro_batches > 1 else (rows,)
         units = [self.task.units(p) for p in parts]
         total = sum(units)
-        self.model.zero_grad(set_to_none=False)
+        self.model.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for k, part in enumerate(parts):
             with self._autocast():

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 
 from lmps.client.launcher import LocalCluster
 from lmps.core.compress import Compression, ErrorFeedback, encode
-from lmps.core.optim import OptimizerSettings
+from lmps.core.optim import FUSED_ALIGN, OptimizerSettings
 from lmps.core.partition import Shard
 from lmps.rpc import codec
 from lmps.services.worker.pool import ServerPool
@@ -620,7 +620,7 @@ def test_shards_report_their_optimizer_state_bytes(ps_stub: Stub, load_job: Load
 
     assert reported() == ([0] * len(SHARDS), [0] * len(SHARDS))  # no step yet: no state
     assert push(ps_stub, job_id, "w0", 0, random_values(1)).applied
-    want = [2 * 4 * s.numel + 4 for s in SHARDS]
+    want = [2 * 4 * (-(-s.numel // FUSED_ALIGN) * FUSED_ALIGN) + 4 for s in SHARDS]  # padded
     assert reported() == (want, want)
 
 
