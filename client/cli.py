@@ -24,275 +24,45 @@ from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 
-from lmps.client.cli_common import (
-    CACHE_DIR,
-    coordinator_flag,
-    error,
-    example,
-    options_from_args,
-    train_flags,
+from lmps.client.cli_common import error, example, options_from_args
+from lmps.client.cli_flags import (
+    add_certs,
+    add_chat,
+    add_demo,
+    add_export,
+    add_generate,
+    add_health,
+    add_predict,
+    add_prepare,
+    add_report,
+    add_serve,
+    add_shards,
+    add_status,
+    add_train,
 )
 from lmps.client.cluster_cmds import add_clean, add_cluster
-from lmps.client.commands import (
-    cmd_certs,
-    cmd_demo,
-    cmd_export,
-    cmd_generate,
-    cmd_health,
-    cmd_prepare,
-    cmd_report,
-    cmd_serve,
-    cmd_shards,
-    cmd_status,
-    cmd_train,
-)
-from lmps.rpc.flags import EnvError, HelpFormatter, env_number
+from lmps.rpc.flags import EnvError, HelpFormatter
 
 _train_options = options_from_args  # the tests' name for it
 
 
-# -- parser --------------------------------------------------------------------------------
-
-
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    train_flags(p)
-    p.set_defaults(func=cmd_demo, epochs=15, lr=6e-3)
-
-
-def _add_train(p: argparse.ArgumentParser) -> None:
-    coordinator_flag(p)
-    train_flags(p)
-    p.set_defaults(func=cmd_train)
-
-
-def _sampling_flags(p: argparse.ArgumentParser, what: str = "tokens to add") -> None:
-    """`lmps generate`'s and `lmps chat`'s sampling flags (`generation.sampling_settings`)."""
-    p.add_argument(
-        "--max-new-tokens",
-        "--max-tokens",
-        type=int,
-        default=100,
-        metavar="N",
-        help=f"{what}, at most",
-    )
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
-    p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling: keep mass p; 1 = off"
-    )
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="CTRL's penalty on tokens already in the text (e.g. 1.2); 1 = off",
-    )
-
-
-def _model_flags(p: argparse.ArgumentParser, command: str) -> None:
-    """--model DIR | --job JOB, and --coordinator."""
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR", help="a model folder written by `lmps train`")
-    src.add_argument(
-        "--job",
-        default=None,
-        help=f"{command} with this job's model, fetched from the cluster at --coordinator "
-        "(without --model or --job: the latest job's)",
-    )
-    coordinator_flag(p)
-
-
-def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.usage = "lmps predict [--model DIR | --job JOB] [TEXT ...] [--file F] [options]"
-    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
-    _model_flags(p, "classify")
-    p.add_argument(
-        "--file",
-        metavar="F",
-        help='more texts, one a line: plain text or {"text": ...} (.jsonl: JSON only; '
-        'with a "label", the output marks each answer and gives the accuracy); - reads stdin',
-    )
-    p.add_argument(
-        "--top", type=int, default=None, metavar="K", help="show the K likeliest classes"
-    )
-    p.add_argument("--json", action="store_true", help="JSON lines: text, label, probs")
-    p.set_defaults(func=_cmd_predict)
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from lmps.client.predict import cmd_predict  # torch: only when it runs
-
-    return cmd_predict(args)
-
-
-def _add_chat(p: argparse.ArgumentParser) -> None:
-    p.usage = "lmps chat [--model DIR | --job JOB] [--prompt TEXT] [--system TEXT] [options]"
-    _model_flags(p, "chat")
-    p.add_argument(
-        "--prompt", default=None, help="one message: print the reply and exit (no session)"
-    )
-    p.add_argument("--system", default=None, help="a system message that opens the chat")
-    _sampling_flags(p, "reply tokens")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (reply i: SEED + i)")
-    p.set_defaults(func=_cmd_chat, no_cache=False)
-
-
-def _cmd_chat(args: argparse.Namespace) -> int:
-    from lmps.client.chat import cmd_chat  # torch: only when it runs
-
-    return cmd_chat(args)
-
-
-def _add_generate(p: argparse.ArgumentParser) -> None:
-    p.usage = "lmps generate [--model DIR | --job JOB] [PROMPT] [options]"
-    p.add_argument(
-        "prompt_text",
-        nargs="?",
-        default=None,
-        metavar="PROMPT",
-        help="text to continue (or --prompt; default: a newline)",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR", help="a run folder written by `lmps train`")
-    src.add_argument(
-        "--job",
-        default=None,
-        help="fetch this job's model from the cluster at --coordinator (without --model or "
-        "--job: the latest job's)",
-    )
-    coordinator_flag(p)
-    p.add_argument("--prompt", default=None, help="the same as PROMPT")
-    _sampling_flags(p)
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="stop when the text contains TEXT, not printed (\\n: a newline); repeatable",
-    )
-    p.add_argument(
-        "--stop-at-eot", action="store_true", help="stop at the end-of-text token as well"
-    )
-    p.add_argument("--samples", type=int, default=1, help="continuations, seeds SEED, SEED+1, ...")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same text again)")
-    p.add_argument(
-        "--no-stream", action="store_true", help="print each text when done, not token by token"
-    )
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="recompute the whole context every step (no KV cache; same tokens, to compare)",
-    )
-    p.set_defaults(func=cmd_generate)
-
-
-def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "run_dir",
-        metavar="RUN_DIR",
-        help="a run folder written by `lmps train` (runs/JOB by default, or its --out)",
-    )
-    p.set_defaults(func=cmd_report)
-
-
-def _add_export(p: argparse.ArgumentParser) -> None:
-    p.usage = "lmps export (RUN_DIR | --job JOB) OUT [--format {hf,lmps}] [options]"
-    p.add_argument(
-        "paths",
-        nargs="+",
-        metavar="RUN_DIR OUT",
-        help="the run folder to export (written by `lmps train`; not with --job) and the "
-        "folder to write",
-    )
-    coordinator_flag(p)
-    p.add_argument(
-        "--job",
-        default=None,
-        help="export this job's model from the cluster instead of a run folder ('' = latest)",
-    )
-    p.add_argument(
-        "--format",
-        choices=("hf", "lmps"),
-        default="hf",
-        help="hf: a Hugging Face GPT-2 folder (GPT2LMHeadModel / AutoTokenizer .from_pretrained"
-        " load it; needs `pip install 'lmps[hf]'`); lmps: a run folder's model files "
-        "(default %(default)s)",
-    )
-    p.add_argument("--force", action="store_true", help="write into OUT even if not empty")
-    p.set_defaults(func=cmd_export)
-
-
-def _add_status(p: argparse.ArgumentParser) -> None:
-    coordinator_flag(p)
-    p.set_defaults(func=cmd_status)
-
-
-def _add_shards(p: argparse.ArgumentParser) -> None:
-    coordinator_flag(p)
-    p.add_argument("--job", default="", help="job id (default: latest)")
-    p.add_argument("--no-stats", action="store_true", help="skip norm/mean/max-abs (faster)")
-    p.set_defaults(func=cmd_shards)
-
-
-def _add_health(p: argparse.ArgumentParser) -> None:
-    p.add_argument("address", nargs="?", default=f"127.0.0.1:{env_number('LMPS_PORT', 50051)}")
-    p.add_argument("--service", default="", help="service name; empty = the whole server")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
-    p.set_defaults(func=cmd_health)
-
-
-def _add_certs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=".lmps/certs", help="folder to write")
-    p.add_argument(
-        "--hosts",
-        nargs="*",
-        default=[],
-        help="extra server names/IPs (localhost, 127.0.0.1, ::1, lmps are always in)",
-    )
-    p.add_argument("--days", type=int, default=365, help="validity")
-    p.add_argument("--force", action="store_true", help="replace existing files")
-    p.set_defaults(func=cmd_certs)
-
-
-def _add_prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="builtin:pydoc")
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--eval-fraction", type=float, default=0.05)
-    p.add_argument("--cache-dir", default=CACHE_DIR)
-    p.set_defaults(func=cmd_prepare)
-
-
-def _add_serve(p: argparse.ArgumentParser) -> None:
-    # The services' parsers import no torch: `lmps serve ROLE --help` stays quick.
-    from lmps.services.coordinator.main import build_parser as coordinator_parser
-    from lmps.services.parameter_server.main import build_parser as ps_parser
-    from lmps.services.worker.main import build_parser as worker_parser
-
-    roles = p.add_subparsers(dest="role", required=True, metavar="ROLE")
-    builders: dict[str, Callable[[argparse.ArgumentParser], argparse.ArgumentParser]] = {
-        "coordinator": coordinator_parser,
-        "ps": ps_parser,
-        "worker": worker_parser,
-    }
-    for role, build in builders.items():
-        build(roles.add_parser(role, help=f"run a {role}", formatter_class=HelpFormatter))
-    p.set_defaults(func=cmd_serve)
-
+# -- parser (each command's flags: lmps.client.cli_flags) ---------------------------------
 
 # name -> (one-line help, how to add its flags, example)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "demo": (
         "start a local cluster, train the tiny model, sample, fine-tune a classifier from it, stop",
-        _add_demo,
+        add_demo,
         example("lmps demo --epochs 5 --out runs/demo"),
     ),
     "train": (
         "train a model on a running cluster",
-        _add_train,
+        add_train,
         example("lmps train --preset tiny --epochs 3 --out runs/tiny"),
     ),
     "generate": (
         "sample text from a saved model or a running cluster",
-        _add_generate,
+        add_generate,
         example(
             'lmps generate --model runs/tiny "The for statement" --top-p 0.9 --stop "\\n\\n"',
             'lmps generate --job JOB "The with statement" --temperature 0',
@@ -300,7 +70,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     ),
     "predict": (
         "classify texts with a --task classify model: labels and probabilities",
-        _add_predict,
+        add_predict,
         example(
             'lmps predict --model runs/sentiment "a fine film" "dull and long" --top 2',
             "lmps predict --job JOB --file texts.jsonl --json",
@@ -308,7 +78,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     ),
     "chat": (
         "talk to a --task sft model, the reply streamed token by token",
-        _add_chat,
+        add_chat,
         example(
             "lmps chat --model runs/sft",
             'lmps chat --model runs/sft --system "Be brief." --prompt "What is a shard?"',
@@ -316,12 +86,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     ),
     "report": (
         "summary of a training run folder: losses, tokens/s, steps, the loss plot",
-        _add_report,
+        add_report,
         example("lmps report runs/tiny"),
     ),
     "export": (
         "write a trained model as a Hugging Face GPT-2 folder (or an lmps one)",
-        _add_export,
+        add_export,
         example(
             "lmps export runs/tiny hf/tiny --format hf",
             "lmps export --job JOB hf/job",
@@ -332,25 +102,25 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
         add_cluster,
         example("lmps cluster up --servers 2", "lmps cluster status", "lmps cluster down"),
     ),
-    "status": ("members and jobs of a cluster", _add_status, example("lmps status")),
+    "status": ("members and jobs of a cluster", add_status, example("lmps status")),
     "shards": (
         "the shard map and per-shard statistics",
-        _add_shards,
+        add_shards,
         example("lmps shards --job JOB --no-stats"),
     ),
     "health": (
         "exit 0 iff ADDRESS answers SERVING on grpc.health.v1",
-        _add_health,
+        add_health,
         example("lmps health 127.0.0.1:50051 --timeout 5"),
     ),
     "certs": (
         "make a dev CA, server/client certificates and a token (docs/security.md)",
-        _add_certs,
+        add_certs,
         example("lmps certs --out .lmps/certs --hosts coordinator"),
     ),
     "prepare": (
         "tokenize a corpus into the cache (train does this too)",
-        _add_prepare,
+        add_prepare,
         example("lmps prepare --data corpus.jsonl --vocab-size 4096"),
     ),
     "clean": (
@@ -360,7 +130,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     ),
     "serve": (
         "run one service: coordinator, ps (parameter server) or worker",
-        _add_serve,
+        add_serve,
         example("lmps serve coordinator --port 50051"),
     ),
 }

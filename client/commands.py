@@ -229,7 +229,7 @@ def _demo_classifier(opts: TrainOptions, out: str) -> float:
     `lmps predict`. Returns the seconds it took."""
     from lmps.client.cli import main
     from lmps.client.train import train
-    from lmps.core.task_data import BUILTIN_PYDOC_TOPICS
+    from lmps.core.pydoc_topics import BUILTIN_PYDOC_TOPICS
 
     started = time.perf_counter()
     classifier = f"{out}-classify"

@@ -98,15 +98,13 @@ def _classify(
         f"{len(names)} classes (train/eval: {classes}); "
         f"{truncated} cut to block {block_size}"
     )
-    return TaskData(
-        train=train.rows.flatten(),
-        eval=held.rows.flatten(),
-        train_examples=len(texts),
-        eval_examples=len(eval_texts),
-        tokenizer=tokenizer,
+    return _task_data(
+        train.rows,
+        held.rows,
+        tokenizer,
+        summary,
         labels=tuple(names),
         eval_counts=tuple(eval_counts[n] for n in names),
-        summary=summary,
     )
 
 
@@ -132,12 +130,26 @@ def _sft(
         f"({targets:,} train response tokens); {train.truncated + held.truncated} cut to "
         f"block {block_size}, {train.dropped + held.dropped} dropped (no response token left)"
     )
+    return _task_data(train.rows, held.rows, tokenizer, summary)
+
+
+def _task_data(
+    train: Tensor,
+    held: Tensor,
+    tokenizer: Tokenizer,
+    summary: str,
+    labels: tuple[str, ...] = (),
+    eval_counts: tuple[int, ...] = (),
+) -> TaskData:
+    """The splits' rows (N, block_size + 1) as the wire's streams, one example a row."""
     return TaskData(
-        train=train.rows.flatten(),
-        eval=held.rows.flatten(),
-        train_examples=n_train,
-        eval_examples=n_eval,
+        train=train.flatten(),
+        eval=held.flatten(),
+        train_examples=train.shape[0],
+        eval_examples=held.shape[0],
         tokenizer=tokenizer,
+        labels=labels,
+        eval_counts=eval_counts,
         summary=summary,
     )
 

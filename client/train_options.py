@@ -1,29 +1,27 @@
 """`TrainOptions`: everything `lmps train` and `lmps demo` take, each field with its flag
-(`Flag`), its checks, and the update rule it asks the coordinator for."""
+(`Flag`), and the update rule it asks the coordinator for; its checks are
+`lmps.client.train_checks`."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from lmps.client import preflight
-from lmps.core.compress import compression_from_name
+from lmps.client.train_checks import AUTOCAST_CHOICES, TASK_CHOICES, check
 from lmps.core.model import POOLINGS, PRESETS
 from lmps.core.optim import (
     DEFAULTS,
     KINDS,
     OPTIMIZERS,
     SCHEDULE_NAMES,
-    SCHEDULES,
     OptimizerKind,
     OptimizerRequest,
     ScheduleName,
 )
-from lmps.core.settings import MAX_LOCAL_STEPS, MAX_STALENESS, WIRE_DTYPES, Consistency
-from lmps.core.tasks import TASK_NAMES
+from lmps.core.settings import MAX_STALENESS, WIRE_DTYPES, Consistency
 
 
 @dataclass(frozen=True)
@@ -56,11 +54,6 @@ def flag(
 
 
 WIRE_DTYPE_NAMES = tuple(str(t).removeprefix("torch.") for t in WIRE_DTYPES)
-TASK_CHOICES: tuple[str, ...] = TASK_NAMES
-AUTOCAST_CHOICES = ("off", "bf16")
-"""--autocast: off (fp32) or bf16 (`JobSpec.autocast` BFLOAT16)."""
-CLASSIFY_FLAGS = ("pooling", "freeze_backbone")
-"""`TrainOptions` fields that only apply with --task classify."""
 
 
 @dataclass(frozen=True)
@@ -325,41 +318,7 @@ class TrainOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError("--epochs must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        if self.log_every < 1:
-            raise ValueError("--log-every must be >= 1")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError("--eval-fraction must be in (0, 1)")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be {' or '.join(KINDS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be {' or '.join(SCHEDULE_NAMES)}")
-        self._check_local_steps()
-        self._check_task()
-        _, staleness = self.consistency_mode()  # raises on a bad --consistency
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
-            raise ValueError("--max-grad-norm must be a finite number >= 0 (0 = off)")
-        if self.max_grad_norm and staleness and not self.local_steps:
-            raise ValueError(
-                f"--max-grad-norm needs each step's norm before the next, which --consistency "
-                f"{self.consistency} would wait for at every step: drop one of them"
-            )
-        try:
-            compression_from_name(self.push_compression)
-        except ValueError as err:
-            raise ValueError(f"--push-compression: {err}") from None
-        if self.nesterov and self.optimizer != "sgd":
-            raise ValueError("--nesterov is an SGD setting: add --optimizer sgd")
-        if self.replication not in (1, 2):
-            raise ValueError("--replication must be 1 or 2")
-        if self.replication == 2 and self.servers == 1:
-            raise ValueError(
-                "--replication 2 keeps every shard on two parameter servers: --servers 1 is "
-                "too few; use --servers 0 (every registered one) or 2 or more"
-            )
+        check(self)  # lmps.client.train_checks: each refusal names its flag
 
     def consistency_mode(self) -> tuple[Consistency, int]:
         """--consistency as (mode, max_staleness): "sync" -> ("sync", 0), "ssp:S" ->
@@ -378,89 +337,6 @@ class TrainOptions:
                 f"got {self.consistency!r}"
             )
         return "bounded_staleness", int(bound)
-
-    def _check_task(self) -> None:
-        """--task and what goes with it: classify-only flags, --micro-batches, --autocast."""
-        if self.task not in TASK_CHOICES:
-            raise ValueError(f"--task must be {', '.join(TASK_CHOICES[:-1])} or {TASK_CHOICES[-1]}")
-        if self.pooling not in ("", *POOLINGS):
-            raise ValueError(f"--pooling must be {' or '.join(POOLINGS)}")
-        if self.task != "classify":
-            given = [
-                f"--{f.name.replace('_', '-')}"
-                for f in dataclasses.fields(self)
-                if f.name in CLASSIFY_FLAGS and getattr(self, f.name) != f.default
-            ]
-            if given:  # never silently ignored: only a classifier has a head to pool or train
-                raise ValueError(
-                    f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} "
-                    f"with --task classify (this is --task {self.task})"
-                )
-        if self.task != "lm" and self.data == "builtin:pydoc":
-            want = (
-                'a {"text", "label"} JSONL or builtin:pydoc-topics'
-                if self.task == "classify"
-                else 'a {"messages": [...]} or {"prompt", "completion"} JSONL'
-            )
-            raise ValueError(
-                f"--task {self.task} needs its own --data, {want} (builtin:pydoc is plain text)"
-            )
-        if self.task == "classify" and self.sample_prompt:
-            raise ValueError(
-                "--sample-prompt samples text; a classifier answers with a label: drop it and "
-                'run `lmps predict --model OUT "TEXT"` after training'
-            )
-        if self.micro_batches < 1:
-            raise ValueError("--micro-batches must be >= 1")
-        if self.batch_size % self.micro_batches:
-            raise ValueError(
-                f"--micro-batches {self.micro_batches} must divide --batch-size "
-                f"{self.batch_size} (each micro-batch is an equal slice of the batch)"
-            )
-        if self.autocast not in AUTOCAST_CHOICES:
-            raise ValueError(f"--autocast must be {' or '.join(AUTOCAST_CHOICES)}")
-
-    def _check_local_steps(self) -> None:
-        if not 0 <= self.local_steps <= MAX_LOCAL_STEPS:
-            raise ValueError(f"--local-steps must be in [0, {MAX_LOCAL_STEPS}] (0 = off)")
-        if self.batches_per_lease < 0:
-            raise ValueError("--batches-per-lease must be >= 0 (0 = the default)")
-        if not self.local_steps:
-            given = [
-                f"--{f.name.replace('_', '-')}"
-                for f in dataclasses.fields(self)
-                if f.name in INNER_FLAGS and getattr(self, f.name) != f.default
-            ]
-            if given:
-                # Never silently ignored: without local steps no inner optimizer runs.
-                raise ValueError(
-                    f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} "
-                    "with local steps: add --local-steps H"
-                )
-            return
-        if self.inner_optimizer not in OPTIMIZERS:
-            raise ValueError(f"--inner-optimizer must be {' or '.join(KINDS)}")
-        if self.inner_schedule not in SCHEDULES:
-            raise ValueError(f"--inner-schedule must be {' or '.join(SCHEDULE_NAMES)}")
-        if self.batches_per_lease % self.local_steps:
-            raise ValueError(
-                f"--batches-per-lease {self.batches_per_lease} must be a multiple of "
-                f"--local-steps {self.local_steps} (or 0: {self.local_steps}, one round a lease)"
-            )
-        try:
-            inner_optimizer_request(self)
-        except ValueError as err:
-            raise ValueError(f"inner optimizer (--inner-*): {err}") from None
-
-
-INNER_FLAGS = (
-    "inner_optimizer",
-    "inner_lr",
-    "inner_weight_decay",
-    "inner_warmup_steps",
-    "inner_schedule",
-)
-"""`TrainOptions` fields that only apply with --local-steps."""
 
 
 def flags() -> Iterator[tuple[str, Any, Flag]]:

@@ -1,17 +1,26 @@
 """Small Hugging Face GPT-2 folders built here, from random weights and a tokenizer trained
 on a few lines of text (nothing is downloaded): what a user's `save_pretrained` GPT-2 looks
-like, at test size. Needs `transformers` (the `hf` extra)."""
+like, at test size; a small lmps model to export; and the checks the Hugging Face tests
+share (logits compared and their worst difference reported, `from_pretrained` with every
+warning it gave). Needs `transformers` (the `hf` extra)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import pydoc_data.topics
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from lmps.core.data import EOT
+from lmps.client import model_io
+from lmps.core.data import EOT, train_tokenizer
+from lmps.core.model import GPTConfig, init_model
 
 TOPICS = pydoc_data.topics.topics
 TEXT = "\n\n".join(TOPICS[k] for k in ("for", "while", "if", "with", "try"))
@@ -42,6 +51,21 @@ def gpt2_style_tokenizer(text: str = TEXT, vocab_size: int = 320) -> Tokenizer:
     tokenizer.train_from_iterator(text.splitlines(), trainer=trainer)
     tokenizer.add_special_tokens([EOT])
     return tokenizer
+
+
+def far_lmps_model(seed: int, **fields: Any) -> model_io.TrainedModel:
+    """A small random lmps model (2 layers, 2 heads, 32 wide, the other `GPTConfig` fields
+    as given) with lmps' own tokenizer trained on TEXT (EOT is id 0), its weights times 10:
+    away from the small init, where the GELUs would hardly differ."""
+    tokenizer = train_tokenizer(TEXT.splitlines(), 300)
+    config = GPTConfig(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=tokenizer.get_vocab_size(), **fields
+    )
+    model = init_model(config, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10)
+    return model_io.TrainedModel(model, config, tokenizer)
 
 
 def make_hf_dir(
@@ -88,3 +112,66 @@ def make_hf_dir(
     model.save_pretrained(str(path))
     GPT2TokenizerFast(tokenizer_object=tokenizer).save_pretrained(str(path))
     return path
+
+
+WORST: dict[str, float] = {}
+"""Largest |logits difference| per check of the running test module (`close`), printed at
+its end (`pytest -s`) by `report_logits_diffs`."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_logits_diffs() -> Iterator[None]:
+    """Autouse in a test module that imports it: prints `WORST` after the module's tests,
+    then empties it for the next module."""
+    yield
+    for name, diff in WORST.items():
+        print(f"\nmax abs logits diff, {name}: {diff:.3e}")
+    WORST.clear()
+
+
+def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """assert_close at fp32 tolerances, keeping the worst difference under `name`."""
+    torch.testing.assert_close(got, want)  # fp32 tolerances
+    WORST[name] = max(WORST.get(name, 0.0), float((got - want).abs().max()))
+
+
+def hf_logits(model: Any, idx: torch.Tensor) -> torch.Tensor:
+    """A transformers model's logits for `idx` (B, T), in eval mode, without gradients."""
+    with torch.no_grad():
+        out: torch.Tensor = model.eval()(idx).logits
+    return out
+
+
+def load_quietly(model_class: Any, path: Path) -> tuple[Any, dict[str, Any], list[str]]:
+    """`model_class.from_pretrained(path)` with loading info, and every warning transformers
+    logged or raised."""
+    import transformers
+
+    logger = logging.getLogger("transformers")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logger.addHandler(handler)
+    transformers.logging.set_verbosity_warning()  # hf_io quietens it; listen here
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = model_class.from_pretrained(str(path), output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+        transformers.logging.set_verbosity_error()
+    return model, info, seen + [str(w.message) for w in caught]
+
+
+def assert_no_loading_issues(info: dict[str, Any]) -> None:
+    """`from_pretrained`'s loading info: no missing, unexpected or mismatched key, no error."""
+    assert {k: list(v) for k, v in info.items()} == {
+        "missing_keys": [],
+        "unexpected_keys": [],
+        "mismatched_keys": [],
+        "error_msgs": [],
+    }

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,28 +66,36 @@ def _read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs: list[str] = []
+def jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) for each non-blank line of the .jsonl file `path`,
+    counting from 1; a line that is not UTF-8 or not JSON is a ValueError naming path:line."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason})"
+                    f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason}); "
+                    "save the file as UTF-8"
                 ) from None
             if not line.strip():
                 continue  # tolerate blank lines (e.g. a trailing newline)
             try:
-                record = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
                 raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object with a string 'text' field"
-                )
-            docs.append(text)
+                    f"{path}:{lineno}: invalid JSON ({e.msg}); write one JSON object per line"
+                ) from None
+            yield lineno, value
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs: list[str] = []
+    for lineno, record in jsonl_lines(path):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
+        docs.append(text)
     return docs
 
 

@@ -1,5 +1,6 @@
 """Fine-tuning data: labelled texts and chats as the rows of the "classify" and "sft" tasks
-(`lmps.core.tasks`), the chat template, and the bundled labelled set builtin:pydoc-topics.
+(`lmps.core.tasks`), and the chat template; the bundled labelled set builtin:pydoc-topics is
+`lmps.core.pydoc_topics`.
 
 Each example is one int32 row of block_size + 1 values, in the wire's layout (`lmps.v1.Task`):
 
@@ -47,10 +48,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from lmps.core.data import EOT
-
-BUILTIN_PYDOC_TOPICS = "builtin:pydoc-topics"
-"""The bundled labelled set: passages of CPython's pydoc topics, labelled by topic family."""
+from lmps.core.data import EOT, jsonl_lines
+from lmps.core.pydoc_topics import BUILTIN_PYDOC_TOPICS, pydoc_topic_passages
 
 _BUILTINS = (BUILTIN_PYDOC_TOPICS,)
 _IGNORE = -100  # torch's cross_entropy ignore_index, as lmps.core.tasks.IGNORE
@@ -66,29 +65,13 @@ def _jsonl_records(source: str, what: str) -> Iterator[tuple[str, dict[str, Any]
         raise FileNotFoundError(f"{what} {source!r} not found: give a .jsonl file")
     if path.suffix != ".jsonl":
         raise ValueError(f"{what} file {source!r} must end in .jsonl (one JSON object a line)")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{where}: not UTF-8 text (byte {e.start} of the line: {e.reason}); "
-                    "save the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue  # tolerate blank lines (e.g. a trailing newline)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{where}: invalid JSON ({e.msg}); write one JSON object per line"
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{where}: expected a JSON object per line, got {type(record).__name__}"
-                )
-            yield where, record
+    for lineno, record in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{where}: expected a JSON object per line, got {type(record).__name__}"
+            )
+        yield where, record
 
 
 # --- Labelled texts ------------------------------------------------------------------------
@@ -104,7 +87,7 @@ def load_labelled(source: str) -> tuple[list[str], list[str]]:
     """
     if source.startswith("builtin:"):
         if source == BUILTIN_PYDOC_TOPICS:
-            return _pydoc_topic_passages()
+            return pydoc_topic_passages()
         raise ValueError(f"unknown builtin data set {source!r}; choose one of: {_BUILTINS}")
     texts: list[str] = []
     labels: list[str] = []
@@ -482,107 +465,6 @@ def decode_sft_row(row: Tensor) -> tuple[Tensor, Tensor]:
     ids = torch.where(row < 0, -row - 1, row)
     targets = row[1:]
     return ids[:-1], targets.masked_fill(targets < 0, _IGNORE)
-
-
-# --- The bundled set: builtin:pydoc-topics -------------------------------------------------
-
-_TOPIC_FAMILIES = {
-    # The simple and compound statements (the language reference, chapters 7 and 8).
-    "statement": "assert assignment break compound continue del global import nonlocal pass "
-    "raise return yield",
-    # Operators, expressions, and the literals and names they are made of.
-    "expression": "atom-identifiers atom-literals attribute-references await binary bitwise "
-    "booleans calls comparisons conversions dict exprlists floating identifiers imaginary "
-    "integers lambda lists numbers operator-summary power shifting slicings strings "
-    "subscriptions unary",
-    # The built-in types and their methods (the library reference).
-    "builtin-type": "bltin-code-objects bltin-ellipsis-object bltin-null-object "
-    "bltin-type-objects formatstrings specialattrs string-methods truth typesfunctions "
-    "typesmapping typesmethods typesmodules typesseq",
-    # Objects, the standard type hierarchy, the special method names.
-    "data-model": "objects specialnames types",
-    # The execution model (blocks, names, scopes, exceptions) and the debugger.
-    "runtime": "debugger execmodel",
-}
-
-TOPIC_CLASSES: dict[str, str] = {
-    topic: family for family, topics in _TOPIC_FAMILIES.items() for topic in topics.split()
-}
-"""pydoc topic name -> class of builtin:pydoc-topics (statement, expression, builtin-type,
-data-model, runtime). A topic not in this table is left out: those of `TOPIC_SECTIONS`, and
-any a newer Python adds (so no passage changes class with the Python version)."""
-
-_SECTIONS_OF = {
-    "compound": "async class else for function if try while with",
-    "specialnames": "attribute-access callable-types context-managers customization "
-    "numeric-types sequence-types",
-    "execmodel": "dynamic-features exceptions naming",
-    "assignment": "augassign",
-    "identifiers": "id-classes",
-    "comparisons": "in",
-    "typesseq": "typesseq-mutable",
-}
-
-TOPIC_SECTIONS: dict[str, str] = {
-    section: topic for topic, sections in _SECTIONS_OF.items() for section in sections.split()
-}
-"""Topics left out of builtin:pydoc-topics because their text repeats, paragraph for
-paragraph, inside a bigger topic (section -> the topic that holds it, e.g. "if" is a section
-of "compound"): kept, the same passages would sit in both splits."""
-
-
-_PASSAGE_MIN, _PIECE_MAX = 200, 400  # characters
-
-
-def _passages(text: str) -> list[str]:
-    """`text` cut into passages of _PASSAGE_MIN to about 600 characters: paragraphs (blank-line
-    separated; a paragraph over _PIECE_MAX cut at line ends) gathered until the passage has
-    _PASSAGE_MIN characters, a shorter tail joined to the passage before it."""
-    pieces: list[str] = []
-    for paragraph in re.split(r"\n[ \t]*\n", text):
-        paragraph = paragraph.strip("\n").rstrip()
-        if not paragraph.strip():
-            continue
-        lines: list[str] = []
-        for line in paragraph.split("\n"):
-            if lines and len("\n".join([*lines, line])) > _PIECE_MAX:
-                pieces.append("\n".join(lines))
-                lines = []
-            lines.append(line)
-        pieces.append("\n".join(lines))
-    passages: list[str] = []
-    current = ""
-    for piece in pieces:
-        current = f"{current}\n\n{piece}" if current else piece
-        if len(current) >= _PASSAGE_MIN:
-            passages.append(current)
-            current = ""
-    if current and passages:
-        passages[-1] = f"{passages[-1]}\n\n{current}"
-    elif current:
-        passages.append(current)  # a topic shorter than one passage
-    return passages
-
-
-def _pydoc_topic_passages() -> tuple[list[str], list[str]]:
-    """builtin:pydoc-topics: each topic of `TOPIC_CLASSES` (sorted by name) cut into
-    passages (`_passages`), each labelled with its topic's class; a passage that occurs
-    twice is kept the first time."""
-    from pydoc_data.topics import topics
-
-    texts: list[str] = []
-    labels: list[str] = []
-    seen: set[str] = set()
-    for name in sorted(topics):
-        label = TOPIC_CLASSES.get(name)
-        if label is None:
-            continue
-        for passage in _passages(topics[name]):
-            if passage not in seen:  # a passage two topics share is kept once
-                seen.add(passage)
-                texts.append(passage)
-                labels.append(label)
-    return texts, labels
 
 
 def class_counts(labels: Sequence[str]) -> dict[str, int]:

@@ -28,6 +28,7 @@ from lmps.core.sparse_rows import RowGrid, encode_push, push_grids
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.rpc.clip import GrpcNormServer
+from lmps.services.worker.pulls import PullStream, Sink
 from lmps.v1 import parameter_pb2
 
 
@@ -162,59 +163,25 @@ class ServerPool:
         for ch in self.channels.values():
             ch.close()
 
-    def _pull_one(
-        self, server_id: str, min_version: int, timeout_s: float | None = None
-    ) -> tuple[int, dict[str, torch.Tensor]]:
-        # Only the shards this server owns (it may also hold backups of others). No
-        # wait_for_ready: a dead server must fail the step now, not in ten minutes.
-        owned = self.owned[server_id]
-        stream = self._pull_raw[server_id](
-            parameter_pb2.PullRequest(
-                job_id=self.job_id,
-                min_version=min_version,
-                wire_dtype=codec.to_proto_dtype(self.wire_dtype),
-                shard_ids=[] if owned == self.by_server[server_id] else owned,
-            ),
-            timeout=timeout_s or self.timeout_s,
-        )
-        values: dict[str, torch.Tensor] = {}
-        versions = set()
-        self._track(stream)
-        try:
-            for blob in stream:
-                # A view of the received bytes: `Replica.load` copies it into the parameter.
-                sid, version, values[sid] = codec.view_shard_tensor(blob)
-                versions.add(version)
-        finally:
-            self._untrack(stream)
-        if len(versions) != 1:
-            raise RuntimeError(f"server {server_id} sent mixed versions {sorted(versions)}")
-        return versions.pop(), values
+    def open_pull(self, min_version: int, sink: Sink, timeout_s: float | None = None) -> PullStream:
+        """Start a pull of every shard at a version >= min_version; each shard goes to
+        `sink` as it arrives (`PullStream`). With clipping, step min_version - 1 is
+        committed first unless this pool did (a no-op where it is applied: one GradNorm
+        round trip)."""
+        if self.committer is not None:
+            self.committer.before_pull(min_version)
+        return PullStream(self, min_version, sink, timeout_s)
 
     def pull(
         self, min_version: int, timeout_s: float | None = None
     ) -> tuple[int, dict[str, torch.Tensor]]:
-        """All shards from all servers at a version >= min_version; one version everywhere.
-
-        With clipping, step min_version - 1 is committed first unless this pool did (a
-        no-op where it is applied: one GradNorm round trip)."""
-        if self.committer is not None:
-            self.committer.before_pull(min_version)
-        futures = [
-            self.executor.submit(self._pull_one, s, min_version, timeout_s) for s in self.owned
-        ]
+        """All shards from all servers at a version >= min_version: (version, values as
+        read-only views of the received bytes). SYNC: one version everywhere; bounded
+        staleness and ASYNC: each server answers at a version >= min_version, and the
+        lowest is the one the gradient counts as computed at."""
         values: dict[str, torch.Tensor] = {}
-        versions = set()
-        for f in futures:
-            v, part = f.result()
-            versions.add(v)
-            values.update(part)
-        # SYNC: every server answers at the same version (a step is one version everywhere).
-        # Bounded staleness and ASYNC: each answered at a version >= min_version, and the
-        # lowest is the one the gradient counts as computed at.
-        if len(versions) != 1 and not self.mixed_versions:
-            raise RuntimeError(f"servers are at different versions {sorted(versions)}")
-        return min(versions), values
+        version = self.open_pull(min_version, values.__setitem__, timeout_s).result()
+        return version, values
 
     def open_push(self, step: int, weight: float, computed_at: int | None = None) -> PushStream:
         """Start this worker's push for `step` to every server now, before the gradients

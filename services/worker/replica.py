@@ -5,7 +5,8 @@ Pure torch: no gRPC here. Runs on CPU or CUDA.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 
@@ -13,6 +14,14 @@ from lmps.core import tasks
 from lmps.core.model import GPT, GPTConfig
 from lmps.core.partition import ParamInfo, Shard, shard_view, validate_cover
 from lmps.core.tasks import EvalCounts, Task, TaskName
+
+
+class Arrivals(Protocol):
+    """Shards still on their way (a pull in flight, `services/worker/pulls.py`)."""
+
+    def wait(self, shard_ids: Iterable[str]) -> None:
+        """Until every one of `shard_ids` is loaded; raises the pull's error."""
+        ...
 
 
 def pick_device(requested: str) -> torch.device:
@@ -79,6 +88,16 @@ class Replica:
         for name, p in self.params.items():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda p, name=name: self._give(name, p))
+        # And forward waits, module by module, only for the shards of that module's own
+        # parameters (`train_step(arrivals=)`): the next step's first layers start while
+        # the later ones are still being pulled.
+        self._arrivals: Arrivals | None = None
+        name_of = {id(p): n for n, p in self.params.items()}
+        for module in self.model.modules():
+            own = [name_of[id(p)] for p in module.parameters(recurse=False)]
+            ids = tuple(s.shard_id for n in own for s in self._of_param.get(n, ()))
+            if ids:
+                module.register_forward_pre_hook(lambda m, args, ids=ids: self._await(ids))
 
     @property
     def numel(self) -> int:
@@ -92,6 +111,19 @@ class Replica:
             for sid, value in values.items():
                 s = self.shards[sid]
                 shard_view(self.params[s.param].data, s).copy_(value, non_blocking=True)
+
+    def load_one(self, shard_id: str, value: torch.Tensor) -> None:
+        """Write one shard's value into its parameter (a pull's sink: called from the
+        pull's threads while forward runs on the layers already loaded)."""
+        s = self.shards.get(shard_id)
+        if s is None:
+            raise ValueError(f"pulled shard {shard_id!r} is not in the shard map")
+        with torch.no_grad():
+            shard_view(self.params[s.param].data, s).copy_(value, non_blocking=True)
+
+    def _await(self, shard_ids: tuple[str, ...]) -> None:
+        if self._arrivals is not None:
+            self._arrivals.wait(shard_ids)
 
     def _grad_of(self, s: Shard) -> torch.Tensor:
         g = self.params[s.param].grad
@@ -119,9 +151,11 @@ class Replica:
         self,
         batch: torch.Tensor,
         on_grad: Callable[[str, torch.Tensor], None] | None = None,
+        arrivals: Arrivals | None = None,
     ) -> tuple[float, dict[str, torch.Tensor]]:
         """Forward/backward on `batch` (B, T+1) rows of the task -> (mean loss, shard grads
-        on CPU).
+        on CPU). With `arrivals` (a pull still loading the parameters through `load_one`),
+        each module's forward first waits for its own shards.
 
         On CPU the shard gradients are views of the parameters' .grad buffers (no copy: the
         push encodes from them). Each step's .grad tensors are new (`zero_grad(set_to_none)`:
@@ -142,8 +176,12 @@ class Replica:
         self.model.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for k, part in enumerate(parts):
-            with self._autocast():
-                loss = self.task.loss(self.model, part)
+            self._arrivals = arrivals if k == 0 else None  # later slices find them loaded
+            try:
+                with self._autocast():
+                    loss = self.task.loss(self.model, part)
+            finally:
+                self._arrivals = None
             # Each slice's mean, weighted by its share: the sum is the batch's mean. One slice
             # is weighted by exactly 1.0, so the whole batch at once is unchanged.
             share = units[k] / total if total else 1.0 / len(parts)

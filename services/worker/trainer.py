@@ -19,9 +19,9 @@ push is applied at once, the worker never waits for the others).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -95,6 +95,37 @@ class ParameterClient(Protocol):
         ...
 
 
+class PullInFlight(Protocol):
+    """A pull whose shards go to the model as they arrive (`ServerPool.open_pull`)."""
+
+    waited_s: float
+    """Seconds spent blocked on it so far."""
+
+    def version(self) -> int:
+        """The version it answers at (what `ParameterClient.pull` returns first)."""
+        ...
+
+    def wait(self, shard_ids: Iterable[str]) -> None: ...
+
+    def result(self) -> int:
+        """Until every shard is loaded; raises the pull's error. Returns `version()`."""
+        ...
+
+    def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingPulls(Protocol):
+    """A `ParameterClient` that can also pull shard by shard (`ServerPool`)."""
+
+    def open_pull(
+        self,
+        min_version: int,
+        sink: Callable[[str, torch.Tensor], None],
+        timeout_s: float | None = None,
+    ) -> PullInFlight: ...
+
+
 class GradientSink(Protocol):
     """One push in progress: `add` each shard's final gradient (any order, each once), then
     `close` (waits for the servers, raises their error, returns what `ParameterClient.push`
@@ -138,12 +169,16 @@ class StepModel(Protocol):
 
     def load(self, values: Mapping[str, torch.Tensor]) -> None: ...
 
+    def load_one(self, shard_id: str, value: torch.Tensor) -> None: ...
+
     def train_step(
         self,
         batch: torch.Tensor,
         on_grad: Callable[[str, torch.Tensor], None] | None = None,
+        arrivals: PullInFlight | None = None,
     ) -> tuple[float, dict[str, torch.Tensor]]:
-        """(loss, every shard's gradient); `on_grad` gets each one as soon as it is made."""
+        """(loss, every shard's gradient); `on_grad` gets each one as soon as it is made;
+        with `arrivals`, each layer's forward first waits for its own shards."""
         ...
 
 
@@ -281,12 +316,32 @@ class Trainer:
         A worker that joined mid-epoch (or lagged) moves up to the servers' version: its
         gradient is then pushed for that step."""
         version, values = self.params.pull(max(0, self.step - self.staleness))
+        self._adopt(version)
+        return version, values
+
+    def _adopt(self, version: int) -> None:
+        """The step is the version pulled (a worker that lagged moves up to it)."""
         self.step = max(self.step, version)
         # Bounded staleness: the push says which version its gradient was computed at (the
         # servers check it against the bound); SYNC leaves it out (it is the step). ASYNC:
         # the push is for the version pulled (the lowest), and says so too.
         self._computed_at = version if self.staleness or self.asynchronous else None
-        return version, values
+
+    def _open_pull(self) -> tuple[int, PullInFlight | None]:
+        """`_pull` into the model: shard by shard as they arrive where the client can
+        (the forward then waits per layer: `train_step(arrivals=)`), else all at once."""
+        if not isinstance(self.params, StreamingPulls):
+            version, values = self._pull()
+            self.model.load(values)
+            return version, None
+        pull = self.params.open_pull(max(0, self.step - self.staleness), self.model.load_one)
+        try:
+            version = pull.version()
+        except BaseException:
+            pull.cancel()
+            raise
+        self._adopt(version)
+        return version, pull
 
     def _batch(self, lease: Lease, b: int) -> torch.Tensor:
         return lease.tokens[b * self.batch_size : (b + 1) * self.batch_size]
@@ -332,27 +387,42 @@ class Trainer:
 
     def _train_batch(self, lease: Lease, b: int, batch: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
-        version, values = self._pull()
-        self.model.load(values)
+        version, pull = self._open_pull()
         t1 = time.perf_counter()
+        before = 0.0 if pull is None else pull.waited_s
         # SYNC: push the plain gradient of this step, weighted by the batch's sequences; each
         # shard leaves while backward still runs (push_s: the part not hidden behind it).
-        sink = self.params.open_push(self.step, self.weigh(batch), self._computed_at)
+        try:
+            sink = self.params.open_push(self.step, self.weigh(batch), self._computed_at)
+        except BaseException:
+            if pull is not None:
+                pull.cancel()
+            raise
         norm = 0.0
+        # Only a streamed pull has arrivals to wait for (models that cannot take them are
+        # only ever given whole pulls).
+        arrivals: dict[str, Any] = {} if pull is None else {"arrivals": pull}
         try:
             if self.max_grad_norm:
                 # ASYNC clipping: the whole gradient's norm first, so nothing leaves during
                 # backward (no overlap), then the clipped shards.
-                loss, grads = self.model.train_step(batch)
+                loss, grads = self.model.train_step(batch, **arrivals)
                 norm = clip.clip_(grads, self.max_grad_norm)
                 for sid, g in grads.items():
                     sink.add(sid, g)
             else:
-                loss, _ = self.model.train_step(batch, on_grad=sink.add)
+                loss, _ = self.model.train_step(batch, on_grad=sink.add, **arrivals)
+            if pull is not None:
+                pull.result()  # every shard loaded (those forward did not use too)
         except BaseException:
             sink.abort()
+            if pull is not None:
+                pull.cancel()
             raise
         t2 = time.perf_counter()
+        # The pull not hidden behind forward: the wait for its version, and for shards
+        # forward reached before they arrived.
+        hidden_wait = 0.0 if pull is None else pull.waited_s - before
         made = sink.close()
         t3 = time.perf_counter()
         norm = norm or sink.grad_norm
@@ -368,8 +438,8 @@ class Trainer:
             loss=loss,
             tokens=n_tokens,
             tokens_per_s=n_tokens / max(t3 - t0, 1e-9),
-            pull_s=t1 - t0,
-            compute_s=t2 - t1,
+            pull_s=t1 - t0 + hidden_wait,
+            compute_s=t2 - t1 - hidden_wait,
             push_s=t3 - t2,
             lease_id=lease.lease_id,
             data_shard=lease.data_shard,

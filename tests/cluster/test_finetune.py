@@ -7,9 +7,6 @@ as 1; bad fine-tuning input is one line and exit status 2."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +17,10 @@ from lmps.client import finetune, model_io
 from lmps.client.launcher import ClusterSpec, LocalCluster
 from lmps.core.data import train_tokenizer
 from lmps.core.model import GPTConfig, init_model
+from tests.cluster.cli import lmps, ok, one_line_error
 
 pytestmark = pytest.mark.cluster
 
-SCRIPT = Path(sys.executable).parent / "lmps"
-LMPS = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "lmps.client.cli"]
 MARGIN = 0.15
 """How far above the majority-class baseline the pydoc-topics classifier must be. Measured
 with these settings (seed 1337, 4 epochs from scratch): 71.7% against 35.4%; seeds 1 and 2
@@ -36,33 +32,9 @@ WORDS = {
 }
 
 
-def lmps(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*LMPS, *argv],
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def ok(done: subprocess.CompletedProcess[str]) -> str:
-    text = done.stdout + done.stderr
-    assert done.returncode == 0, (done.args, text)
-    assert "Traceback" not in text, text
-    return done.stdout
-
-
-def one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> str:
-    text = done.stdout + done.stderr
-    assert "Traceback" not in text, text
-    assert done.returncode == 2, (done.args, done.returncode, text)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, (done.args, done.stderr)
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+def train(cluster: LocalCluster, cwd: Path, *argv: str) -> str:
+    """`lmps train --coordinator CLUSTER *argv` in `cwd`, which must succeed; its stdout."""
+    return ok(lmps("train", "--coordinator", cluster.coordinator, *argv, cwd=cwd))
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
@@ -106,38 +78,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_classify_pydoc_topics_beats_the_majority_baseline(
     tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    out = ok(
-        lmps(
-            "train",
-            "--coordinator",
-            cluster.coordinator,
-            "--task",
-            "classify",
-            "--data",
-            "builtin:pydoc-topics",
-            "--preset",
-            "tiny",
-            "--vocab-size",
-            "512",
-            "--block-size",
-            "64",
-            "--pooling",
-            "mean",
-            "--epochs",
-            "4",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-3",
-            "--warmup-steps",
-            "5",
-            "--eval-fraction",
-            "0.2",
-            "--out",
-            "run",
-            cwd=tmp_path,
-        )
-    )
+    out = train(
+        cluster, tmp_path,
+        "--task", "classify", "--data", "builtin:pydoc-topics",
+        "--preset", "tiny", "--vocab-size", "512", "--block-size", "64", "--pooling", "mean",
+        "--epochs", "4", "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "5",
+        "--eval-fraction", "0.2", "--out", "run",
+    )  # fmt: skip
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     accuracy, baseline = report["eval_accuracy"], report["majority_baseline"]
     print(f"\npydoc-topics classifier: accuracy {accuracy:.3f}, majority baseline {baseline:.3f}")
@@ -187,36 +134,13 @@ def test_sft_on_chats_learns_the_responses(tmp_path: Path, cluster: LocalCluster
                 }
             )
     write_jsonl(tmp_path / "chats.jsonl", rows)
-    out = ok(
-        lmps(
-            "train",
-            "--coordinator",
-            cluster.coordinator,
-            "--task",
-            "sft",
-            "--data",
-            "chats.jsonl",
-            "--preset",
-            "tiny",
-            "--vocab-size",
-            "300",
-            "--block-size",
-            "64",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "8",
-            "--lr",
-            "3e-3",
-            "--warmup-steps",
-            "3",
-            "--eval-fraction",
-            "0.1",
-            "--out",
-            "run",
-            cwd=tmp_path,
-        )
-    )
+    out = train(
+        cluster, tmp_path,
+        "--task", "sft", "--data", "chats.jsonl",
+        "--preset", "tiny", "--vocab-size", "300", "--block-size", "64",
+        "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "3",
+        "--eval-fraction", "0.1", "--out", "run",
+    )  # fmt: skip
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     losses = [report["initial_eval_loss"]] + [e["eval_loss"] for e in report["epochs"]]
     print(f"\nsft eval loss over response tokens by epoch: {[round(x, 3) for x in losses]}")
@@ -234,26 +158,11 @@ def test_freeze_backbone_trains_the_head_only(
 ) -> None:
     sentiment(tmp_path / "mood.jsonl")
     argv = ["--init-from", str(base), "--task", "classify", "--data", "mood.jsonl"]
-    out = ok(
-        lmps(
-            "train",
-            "--coordinator",
-            cluster.coordinator,
-            *argv,
-            "--freeze-backbone",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--lr",
-            "1e-2",
-            "--seed",
-            "11",
-            "--out",
-            "run",
-            cwd=tmp_path,
-        )
-    )
+    out = train(
+        cluster, tmp_path, *argv,
+        "--freeze-backbone", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
+        "--seed", "11", "--out", "run",
+    )  # fmt: skip
     assert "a new 2-class head" in out
     start = model_io.load(base)
     trained = model_io.load(tmp_path / "run")
@@ -272,39 +181,16 @@ def test_micro_batches_train_the_same_parameters(tmp_path: Path, cluster: LocalC
     sentiment(tmp_path / "mood.jsonl")
     models = []
     for n in (1, 2):
-        ok(
-            lmps(
-                "train",
-                "--coordinator",
-                cluster.coordinator,
-                "--task",
-                "classify",
-                "--data",
-                "mood.jsonl",
-                "--preset",
-                "tiny",
-                "--vocab-size",
-                "300",
-                "--block-size",
-                "32",
-                # SGD: its update is linear in the gradient, so rounding differences of the
-                # accumulation stay rounding-sized (AdamW's m / sqrt(v) can flip a near-zero
-                # gradient's sign into a whole lr step).
-                "--optimizer",
-                "sgd",
-                "--lr",
-                "0.1",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "4",
-                "--micro-batches",
-                str(n),
-                "--out",
-                f"run{n}",
-                cwd=tmp_path,
-            )
-        )
+        train(
+            cluster, tmp_path,
+            "--task", "classify", "--data", "mood.jsonl",
+            "--preset", "tiny", "--vocab-size", "300", "--block-size", "32",
+            # SGD: its update is linear in the gradient, so rounding differences of the
+            # accumulation stay rounding-sized (AdamW's m / sqrt(v) can flip a near-zero
+            # gradient's sign into a whole lr step).
+            "--optimizer", "sgd", "--lr", "0.1",
+            "--epochs", "1", "--batch-size", "4", "--micro-batches", str(n), "--out", f"run{n}",
+        )  # fmt: skip
         models.append(model_io.load(tmp_path / f"run{n}"))
     one, two = ({n: p.detach() for n, p in m.model.named_parameters()} for m in models)
     fresh = init_model(models[0].config, seed=1337).state_dict()  # the coordinator's init

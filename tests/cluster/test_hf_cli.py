@@ -9,8 +9,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,41 +19,16 @@ from lmps.client import model_io
 from lmps.client.launcher import ClusterSpec, LocalCluster, free_port
 from lmps.core.data import train_tokenizer
 from lmps.core.model import GPT, GPTConfig
-from tests.hf_models import TEXT, TEXTS, make_hf_dir
+from tests.cluster.cli import lmps, one_line_error
+from tests.hf_models import TEXT, TEXTS, assert_no_loading_issues, make_hf_dir
 
 pytestmark = pytest.mark.cluster
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
-SCRIPT = Path(sys.executable).parent / "lmps"
-LMPS = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "lmps.client.cli"]
 CORPUS = TEXT[:1500]  # ~600 tokens: a dozen steps of 2 x 16
 INSTALL = "pip install 'lmps[hf]'"
-
-
-def lmps(
-    *argv: str, cwd: Path, env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*LMPS, *argv],
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> str:
-    text = done.stdout + done.stderr
-    assert "Traceback" not in text, text
-    assert done.returncode == 2, (done.args, done.returncode, text)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, (done.args, done.stderr)
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +110,7 @@ def test_fine_tune_a_hugging_face_gpt2_on_the_cluster_and_export_it_back(
     exported, info = GPT2LMHeadModel.from_pretrained(
         str(tmp_path / "out"), output_loading_info=True
     )
-    assert {k: list(v) for k, v in info.items()} == {
-        "missing_keys": [],
-        "unexpected_keys": [],
-        "mismatched_keys": [],
-        "error_msgs": [],
-    }
+    assert_no_loading_issues(info)
     idx = torch.randint(0, trained.config.vocab_size, (2, 16), generator=torch.Generator())
     want = logits_of(trained.model, idx, hf=False)
     got = logits_of(exported, idx, hf=True)

@@ -12,11 +12,12 @@ import torch
 from lmps.client import model_io
 from lmps.client.launcher import ClusterSpec, LocalCluster
 from lmps.core.data import plan_data_shards, to_sequences
-from lmps.core.model import GPT, decay_mask, init_model
+from lmps.core.model import GPT, init_model
 from lmps.core.optim import lr_at
 from lmps.rpc import codec
 from lmps.v1 import job_pb2
 from tests.cluster.jobs import SMALL, Driver, make_spec, random_tokens
+from tests.unit.test_inprocess_parity import reference_optimizer
 
 pytestmark = pytest.mark.cluster
 
@@ -49,30 +50,7 @@ def reference(
     returns (the norm before clipping), one per step."""
     settings = codec.optimizer_from_proto(optimizer)
     model = init_model(SMALL, SEED)
-    params = list(model.named_parameters())
-    groups = [
-        {
-            "params": [p for n, p in params if decay_mask(n, p)],
-            "weight_decay": settings.weight_decay,
-        },
-        {"params": [p for n, p in params if not decay_mask(n, p)], "weight_decay": 0.0},
-    ]
-    if settings.kind == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            groups,
-            lr=settings.lr,
-            momentum=settings.momentum,
-            nesterov=settings.nesterov,
-            foreach=False,
-        )
-    else:
-        opt = torch.optim.AdamW(
-            groups,
-            lr=settings.lr,
-            betas=(settings.beta1, settings.beta2),
-            eps=settings.eps,
-            foreach=False,
-        )
+    opt = reference_optimizer(model, settings)
     sequences = to_sequences(train, SMALL.block_size)
     model.train()
     for step in sorted(steps):

@@ -34,7 +34,7 @@ from lmps.core.settings import default_total_steps
 from lmps.rpc import codec
 from lmps.services.coordinator.leases import DESKS, AsyncLeaseDesk, DataLease
 from lmps.services.parameter_server.store import ParameterStore
-from lmps.services.worker.replica import Replica
+from lmps.services.worker.replica import Arrivals, Replica
 from lmps.services.worker.trainer import CollectingPush, Lease, StepResult, Trainer
 from lmps.v1 import job_pb2
 from tests.unit.test_inprocess_parity import (
@@ -43,10 +43,11 @@ from tests.unit.test_inprocess_parity import (
     JOB,
     SEED,
     SERVERS,
-    WAIT_S,
     WORKERS,
     StoreClient,
     initial_shards,
+    loaded_stores,
+    run_epoch_in_threads,
 )
 from tests.unit.test_lease_desk import FakeBarrier
 from tests.unit.test_local_steps import _sequences, _torch_optimizer
@@ -141,9 +142,10 @@ class SlowReplica(Replica):
         self,
         batch: torch.Tensor,
         on_grad: Callable[[str, torch.Tensor], None] | None = None,
+        arrivals: Arrivals | None = None,
     ) -> tuple[float, dict[str, torch.Tensor]]:
         time.sleep(SLOW_S)
-        return super().train_step(batch, on_grad)
+        return super().train_step(batch, on_grad, arrivals)
 
 
 @dataclass(frozen=True)
@@ -230,11 +232,7 @@ class Queue:
 
 def train() -> tuple[list[StepResult], dict[str, ParameterStore], list[Push], Queue, list[Shard]]:
     shards, values = initial_shards(init_model(CONFIG, SEED))
-    stores = {sid: ParameterStore(sid) for sid in SERVERS}
-    for sid, store in stores.items():
-        part = [s for s in shards if s.server_id == sid]
-        values_of = [(s.shard_id, values[s.shard_id]) for s in part]
-        store.load(JOB, SETTINGS, part, values_of, WORKERS, consistency="async")
+    stores = loaded_stores(SETTINGS, shards, values, WORKERS, consistency="async")
     queue = Queue(_sequences())
     clients = {w: Recorder(w, stores, shards) for w in WORKERS}
     trainers = [
@@ -249,26 +247,10 @@ def train() -> tuple[list[StepResult], dict[str, ParameterStore], list[Push], Qu
         for w in WORKERS
     ]
     results: list[StepResult] = []
-    errors: list[BaseException] = []
-
-    def run(trainer: Trainer, epoch: int, start: int) -> None:
-        try:
-            results.extend(trainer.run_epoch(epoch, start))
-        except BaseException as err:
-            errors.append(err)
-            for t in trainers:
-                t.cancel()
-
     for epoch in range(EPOCHS):
         queue.start_epoch(epoch)
         start = min(st.pull(JOB, 0, [], timeout_s=0)[0] for st in stores.values())
-        threads = [threading.Thread(target=run, args=(t, epoch, start)) for t in trainers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=2 * WAIT_S)
-        assert not errors, errors
-        assert not any(t.is_alive() for t in threads), "a trainer hung"
+        results += run_epoch_in_threads(trainers, epoch, start)
     pushes = [p for c in clients.values() for p in c.pushes]
     return results, stores, pushes, queue, shards
 

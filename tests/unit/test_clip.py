@@ -54,6 +54,7 @@ from tests.unit.test_inprocess_parity import (
     StoreClient,
     StoreNorms,
     initial_shards,
+    loaded_stores,
     reference,
     train_in_process,
 )
@@ -151,6 +152,16 @@ def values(s: ParameterStore) -> dict[str, torch.Tensor]:
     return dict(s.pull(JOB, 0, [], timeout_s=0)[1])
 
 
+def parked() -> tuple[ParameterStore, dict[str, float]]:
+    """A `store()` whose step 0 both workers pushed, parked for its norm, and the step's sums
+    (GradNorm's answer)."""
+    s = store()
+    push(s, "w0")
+    push(s, "w1")
+    _, sums = s.grad_norm(JOB, 0, WAIT_S)
+    return s, sums
+
+
 def mean() -> dict[str, torch.Tensor]:
     return {sid: (GRADS["w0"][sid] + GRADS["w1"][sid]) / 2 for sid in INIT}
 
@@ -178,10 +189,7 @@ def test_grad_norm_waits_for_the_barrier_then_answers_the_mean_s_sums() -> None:
 
 
 def test_apply_step_clips_as_torch_and_is_idempotent() -> None:
-    s = store(max_grad_norm=1.0)
-    push(s, "w0")
-    push(s, "w1")
-    _, sums = s.grad_norm(JOB, 0, WAIT_S)
+    s, sums = parked()
     norm = clip.total_norm(sums)
     assert norm > 1.0  # this step clips
     version, used, applied = s.apply_step(JOB, 0, norm)
@@ -204,10 +212,7 @@ def test_apply_step_clips_as_torch_and_is_idempotent() -> None:
 
 
 def test_apply_step_refuses_what_does_not_fit_and_changes_nothing() -> None:
-    s = store()
-    push(s, "w0")
-    push(s, "w1")
-    _, sums = s.grad_norm(JOB, 0, WAIT_S)
+    s, sums = parked()
     norm = clip.total_norm(sums)
     before = values(s)
     for bad in (math.nan, math.inf, -1.0):
@@ -257,10 +262,7 @@ def test_load_refuses_clipping_on_servers_outside_sync() -> None:
 
 
 def test_a_parked_step_survives_a_discard_and_refuses_a_second_push() -> None:
-    s = store()
-    push(s, "w0")
-    push(s, "w1")
-    _, sums = s.grad_norm(JOB, 0, WAIT_S)
+    s, sums = parked()
     with pytest.raises(FailedPrecondition, match="complete"):
         push(s, "w0")  # the step is complete: another push for it is refused
     # A worker lost after its push is discarded, but the parked step is complete: it stays.
@@ -283,10 +285,7 @@ def test_a_join_at_a_parked_step_is_refused_and_taken_at_the_next() -> None:
 
 
 def test_discard_pending_drops_a_parked_step_and_it_is_pushed_anew() -> None:
-    s = store()
-    push(s, "w0")
-    push(s, "w1")
-    s.grad_norm(JOB, 0, WAIT_S)
+    s, _ = parked()
     assert s.set_members(JOB, ["w0", "w1"], discard_pending=True) == (0, False)
     assert not s.awaiting_norm(JOB)
     assert torch.equal(values(s)["b#0"], INIT["b#0"])
@@ -340,17 +339,7 @@ def test_commit_counts_a_replicated_shard_once() -> None:
 
 def test_a_step_whose_pushers_are_gone_is_committed_by_the_next_pull() -> None:
     shards, values0 = initial_shards(init_model(CONFIG, SEED))
-    stores = {sid: ParameterStore(sid) for sid in SERVERS}
-    for sid, st in stores.items():
-        mine = [s for s in shards if s.server_id == sid]
-        st.load(
-            JOB,
-            SGD,
-            mine,
-            [(s.shard_id, values0[s.shard_id]) for s in mine],
-            ["w0", "w1"],
-            max_grad_norm=0.01,
-        )
+    stores = loaded_stores(SGD, shards, values0, ["w0", "w1"], max_grad_norm=0.01)
     grads = {s.shard_id: torch.full((s.numel,), 0.1) for s in shards}
     for w in ("w0", "w1"):  # both push, neither commits (they died)
         StoreClient(w, stores, shards).push(0, 1.0, grads)
@@ -389,21 +378,22 @@ def torch_model() -> tuple[GPT, list[dict[str, object]]]:
     return model, groups
 
 
+def clipped_backward(model: GPT, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    """The gradient of `batch`'s loss in `model`, clipped by clip_grad_norm_ to MAX_NORM: the
+    norm before clipping."""
+    b = batch.long()
+    opt.zero_grad()
+    _, loss = model(b[:, :-1], b[:, 1:])
+    assert loss is not None
+    loss.backward()
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+
+
 def test_async_worker_clips_its_own_push_as_clip_grad_norm() -> None:
     settings = OptimizerSettings(kind="sgd", lr=0.05, momentum=0.9, weight_decay=0.01)
     seqs, n = sequences(), 4
     shards, values0 = initial_shards(init_model(CONFIG, SEED))
-    stores = {sid: ParameterStore(sid) for sid in SERVERS}
-    for sid, st in stores.items():
-        mine = [s for s in shards if s.server_id == sid]
-        st.load(
-            JOB,
-            settings,
-            mine,
-            [(s.shard_id, values0[s.shard_id]) for s in mine],
-            ["w0"],
-            consistency="async",
-        )
+    stores = loaded_stores(settings, shards, values0, ["w0"], consistency="async")
     trainer = Trainer(
         worker_id="w0",
         model=Replica(CONFIG, shards, torch.device("cpu")),
@@ -422,12 +412,7 @@ def test_async_worker_clips_its_own_push_as_clip_grad_norm() -> None:
     )
     norms = []
     for i in range(n):
-        batch = seqs[i * BATCH : (i + 1) * BATCH].long()
-        opt.zero_grad()
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        assert loss is not None
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        norms.append(clipped_backward(model, opt, seqs[i * BATCH : (i + 1) * BATCH]))
         for group in opt.param_groups:
             group["lr"] = lr_at(settings, i)
         opt.step()
@@ -465,12 +450,7 @@ def test_local_steps_clip_each_inner_gradient_as_clip_grad_norm() -> None:
     )
     norms = []
     for batch in batches:
-        b = batch.long()
-        opt.zero_grad()
-        _, loss = model(b[:, :-1], b[:, 1:])
-        assert loss is not None
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        norms.append(clipped_backward(model, opt, batch))
         opt.step()
     torch.testing.assert_close(torch.tensor(done.norms), torch.tensor(norms), rtol=1e-5, atol=0.0)
     assert all(x > MAX_NORM for x in norms)

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +19,26 @@ import torch.nn.functional as F
 from lmps.client import hf_io, model_io
 from lmps.core import hf
 from lmps.core.data import EOT, train_tokenizer
-from lmps.core.model import GPT, PRESETS, GPTConfig, init_model
-from tests.hf_models import TEXT, TEXTS, make_hf_dir
+from lmps.core.model import GPT, PRESETS, GPTConfig
+from tests.hf_models import (
+    TEXT,
+    TEXTS,
+    assert_no_loading_issues,
+    close,
+    far_lmps_model,
+    hf_logits,
+    load_quietly,
+    make_hf_dir,
+    report_logits_diffs,  # noqa: F401 (autouse: prints the worst differences)
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-WORST: dict[str, float] = {}
-"""Largest |logits difference| per check, printed at the end (`pytest -s`)."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report() -> Iterator[None]:
-    yield
-    for name, diff in WORST.items():
-        print(f"\nmax abs logits diff, {name}: {diff:.3e}")
-
-
-def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    torch.testing.assert_close(got, want)  # fp32 tolerances
-    WORST[name] = max(WORST.get(name, 0.0), float((got - want).abs().max()))
-
 
 def tokens(vocab: int, seed: int = 0, shape: tuple[int, int] = (3, 16)) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def hf_logits(model: Any, idx: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out: torch.Tensor = model.eval()(idx).logits
-    return out
 
 
 def lmps_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
@@ -64,28 +50,6 @@ def lmps_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_hf_dir(tmp_path_factory.mktemp("hf") / "gpt2-test")
-
-
-def load_quietly(path: Path) -> tuple[Any, dict[str, Any], list[str]]:
-    """from_pretrained with loading info, and every warning transformers logged or raised."""
-    logger = logging.getLogger("transformers")
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    handler = Keep(logging.WARNING)
-    logger.addHandler(handler)
-    transformers.logging.set_verbosity_warning()  # hf_io quietens it; listen here
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model, info = GPT2LMHeadModel.from_pretrained(str(path), output_loading_info=True)
-    finally:
-        logger.removeHandler(handler)
-        transformers.logging.set_verbosity_error()
-    return model, info, seen + [str(w.message) for w in caught]
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -176,29 +140,12 @@ def test_import_then_export_gives_back_the_same_tensors(tmp_path: Path, hf_dir: 
 def test_export_loads_without_warnings_and_gives_lmps_logits(
     tmp_path: Path, activation: str, tie: bool
 ) -> None:
-    tokenizer = train_tokenizer(TEXT.splitlines(), 300)
-    config = GPTConfig(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        vocab_size=tokenizer.get_vocab_size(),
-        tie_embeddings=tie,
-        activation=activation,  # type: ignore[arg-type]
-    )
-    model = init_model(config, seed=5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(10)  # away from the small init, where the GELUs would hardly differ
+    trained = far_lmps_model(5, block_size=16, tie_embeddings=tie, activation=activation)
+    model, config = trained.model, trained.config
     out = tmp_path / "hf"
-    hf_io.save(model_io.TrainedModel(model, config, tokenizer), out)
-    loaded, info, said = load_quietly(out)
-    assert {k: list(v) for k, v in info.items()} == {
-        "missing_keys": [],
-        "unexpected_keys": [],
-        "mismatched_keys": [],
-        "error_msgs": [],
-    }
+    hf_io.save(trained, out)
+    loaded, info, said = load_quietly(GPT2LMHeadModel, out)
+    assert_no_loading_issues(info)
     assert said == []
     assert loaded.config.activation_function == hf.ACTIVATION_TO_HF[activation]
     assert loaded.config.tie_word_embeddings is tie

@@ -7,21 +7,26 @@ hf:DIR` gives the classifier back (task, labels, score)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from lmps.client import hf_io, model_io
 from lmps.core import hf
-from lmps.core.data import EOT, train_tokenizer
-from lmps.core.model import GPT, GPTConfig, init_model
-from tests.hf_models import TEXT, make_hf_dir
+from lmps.core.data import EOT
+from lmps.core.model import GPT, GPTConfig
+from tests.hf_models import (
+    assert_no_loading_issues,
+    close,
+    far_lmps_model,
+    hf_logits,
+    load_quietly,
+    make_hf_dir,
+    report_logits_diffs,  # noqa: F401 (autouse: prints the worst differences)
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, GPT2ForSequenceClassification  # noqa: E402
@@ -34,43 +39,20 @@ SENTENCES = [
     "The try statement specifies exception handlers and/or cleanup code",
 ]
 
-WORST: dict[str, float] = {}
-"""Largest |logits difference| per check, printed at the end (`pytest -s`)."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report() -> Iterator[None]:
-    yield
-    for name, diff in WORST.items():
-        print(f"\nmax abs logits diff, {name}: {diff:.3e}")
-
-
-def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    torch.testing.assert_close(got, want)  # fp32 tolerances
-    WORST[name] = max(WORST.get(name, 0.0), float((got - want).abs().max()))
-
 
 def classifier(
     tie: bool = True, activation: str = "gelu_tanh", pooling: str = "last"
 ) -> model_io.TrainedModel:
     """A small random classifier as `--task classify` leaves it, weights far from the init."""
-    tokenizer = train_tokenizer(TEXT.splitlines(), 300)  # lmps' own: EOT is id 0
-    config = GPTConfig(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
+    trained = far_lmps_model(
+        7,
         block_size=64,
-        vocab_size=tokenizer.get_vocab_size(),
         tie_embeddings=tie,
-        activation=activation,  # type: ignore[arg-type]
+        activation=activation,
         num_labels=len(LABELS),
-        pooling=pooling,  # type: ignore[arg-type]
+        pooling=pooling,
     )
-    model = init_model(config, seed=7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(10)
-    return model_io.TrainedModel(model, config, tokenizer, task="classify", labels=LABELS)
+    return dataclasses.replace(trained, task="classify", labels=LABELS)
 
 
 def lmps_ids(trained: model_io.TrainedModel, text: str) -> list[int]:
@@ -88,36 +70,6 @@ def lmps_classify(model: GPT, rows: list[list[int]]) -> torch.Tensor:
         return model.eval().classify(idx, torch.tensor([len(r) for r in rows]))
 
 
-def hf_classify(model: Any, idx: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out: torch.Tensor = model.eval()(idx).logits
-    return out
-
-
-def load_quietly(path: Path) -> tuple[Any, dict[str, Any], list[str]]:
-    """from_pretrained with loading info, and every warning transformers logged or raised."""
-    logger = logging.getLogger("transformers")
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    handler = Keep(logging.WARNING)
-    logger.addHandler(handler)
-    transformers.logging.set_verbosity_warning()  # hf_io quietens it; listen here
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model, info = GPT2ForSequenceClassification.from_pretrained(
-                str(path), output_loading_info=True
-            )
-    finally:
-        logger.removeHandler(handler)
-        transformers.logging.set_verbosity_error()
-    return model, info, seen + [str(w.message) for w in caught]
-
-
 @pytest.mark.parametrize(
     ("tie", "activation"), [(True, "gelu_tanh"), (True, "gelu"), (False, "gelu_tanh")]
 )
@@ -127,13 +79,8 @@ def test_export_is_a_gpt2_sequence_classifier_with_lmps_logits(
     trained = classifier(tie, activation)
     out = tmp_path / "hf"
     hf_io.save(trained, out)
-    loaded, info, said = load_quietly(out)
-    assert {k: list(v) for k, v in info.items()} == {
-        "missing_keys": [],
-        "unexpected_keys": [],
-        "mismatched_keys": [],
-        "error_msgs": [],
-    }
+    loaded, info, said = load_quietly(GPT2ForSequenceClassification, out)
+    assert_no_loading_issues(info)
     assert said == []
     assert "lm_head.weight" not in loaded.state_dict()
     saved = json.loads((out / "config.json").read_text())
@@ -151,7 +98,7 @@ def test_export_is_a_gpt2_sequence_classifier_with_lmps_logits(
         assert list(auto(text + EOT)["input_ids"]) == ids
         close(
             f"export classify ({activation}, tied {tie})",
-            hf_classify(loaded, torch.tensor([ids])),
+            hf_logits(loaded, torch.tensor([ids])),
             lmps_classify(trained.model, [ids]),
         )
 
@@ -166,20 +113,20 @@ def test_batches_follow_the_padding_rule(tmp_path: Path) -> None:
     want = lmps_classify(trained.model, rows)
     width = max(map(len, rows))
     with pytest.raises(ValueError, match="batch sizes > 1"):
-        hf_classify(loaded, torch.tensor([r + [5] * (width - len(r)) for r in rows]))
+        hf_logits(loaded, torch.tensor([r + [5] * (width - len(r)) for r in rows]))
     eot = trained.tokenizer.token_to_id(EOT)  # type: ignore[union-attr]
     for pad in (5, trained.config.vocab_size - 1):  # any id but EOT's, even one in the texts
         assert pad != eot
         loaded.config.pad_token_id = pad
         idx = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        close("batched, right-padded", hf_classify(loaded, idx), want)
+        close("batched, right-padded", hf_logits(loaded, idx), want)
         mask = (torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]).long()
         with torch.no_grad():
             masked = loaded.eval()(idx, attention_mask=mask).logits
         close("batched, right-padded, attention_mask", masked, want)
     loaded.config.pad_token_id = eot  # GPT-2's habit (pad = eos): skips the row's own EOT
     idx = torch.tensor([r + [eot] * (width - len(r)) for r in rows])
-    assert not torch.allclose(hf_classify(loaded, idx), want)
+    assert not torch.allclose(hf_logits(loaded, idx), want)
 
 
 def test_mean_pooling_has_no_hugging_face_form(tmp_path: Path) -> None:
@@ -260,7 +207,7 @@ def test_init_from_a_transformers_classifier_gives_its_logits(tmp_path: Path) ->
         close(
             "import transformers' classifier",
             lmps_classify(trained.model, [ids]),
-            hf_classify(reference, torch.tensor([ids])),
+            hf_logits(reference, torch.tensor([ids])),
         )
 
 

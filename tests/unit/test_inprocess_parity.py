@@ -17,6 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -224,22 +225,57 @@ def initial_shards(model: GPT) -> tuple[list[Shard], dict[str, torch.Tensor]]:
     return shards, values
 
 
+def loaded_stores(
+    settings: OptimizerSettings,
+    shards: Sequence[Shard],
+    values: Mapping[str, torch.Tensor],
+    workers: Sequence[str],
+    **load: Any,
+) -> dict[str, ParameterStore]:
+    """A store per server of SERVERS, each loaded for JOB with the shards it owns, their
+    `values`, the `workers` and `load`'s further keywords (consistency, max_grad_norm ...)."""
+    stores = {sid: ParameterStore(sid) for sid in SERVERS}
+    for sid, store in stores.items():
+        mine = [s for s in shards if s.server_id == sid]
+        store.load(
+            JOB, settings, mine, [(s.shard_id, values[s.shard_id]) for s in mine], workers, **load
+        )
+    return stores
+
+
+def run_epoch_in_threads(
+    trainers: Sequence[Trainer], epoch: int, start_step: int
+) -> list[StepResult]:
+    """Every trainer's `epoch` from `start_step`, each in a thread of its own: their steps'
+    results. The first error cancels every trainer and fails the test (reported by this, the
+    main thread), and so does a trainer still running after 2 x WAIT_S."""
+    results: list[StepResult] = []
+    errors: list[BaseException] = []
+
+    def run(trainer: Trainer) -> None:
+        try:
+            results.extend(trainer.run_epoch(epoch, start_step))
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+            for t in trainers:
+                t.cancel()
+
+    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in trainers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=2 * WAIT_S)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a trainer hung"
+    return results
+
+
 def train_in_process(
     settings: OptimizerSettings, sequences: torch.Tensor, *, max_grad_norm: float = 0.0
 ) -> tuple[list[StepResult], int, dict[str, torch.Tensor], LeaseBook]:
     shards, values = initial_shards(init_model(CONFIG, SEED))
     assert {s.server_id for s in shards} == set(SERVERS)
-    stores = {sid: ParameterStore(sid) for sid in SERVERS}
-    for sid, store in stores.items():
-        mine = [s for s in shards if s.server_id == sid]
-        store.load(
-            JOB,
-            settings,
-            mine,
-            [(s.shard_id, values[s.shard_id]) for s in mine],
-            WORKERS,
-            max_grad_norm=max_grad_norm,
-        )
+    stores = loaded_stores(settings, shards, values, WORKERS, max_grad_norm=max_grad_norm)
     leases = LeaseBook(stores, sequences)
     trainers = [
         Trainer(
@@ -252,29 +288,10 @@ def train_in_process(
         for w in WORKERS
     ]
     results: list[StepResult] = []
-    errors: list[BaseException] = []
-
-    def run(trainer: Trainer, epoch: int, start_step: int) -> None:
-        try:
-            for r in trainer.run_epoch(epoch, start_step):
-                results.append(r)
-        except BaseException as err:  # reported by the main thread
-            errors.append(err)
-            for t in trainers:
-                t.cancel()
-
     for epoch in range(EPOCHS):
         leases.start_epoch(epoch)
         start_step = stores[SERVERS[0]].pull(JOB, 0, [], timeout_s=0)[0]  # the job's step
-        threads = [
-            threading.Thread(target=run, args=(t, epoch, start_step), daemon=True) for t in trainers
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=2 * WAIT_S)
-        assert not errors, errors
-        assert not any(t.is_alive() for t in threads), "a trainer hung"
+        results += run_epoch_in_threads(trainers, epoch, start_step)
     trained: dict[str, torch.Tensor] = {}
     versions = set()
     for store in stores.values():
@@ -283,6 +300,34 @@ def train_in_process(
         trained.update(values_now)
     assert len(versions) == 1, versions
     return results, versions.pop(), assemble(shards, trained), leases
+
+
+def reference_optimizer(model: GPT, settings: OptimizerSettings) -> torch.optim.Optimizer:
+    """torch's own optimizer for `settings` (SGD or AdamW, no foreach) on `model`, with the
+    servers' two groups: weight decay where `decay_mask` says so, none elsewhere."""
+    params = list(model.named_parameters())
+    groups = [
+        {
+            "params": [p for n, p in params if decay_mask(n, p)],
+            "weight_decay": settings.weight_decay,
+        },
+        {"params": [p for n, p in params if not decay_mask(n, p)], "weight_decay": 0.0},
+    ]
+    if settings.kind == "sgd":
+        return torch.optim.SGD(
+            groups,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            nesterov=settings.nesterov,
+            foreach=False,
+        )
+    return torch.optim.AdamW(
+        groups,
+        lr=settings.lr,
+        betas=(settings.beta1, settings.beta2),
+        eps=settings.eps,
+        foreach=False,
+    )
 
 
 def reference(
@@ -299,31 +344,7 @@ def reference(
     `max_grad_norm`, torch.nn.utils.clip_grad_norm_ before every step; `norms` gets what it
     returns (the norm before clipping), one per step."""
     model = init_model(CONFIG, SEED)
-    params = list(model.named_parameters())
-    groups = [
-        {
-            "params": [p for n, p in params if decay_mask(n, p)],
-            "weight_decay": settings.weight_decay,
-        },
-        {"params": [p for n, p in params if not decay_mask(n, p)], "weight_decay": 0.0},
-    ]
-    opt: torch.optim.Optimizer
-    if settings.kind == "sgd":
-        opt = torch.optim.SGD(
-            groups,
-            lr=settings.lr,
-            momentum=settings.momentum,
-            nesterov=settings.nesterov,
-            foreach=False,
-        )
-    else:
-        opt = torch.optim.AdamW(
-            groups,
-            lr=settings.lr,
-            betas=(settings.beta1, settings.beta2),
-            eps=settings.eps,
-            foreach=False,
-        )
+    opt = reference_optimizer(model, settings)
     steps: dict[int, list[StepResult]] = defaultdict(list)
     for r in results:
         steps[r.step].append(r)

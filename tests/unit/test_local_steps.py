@@ -33,10 +33,11 @@ from tests.unit.test_inprocess_parity import (
     JOB,
     SEED,
     SERVERS,
-    WAIT_S,
     WORKERS,
     StoreClient,
     initial_shards,
+    loaded_stores,
+    run_epoch_in_threads,
 )
 
 LEASE = 6  # batches per lease
@@ -106,10 +107,7 @@ def train(
     h: int, inner: OptimizerSettings, outer: OptimizerSettings, sequences: torch.Tensor
 ) -> tuple[list[StepResult], dict[str, torch.Tensor], Book, list[Trainer]]:
     shards, values = initial_shards(init_model(CONFIG, SEED))
-    stores = {sid: ParameterStore(sid) for sid in SERVERS}
-    for sid, store in stores.items():
-        mine = [s for s in shards if s.server_id == sid]
-        store.load(JOB, outer, mine, [(s.shard_id, values[s.shard_id]) for s in mine], WORKERS)
+    stores = loaded_stores(outer, shards, values, WORKERS)
     book = Book(stores, sequences)
     decay = {s.shard_id: s.weight_decay for s in shards}
     # h = 0: plain SYNC (each batch pushes its gradient; `outer` is then the only optimizer).
@@ -127,25 +125,10 @@ def train(
             )
         )
     results: list[StepResult] = []
-    errors: list[BaseException] = []
-
-    def run(trainer: Trainer, epoch: int, start: int) -> None:
-        try:
-            results.extend(trainer.run_epoch(epoch, start))
-        except BaseException as err:
-            errors.append(err)
-            for t in trainers:
-                t.cancel()
-
     for epoch in range(EPOCHS):
         book.start_epoch(epoch)
         start = stores[SERVERS[0]].pull(JOB, 0, [], timeout_s=0)[0]
-        threads = [threading.Thread(target=run, args=(t, epoch, start)) for t in trainers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=2 * WAIT_S)
-        assert not errors, errors
+        results += run_epoch_in_threads(trainers, epoch, start)
     trained: dict[str, torch.Tensor] = {}
     for store in stores.values():
         trained.update(store.pull(JOB, 0, [], timeout_s=0)[1])

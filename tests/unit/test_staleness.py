@@ -10,7 +10,6 @@ parameters bit for bit. With max_staleness 0 the mode is SYNC exactly. Seconds l
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -23,18 +22,18 @@ from lmps.core.optim import OptimizerSettings, lr_at
 from lmps.core.partition import Shard, assemble, shard_view
 from lmps.core.settings import Consistency
 from lmps.services.parameter_server.store import ParameterStore
-from lmps.services.worker.replica import Replica
+from lmps.services.worker.replica import Arrivals, Replica
 from lmps.services.worker.trainer import StepResult, Trainer
 from tests.unit.test_inprocess_parity import (
     BATCH,
     CONFIG,
     JOB,
     SEED,
-    SERVERS,
-    WAIT_S,
     WORKERS,
     StoreClient,
     initial_shards,
+    loaded_stores,
+    run_epoch_in_threads,
 )
 from tests.unit.test_local_steps import EPOCHS, Book, _sequences, _torch_optimizer
 
@@ -49,9 +48,10 @@ class SlowReplica(Replica):
         self,
         batch: torch.Tensor,
         on_grad: Callable[[str, torch.Tensor], None] | None = None,
+        arrivals: Arrivals | None = None,
     ) -> tuple[float, dict[str, torch.Tensor]]:
         time.sleep(SLOW_S)
-        return super().train_step(batch, on_grad)
+        return super().train_step(batch, on_grad, arrivals)
 
 
 class Recorder(StoreClient):
@@ -78,18 +78,9 @@ def train(
     consistency: Consistency, staleness: int, slow: str | None
 ) -> tuple[list[StepResult], dict[str, torch.Tensor], Book, dict[str, Recorder], list[Shard]]:
     shards, values = initial_shards(init_model(CONFIG, SEED))
-    stores = {sid: ParameterStore(sid) for sid in SERVERS}
-    for sid, store in stores.items():
-        mine = [s for s in shards if s.server_id == sid]
-        store.load(
-            JOB,
-            SETTINGS,
-            mine,
-            [(s.shard_id, values[s.shard_id]) for s in mine],
-            WORKERS,
-            consistency=consistency,
-            max_staleness=staleness,
-        )
+    stores = loaded_stores(
+        SETTINGS, shards, values, WORKERS, consistency=consistency, max_staleness=staleness
+    )
     book = Book(stores, _sequences())
     clients = {w: Recorder(w, stores, shards, mixed=staleness > 0) for w in WORKERS}
     trainers = [
@@ -104,25 +95,10 @@ def train(
         for w in WORKERS
     ]
     results: list[StepResult] = []
-    errors: list[BaseException] = []
-
-    def run(trainer: Trainer, epoch: int, start: int) -> None:
-        try:
-            results.extend(trainer.run_epoch(epoch, start))
-        except BaseException as err:
-            errors.append(err)
-            for t in trainers:
-                t.cancel()
-
     for epoch in range(EPOCHS):
         book.start_epoch(epoch)
         start = max(st.pull(JOB, 0, [], timeout_s=0)[0] for st in stores.values())
-        threads = [threading.Thread(target=run, args=(t, epoch, start)) for t in trainers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=2 * WAIT_S)
-        assert not errors, errors
+        results += run_epoch_in_threads(trainers, epoch, start)
     trained: dict[str, torch.Tensor] = {}
     for store in stores.values():
         trained.update(store.pull(JOB, 0, [], timeout_s=0)[1])

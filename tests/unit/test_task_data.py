@@ -14,13 +14,11 @@ import torch
 from tokenizers import Tokenizer
 
 from lmps.core.data import EOT, train_tokenizer
+from lmps.core.pydoc_topics import BUILTIN_PYDOC_TOPICS, TOPIC_CLASSES, TOPIC_SECTIONS
 from lmps.core.task_data import (
-    BUILTIN_PYDOC_TOPICS,
     CHAT_TEMPLATE,
     GENERATION_PROMPT,
     ROLE_MARKERS,
-    TOPIC_CLASSES,
-    TOPIC_SECTIONS,
     Message,
     class_counts,
     classify_rows,

@@ -11,8 +11,8 @@ import torch
 
 from lmps.client import cli
 from lmps.client.train import build_spec
+from lmps.client.train_checks import INNER_FLAGS
 from lmps.client.train_options import (
-    INNER_FLAGS,
     WIRE_DTYPE_NAMES,
     TrainOptions,
     flags,

@@ -18,6 +18,7 @@ from lmps.services.worker.leases import CoordinatorLeases
 from lmps.services.worker.trainer import (
     CollectingPush,
     Lease,
+    PullInFlight,
     StepResult,
     Trainer,
     check_eval_tokens,
@@ -89,11 +90,16 @@ class FakeModel:
     def load(self, values: Mapping[str, torch.Tensor]) -> None:
         self.loaded.append(float(values["s"]))
 
+    def load_one(self, shard_id: str, value: torch.Tensor) -> None:
+        raise AssertionError("FakeParams cannot stream a pull: the trainer loads it whole")
+
     def train_step(
         self,
         batch: torch.Tensor,
         on_grad: Callable[[str, torch.Tensor], None] | None = None,
+        arrivals: PullInFlight | None = None,
     ) -> tuple[float, dict[str, torch.Tensor]]:
+        assert arrivals is None
         self.batches.append(batch)
         grads = {"s": batch[:, 0].float().sum().reshape(1)}
         if on_grad is not None:
