@@ -8,11 +8,11 @@ members' Δ (sample-weighted, as any SYNC step) and apply the job's optimizer to
 DiLoCo's outer optimizer (SGD with Nesterov momentum in the paper).
 
 The inner optimizer is the registry's `ShardOptimizer` over the worker's full set of shards,
-so its math is the servers' (elementwise, torch's single-tensor kernels). Its state (AdamW's
-moments) lives here and carries over from round to round; each round only overwrites the
-values with the new global ones. The inner lr of step k of the round made at version v is
-the inner schedule at v * H + k: a pure function of the round, the same on every worker and
-after a resume.
+so its math is the servers' (elementwise: SGD's single-tensor kernel, AdamW's fused one
+over padded shards). Its state (AdamW's moments) lives here and carries over from round to
+round; each round only overwrites the values with the new global ones. The inner lr of
+step k of the round made at version v is the inner schedule at v * H + k: a pure function
+of the round, the same on every worker and after a resume.
 
 Gradient clipping (`max_grad_norm`) clips each inner step's gradient by its global norm
 before the inner optimizer step, exactly as clip_grad_norm_ on this replica (the worker holds
