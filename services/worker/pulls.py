@@ -41,7 +41,8 @@ class _Stream(Protocol):
 
 class PullStream:
     """A pull in flight. `version` once the servers said which version they answer;
-    `wait(shard_ids)` until those shards were handed to the sink; `result` at the end."""
+    `wait(shard_ids)` until those shards were handed to the sink; `result` at the end.
+    One thread waits on it at a time (the trainer's); any thread may `cancel`."""
 
     def __init__(
         self, pool: ServerPool, min_version: int, sink: Sink, timeout_s: float | None = None
@@ -54,6 +55,10 @@ class PullStream:
         self._versions: dict[str, int] = {}  # server -> the version it answers at
         self._error: BaseException | None = None
         self._running = len(pool.owned)
+        # The shards a caller is blocked on: an arrival wakes it only when it is one of them
+        # (or the last), not once per message (each wake-up is a thread switch and a GIL
+        # hand-over on the pull's critical path).
+        self._want: frozenset[str] = frozenset()
         self._calls: list[_Stream] = []
         self.waited_s = 0.0
         """Seconds callers spent blocked in `version` and `wait`: the pull not hidden."""
@@ -79,8 +84,10 @@ class PullStream:
             for blob in call:
                 sid, version, value = codec.view_shard_tensor(blob)
                 with self._cond:
-                    seen = self._versions.setdefault(server, version)
-                    self._cond.notify_all()
+                    seen = self._versions.get(server)
+                    if seen is None:  # a server's first message: its version is known
+                        seen = self._versions[server] = version
+                        self._cond.notify_all()
                 if seen != version:
                     raise RuntimeError(f"server {server} sent mixed versions {seen}, {version}")
                 if sid not in self._expected or sid in self._arrived:
@@ -88,7 +95,8 @@ class PullStream:
                 self._sink(sid, value)  # outside the lock: a copy of up to a shard's bytes
                 with self._cond:
                     self._arrived.add(sid)
-                    self._cond.notify_all()
+                    if sid in self._want or len(self._arrived) == len(self._expected):
+                        self._cond.notify_all()
         except BaseException as err:  # handed to every waiter (a failed step, any cause)
             self._fail(err)
         finally:
@@ -107,16 +115,19 @@ class PullStream:
             for call in self._calls:
                 call.cancel()
 
-    def _block(self, ready: Callable[[], bool]) -> None:
-        """Wait under the lock until `ready()` or an error (raised)."""
+    def _block(self, ready: Callable[[], bool], want: Iterable[str] = ()) -> None:
+        """Wait under the lock until `ready()` or an error (raised); `want`: the shards
+        whose arrival may make it ready (besides the last shard and a stream's end)."""
         t0 = time.perf_counter()
         with self._cond:
+            self._want = frozenset(want)
             while not ready() and self._error is None:
                 if self._running == 0:  # every stream ended without it
                     missing = sorted(self._expected - self._arrived)[:3]
                     self._error = RuntimeError(f"pull ended without shards {missing}")
                     break
                 self._cond.wait()
+            self._want = frozenset()
             error = self._error
         self.waited_s += time.perf_counter() - t0
         if error is not None:
@@ -138,7 +149,7 @@ class PullStream:
     def wait(self, shard_ids: Iterable[str]) -> None:
         """Until every one of `shard_ids` has been handed to the sink."""
         wanted = set(shard_ids)
-        self._block(lambda: wanted <= self._arrived)
+        self._block(lambda: wanted <= self._arrived, wanted)
 
     def result(self) -> int:
         """Until every shard arrived and every stream ended; raises the pull's error.
