@@ -143,7 +143,9 @@ def lmps(workers: int, servers: int, threads: int) -> Contender:
             losses=out["losses"],
             whole_wall_s=out["whole_run_wall_s"],
             whole_cpu_s=out["whole_run_cpu_s"],
-            extra={k: out[k] for k in ("rows_match", "pull_s", "compute_s", "push_s")},
+            extra={
+                k: out[k] for k in ("rows_match", "pull_s", "compute_s", "push_s", "cpu_by_process")
+            },
         )
 
     label = f"lmps SYNC, {servers} PS + {workers} worker{'s' if workers > 1 else ''}"

@@ -86,7 +86,7 @@ def run(
     cpu_all0, t_all0 = children_cpu(), time.perf_counter()
     try:
         cluster.start()
-        pids = [p.pid for p in cluster.procs]
+        pids = {p.name: p.pid for p in cluster.procs}
         with open_channel(cluster.coordinator) as channel:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             resp = stub.SubmitJob(
@@ -112,10 +112,10 @@ def run(
 
 
 def _follow(
-    job: PeerJob, workers: int, stream: Iterator[job_pb2.ProgressEvent], pids: list[int]
+    job: PeerJob, workers: int, stream: Iterator[job_pb2.ProgressEvent], pids: dict[str, int]
 ) -> dict[str, Any]:
     steps: dict[int, list[job_pb2.StepEvent]] = defaultdict(list)
-    marks: dict[str, tuple[float, float]] = {}
+    marks: dict[str, tuple[float, dict[str, float]]] = {}
     edges = {job.warmup_steps - 1: "start", job.steps - 1: "end"}
     for ev in stream:
         if ev.WhichOneof("kind") != "step":
@@ -123,14 +123,17 @@ def _follow(
         steps[ev.step.step].append(ev.step)
         # The step is done on the workers once each has reported it (after its push).
         if len(steps[ev.step.step]) == workers and ev.step.step in edges:
-            marks[edges[ev.step.step]] = (time.perf_counter(), cpu_seconds(pids))
+            cpu = {name: cpu_seconds([pid]) for name, pid in pids.items()}
+            marks[edges[ev.step.step]] = (time.perf_counter(), cpu)
     if sorted(steps) != list(range(job.steps)) or set(marks) != {"start", "end"}:
         raise RuntimeError(f"lmps ran steps {sorted(steps)}, expected {job.steps}")
     (t0, cpu0), (t1, cpu1) = marks["start"], marks["end"]
     timed = [e for s in range(job.warmup_steps, job.steps) for e in steps[s]]
     return {
         "wall_s": t1 - t0,
-        "cpu_s": cpu1 - cpu0,
+        "cpu_s": sum(cpu1.values()) - sum(cpu0.values()),
+        # Where it went: the coordinator, each server, each worker.
+        "cpu_by_process": {name: cpu1[name] - cpu0[name] for name in pids},
         "losses": [sum(e.loss for e in steps[s]) / workers for s in range(job.steps)],
         # Data shard j is batch j of the epoch order: lmps's step s must be shards s*W + w.
         "rows_match": all(
