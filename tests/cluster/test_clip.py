@@ -6,19 +6,16 @@ one process running torch with clip_grad_norm_ on the union of the workers' batc
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmps.client import model_io
 from lmps.client.launcher import ClusterSpec, LocalCluster
-from lmps.core.data import plan_data_shards, to_sequences
 from lmps.v1 import job_pb2
-from tests.cluster.jobs import SMALL, Driver, make_spec, random_tokens
-from tests.cluster.test_parity import BATCH, SEED, reference
+from tests.cluster.jobs import SMALL, make_spec, random_tokens
+from tests.cluster.test_parity import BATCH, SEED, reference, run_job
 from tests.cluster.test_run_outputs import SMALL as SMALL_FLAGS
 from tests.cluster.test_run_outputs import TEXT, lmps
 
@@ -46,24 +43,9 @@ def test_clipped_cluster_matches_clip_grad_norm_on_the_union_batch(cluster: Loca
     evals = random_tokens(4 * SMALL.block_size + 1, SMALL.vocab_size, seed=2)
     spec = make_spec(SMALL, SGD, batch_size=BATCH, seed=SEED, epochs=EPOCHS)
     spec.max_grad_norm = MAX_NORM
-    driver = Driver(cluster.coordinator)
-    try:
-        job_id = driver.submit(spec, train, evals)
-        steps: dict[int, list[job_pb2.StepEvent]] = defaultdict(list)
-        epoch_of: dict[int, int] = {}
-        plans = {}
-        n_seq = to_sequences(train, SMALL.block_size).shape[0]
-        for epoch in range(EPOCHS):
-            plans[epoch] = plan_data_shards(n_seq, BATCH, 1, SEED, epoch)
-            for ev in driver.run_epoch(job_id, epoch):
-                if ev.WhichOneof("kind") == "step":
-                    steps[ev.step.step].append(ev.step)
-                    epoch_of[ev.step.step] = epoch
-        assert sum(len(v) for v in steps.values()) == EPOCHS * BATCHES
-        trained = model_io.fetch_model(cluster.coordinator, job_id)
-    finally:
-        driver.close()
-    assert trained.version == len(steps)
+    run = run_job(cluster, spec, train, evals, epochs=EPOCHS)
+    steps, plans, epoch_of, trained = run.steps, run.plans, run.epoch_of, run.trained
+    assert sum(len(v) for v in steps.values()) == EPOCHS * BATCHES
     norms: list[float] = []
     expected = reference(SGD, train, steps, plans, epoch_of, max_grad_norm=MAX_NORM, norms=norms)
     got = dict(trained.model.named_parameters())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -93,13 +94,25 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_cluster_matches_single_process_torch(cluster: LocalCluster, name: str) -> None:
-    optimizer = OPTIMIZERS[name]
-    # 10 batches of 4 sequences of 17 tokens; leases of one batch so both workers get work.
-    train = random_tokens(10 * BATCH * SMALL.block_size + 1, SMALL.vocab_size, seed=1)
-    evals = random_tokens(4 * SMALL.block_size + 1, SMALL.vocab_size, seed=2)
-    spec = make_spec(SMALL, optimizer, batch_size=BATCH, seed=SEED, epochs=EPOCHS)
+@dataclass(frozen=True)
+class Run:
+    """A job trained on the cluster: its StepEvents by step, each step's epoch, each epoch's
+    data plan, and the trained model fetched from the coordinator."""
+
+    steps: dict[int, list[job_pb2.StepEvent]]
+    epoch_of: dict[int, int]
+    plans: dict[int, list[torch.Tensor]]
+    trained: model_io.TrainedModel
+
+
+def run_job(
+    cluster: LocalCluster,
+    spec: job_pb2.JobSpec,
+    train: torch.Tensor,
+    evals: torch.Tensor,
+    epochs: int = EPOCHS,
+) -> Run:
+    """Submit `spec` (batch BATCH, seed SEED), run `epochs` epochs, fetch the model."""
     driver = Driver(cluster.coordinator)
     try:
         job_id = driver.submit(spec, train, evals)
@@ -107,7 +120,7 @@ def test_cluster_matches_single_process_torch(cluster: LocalCluster, name: str) 
         epoch_of: dict[int, int] = {}
         plans = {}
         n_seq = to_sequences(train, SMALL.block_size).shape[0]
-        for epoch in range(EPOCHS):
+        for epoch in range(epochs):
             plans[epoch] = plan_data_shards(n_seq, BATCH, 1, SEED, epoch)
             events = driver.run_epoch(job_id, epoch)
             kinds = [ev.WhichOneof("kind") for ev in events]
@@ -116,14 +129,26 @@ def test_cluster_matches_single_process_torch(cluster: LocalCluster, name: str) 
                 if ev.WhichOneof("kind") == "step":
                     steps[ev.step.step].append(ev.step)
                     epoch_of[ev.step.step] = epoch
-        # Every batch of every epoch was trained exactly once.
-        assert sum(len(v) for v in steps.values()) == EPOCHS * 10
-        assert len(steps) >= 3 * EPOCHS
-        assert any(len(v) == 2 for v in steps.values()), "no step combined both workers"
         trained = model_io.fetch_model(cluster.coordinator, job_id)
     finally:
         driver.close()
     assert trained.version == len(steps)
+    return Run(steps, epoch_of, plans, trained)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_cluster_matches_single_process_torch(cluster: LocalCluster, name: str) -> None:
+    optimizer = OPTIMIZERS[name]
+    # 10 batches of 4 sequences of 17 tokens; leases of one batch so both workers get work.
+    train = random_tokens(10 * BATCH * SMALL.block_size + 1, SMALL.vocab_size, seed=1)
+    evals = random_tokens(4 * SMALL.block_size + 1, SMALL.vocab_size, seed=2)
+    spec = make_spec(SMALL, optimizer, batch_size=BATCH, seed=SEED, epochs=EPOCHS)
+    run = run_job(cluster, spec, train, evals)
+    steps, plans, epoch_of, trained = run.steps, run.plans, run.epoch_of, run.trained
+    # Every batch of every epoch was trained exactly once.
+    assert sum(len(v) for v in steps.values()) == EPOCHS * 10
+    assert len(steps) >= 3 * EPOCHS
+    assert any(len(v) == 2 for v in steps.values()), "no step combined both workers"
     expected = reference(optimizer, train, steps, plans, epoch_of)
     got = dict(trained.model.named_parameters())
     worst = 0.0

@@ -361,7 +361,11 @@ def _topk_message() -> tensor_pb2.ShardTensor:
 
 
 def _set(base: str, **fields: object) -> tensor_pb2.ShardTensor:
-    msg = _int8_message() if base == "int8" else _topk_message()
+    return set_fields(_int8_message() if base == "int8" else _topk_message(), **fields)
+
+
+def set_fields(msg: tensor_pb2.ShardTensor, **fields: object) -> tensor_pb2.ShardTensor:
+    """`msg` with `tensor` replaced and the other fields set on its `compression`."""
     for name, value in fields.items():
         if name == "tensor":
             msg.tensor.CopyFrom(value)  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ from lmps.rpc.codec import CodecError
 from lmps.services.parameter_server.store import ParameterStore
 from lmps.services.worker.replica import Replica
 from lmps.v1 import job_pb2, parameter_pb2, tensor_pb2
+from tests.unit.test_codec import set_fields
 
 Compressed = tensor_pb2.Compressed
 WIRE = [torch.float32, torch.bfloat16, torch.float16]
@@ -217,13 +218,7 @@ def _rows_message() -> tensor_pb2.ShardTensor:
 
 
 def _set(**fields: object) -> tensor_pb2.ShardTensor:
-    msg = _rows_message()
-    for name, value in fields.items():
-        if name == "tensor":
-            msg.tensor.CopyFrom(value)  # type: ignore[arg-type]
-        else:
-            setattr(msg.compression, name, value)
-    return msg
+    return set_fields(_rows_message(), **fields)
 
 
 MALFORMED: dict[str, tuple[tensor_pb2.ShardTensor, str]] = {
