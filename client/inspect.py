@@ -101,7 +101,10 @@ def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = T
     table = Table(title="shards")
     # Replication 2: the backup that takes over if the owner is lost ("-": a single copy).
     replicated = job.spec.replication > 1
-    columns = ("shard", "server", "backup") if replicated else ("shard", "server")
+    # Streaming fragments: version v syncs the shards of fragment v mod F only.
+    fragmented = job.spec.local_steps.fragments > 1
+    columns = ("shard", "server", *(["backup"] if replicated else []))
+    columns += ("fragment",) if fragmented else ()
     for col in (*columns, "param shape", "slice", "KiB", "norm", "mean", "max|x|"):
         table.add_column(col)
     for spec in shard_map.shards:
@@ -111,6 +114,7 @@ def show_shards(coordinator: str, job_id: str, console: Console, stats: bool = T
             spec.shard_id,
             spec.server_id,
             *([spec.backup_server_id or "-"] if replicated else []),
+            *([str(spec.fragment)] if fragmented else []),
             "x".join(map(str, spec.param_shape)) or "scalar",
             f"[{spec.start}:{spec.start + spec.numel}]",
             f"{spec.numel * 4 / 1024:.1f}",

@@ -50,7 +50,9 @@ def build_spec(
         None
         if inner is None
         else job_pb2.LocalSteps(
-            steps=opts.local_steps, inner_optimizer=codec.optimizer_to_proto(inner)
+            steps=opts.local_steps,
+            inner_optimizer=codec.optimizer_to_proto(inner),
+            fragments=opts.fragments,
         )
     )
     mode, staleness = opts.consistency_mode()
@@ -387,16 +389,19 @@ def _outputs(
         settings = codec.optimizer_from_proto(st.spec.optimizer)
     except ValueError:  # a coordinator that does not send the resolved spec: no lr, no total
         settings = None
+    # Streaming fragments: a step event's step is a version, F of them an outer step (the lr
+    # of version v is the outer schedule's at v / F), so the run lasts F x total_steps.
+    f = max(1, int(st.spec.local_steps.fragments))
     bar = RunProgress(
         console,
-        total_steps=settings.total_steps if settings else 0,
+        total_steps=settings.total_steps * f if settings else 0,
         start_step=int(st.step),
         epochs=opts.epochs,
         log_every=opts.log_every,
     )
     recorder = run_log.RunRecorder(
         out,
-        lr=lambda step: lr_at(settings, step) if settings else None,
+        lr=lambda step: lr_at(settings, step // f) if settings else None,
         on_step=bar.update,
     )
     recorder.metrics.job(job_id, epochs=opts.epochs, total_steps=bar.total, start_step=int(st.step))

@@ -28,6 +28,8 @@ INNER_FLAGS = (
     "inner_warmup_steps",
     "inner_schedule",
 )
+"""`TrainOptions` fields of the inner optimizer: they only apply with --local-steps."""
+LOCAL_STEPS_FLAGS = ("fragments", *INNER_FLAGS)
 """`TrainOptions` fields that only apply with --local-steps."""
 
 
@@ -51,6 +53,11 @@ def check(opts: TrainOptions) -> None:
     _, staleness = opts.consistency_mode()  # raises on a bad --consistency
     if not (math.isfinite(opts.max_grad_norm) and opts.max_grad_norm >= 0):
         raise ValueError("--max-grad-norm must be a finite number >= 0 (0 = off)")
+    if opts.fragments > 1 and staleness:
+        raise ValueError(
+            f"--fragments {opts.fragments} syncs one fragment per version in turn, which needs "
+            f"--consistency sync, not {opts.consistency}: drop one of them"
+        )
     if opts.max_grad_norm and staleness and not opts.local_steps:
         raise ValueError(
             f"--max-grad-norm needs each step's norm before the next, which --consistency "
@@ -118,14 +125,17 @@ def _check_local_steps(opts: TrainOptions) -> None:
         raise ValueError(f"--local-steps must be in [0, {MAX_LOCAL_STEPS}] (0 = off)")
     if opts.batches_per_lease < 0:
         raise ValueError("--batches-per-lease must be >= 0 (0 = the default)")
+    if opts.fragments < 1:
+        raise ValueError("--fragments must be >= 1 (1 = off)")
     if not opts.local_steps:
         given = [
             f"--{f.name.replace('_', '-')}"
             for f in dataclasses.fields(opts)
-            if f.name in INNER_FLAGS and getattr(opts, f.name) != f.default
+            if f.name in LOCAL_STEPS_FLAGS and getattr(opts, f.name) != f.default
         ]
         if given:
-            # Never silently ignored: without local steps no inner optimizer runs.
+            # Never silently ignored: without local steps no inner optimizer runs, and
+            # nothing is synced in fragments.
             raise ValueError(
                 f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} "
                 "with local steps: add --local-steps H"
@@ -135,10 +145,17 @@ def _check_local_steps(opts: TrainOptions) -> None:
         raise ValueError(f"--inner-optimizer must be {' or '.join(KINDS)}")
     if opts.inner_schedule not in SCHEDULES:
         raise ValueError(f"--inner-schedule must be {' or '.join(SCHEDULE_NAMES)}")
+    if opts.local_steps % opts.fragments:
+        raise ValueError(
+            f"--fragments {opts.fragments} must divide --local-steps {opts.local_steps} "
+            "(a window is H / F whole inner steps)"
+        )
     if opts.batches_per_lease % opts.local_steps:
+        rounds = "one round" if opts.fragments == 1 else f"{opts.fragments} rounds"
         raise ValueError(
             f"--batches-per-lease {opts.batches_per_lease} must be a multiple of "
-            f"--local-steps {opts.local_steps} (or 0: {opts.local_steps}, one round a lease)"
+            f"--local-steps {opts.local_steps} (or 0: {opts.fragments * opts.local_steps}, "
+            f"{rounds} a lease)"
         )
     # Imported here: lmps.client.train_options imports this module.
     from lmps.client.train_options import inner_optimizer_request

@@ -134,7 +134,8 @@ class TrainOptions:
         default=0,
         metadata=flag(
             "optimisation",
-            "batches in one data lease; 0 = 8, or H with --local-steps (then a multiple of H)",
+            "batches in one data lease; 0 = 8, or H with --local-steps (then a multiple of "
+            "H), F x H with --fragments F",
         ),
     )
     optimizer: OptimizerKind = field(default="adamw", metadata=flag("optimisation", choices=KINDS))
@@ -201,6 +202,16 @@ class TrainOptions:
             "round of H batches); --optimizer/--lr become the outer optimizer (DiLoCo: sgd, "
             "lr 0.7, momentum 0.9); 0 = off",
             metavar="H",
+        ),
+    )
+    fragments: int = field(
+        default=1,
+        metadata=flag(
+            "local steps (DiLoCo)",
+            "F: streaming fragments (Streaming DiLoCo): each server's shards in F parts that "
+            "sync in turn, one per version after H / F inner steps, so a push carries 1/F of "
+            "the model; F must divide H; sync only; 1 = off",
+            metavar="F",
         ),
     )
     inner_optimizer: OptimizerKind = field(

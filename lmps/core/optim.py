@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
@@ -310,17 +310,24 @@ class ShardOptimizer:
         """The live master values by shard id (updated in place by `step`; do not write)."""
         return {sid: p[: self._numel[sid]] for sid, p in self._params.items()}
 
-    def assign(self, values: Mapping[str, Tensor]) -> None:
+    def _check_ids(self, what: str, ids: Iterable[str], partial: bool) -> None:
+        """ValueError unless `ids` are exactly the shard ids (`partial`: some of them)."""
+        given = set(ids)
+        missing = [] if partial else sorted(set(self._params) - given)
+        extra = sorted(given - set(self._params))
+        if missing or extra:
+            raise ValueError(f"{what}: missing {missing}, unexpected {extra}")
+
+    def assign(self, values: Mapping[str, Tensor], *, partial: bool = False) -> None:
         """Overwrite the master values with `values` (one per shard, any float dtype), keeping
         the optimizer state: a worker's inner optimizer starts each local-steps round from
         the global parameters with the moments it built in the rounds before (DiLoCo).
+        `partial`: `values` may be some of the shards (streaming fragments: one fragment's
+        new global values); the others keep theirs.
 
-        Raises ValueError, changing nothing, unless `values` has exactly the shard ids, each
-        with the shard's number of elements."""
-        if set(values) != set(self._params):
-            missing = sorted(set(self._params) - set(values))
-            extra = sorted(set(values) - set(self._params))
-            raise ValueError(f"values: missing {missing}, unexpected {extra}")
+        Raises ValueError, changing nothing, unless `values` has exactly the shard ids (some
+        of them with `partial`), each with the shard's number of elements."""
+        self._check_ids("values", values, partial)
         for sid, v in values.items():
             if v.numel() != self._numel[sid] or not v.is_floating_point():
                 raise ValueError(
@@ -328,19 +335,20 @@ class ShardOptimizer:
                     f"got {v.dtype} {tuple(v.shape)}"
                 )
         with torch.no_grad():
-            for sid, p in self._params.items():
-                p[: self._numel[sid]].copy_(values[sid].reshape(-1))
+            for sid, v in values.items():
+                self._params[sid][: self._numel[sid]].copy_(v.reshape(-1))
 
-    def step(self, grads: Mapping[str, Tensor], step: int) -> None:
+    def step(self, grads: Mapping[str, Tensor], step: int, *, partial: bool = False) -> None:
         """Apply one update with `grads` (one per shard) at the lr of global step `step`.
+        `partial`: `grads` may be some of the shards (streaming fragments: one fragment's
+        outer step); the others are left exactly as they are, values and state (torch's
+        SGD and AdamW skip a parameter without a gradient: no decay, no moment update).
 
-        Raises ValueError, changing nothing, unless `grads` has exactly the shard ids, each
-        with the shard's number of elements and a floating dtype (cast to float32).
+        Raises ValueError, changing nothing, unless `grads` has exactly the shard ids (some
+        of them with `partial`), each with the shard's number of elements and a floating
+        dtype (cast to float32).
         """
-        if set(grads) != set(self._params):
-            missing = sorted(set(self._params) - set(grads))
-            extra = sorted(set(grads) - set(self._params))
-            raise ValueError(f"gradients: missing {missing}, unexpected {extra}")
+        self._check_ids("gradients", grads, partial)
         for sid, g in grads.items():
             if g.numel() != self._numel[sid] or not g.is_floating_point():
                 raise ValueError(
@@ -349,6 +357,8 @@ class ShardOptimizer:
                 )
         lr = lr_at(self._settings, step)
         for sid, p in self._params.items():
+            if sid not in grads:
+                continue  # partial: grad None, skipped by the step
             g = grads[sid].detach().reshape(-1)
             if g.numel() == p.numel():
                 p.grad = g.to(dtype=p.dtype, device=p.device)

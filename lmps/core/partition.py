@@ -64,6 +64,10 @@ class Shard:
     """Copied from the parameter."""
     backup_server_id: str = ""
     """Server holding a replica (replication 2), updated by the same pushes; empty if none."""
+    fragment: int = 0
+    """Streaming fragments (F > 1): the fragment in [0, F) this shard syncs with; version v
+    syncs fragment v mod F only (`assign_fragments`). A property of the shard id: backups and
+    failovers keep it. 0 without fragments."""
 
     def held_by(self, server_id: str) -> bool:
         """True when `server_id` holds this shard, as owner or as backup."""
@@ -157,17 +161,54 @@ def assign(shards: Sequence[Shard], servers: Sequence[str]) -> list[Shard]:
     return [replace(s, server_id=servers[owner[k]]) for k, s in enumerate(shards)]
 
 
+def assign_fragments(shards: Sequence[Shard], fragments: int) -> list[Shard]:
+    """Deal each owner's shards into `fragments` (F) fragments of about equal bytes, so that
+    every server syncs about 1/F of what it owns at each version (Streaming DiLoCo: each
+    version syncs one fragment; balanced per server, no server's link carries a whole
+    fragment while another idles).
+
+    Per owner (`server_id`), greedy largest-first onto the fragment with the fewest elements
+    so far, as `assign` does over servers: equal sizes keep their input order and equal
+    loads go to the lowest fragment, so the result depends only on the input, and each
+    server's fragments end within its largest shard of each other (so of 1/F of its bytes).
+    Returns the shards in input order with `fragment` set; F = 1 puts every shard in
+    fragment 0. ValueError when F < 1, or some owner holds fewer than F shards (a fragment
+    of its would be empty: it would have nothing to sync at that version)."""
+    if fragments < 1:
+        raise ValueError(f"fragments must be >= 1, got {fragments}")
+    by_owner: dict[str, list[int]] = {}
+    for k, sh in enumerate(shards):
+        by_owner.setdefault(sh.server_id, []).append(k)
+    fragment = [0] * len(shards)
+    for owner, mine in sorted(by_owner.items()):
+        if len(mine) < fragments:
+            raise ValueError(
+                f"server {owner} owns {len(mine)} shards, fewer than fragments {fragments}: "
+                "lower fragments, use fewer servers or a smaller shard_bytes"
+            )
+        # Heap entries (load, fragment): the tuple order breaks load ties by fragment.
+        heap = [(0, f) for f in range(fragments)]
+        for k in sorted(mine, key=lambda k: (-shards[k].numel, k)):
+            load, f = heapq.heappop(heap)
+            fragment[k] = f
+            heapq.heappush(heap, (load + shards[k].numel, f))
+    return [replace(sh, fragment=fragment[k]) for k, sh in enumerate(shards)]
+
+
 def plan_shards(
     params: Sequence[ParamInfo],
     servers: Sequence[str],
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     replication: int = 1,
+    fragments: int = 1,
 ) -> list[Shard]:
     """Split the parameters into fp32 shards and balance them over `servers`; with
-    replication 2 every shard also gets a backup on another server."""
+    streaming fragments F > 1 deal each server's shards into F fragments
+    (`assign_fragments`); with replication 2 every shard also gets a backup on another
+    server (in the shard's fragment: a fragment is a property of the shard)."""
     if replication not in (1, 2):
         raise ValueError(f"replication must be 1 or 2, got {replication}")
-    shards = assign(split_params(params, shard_bytes), servers)
+    shards = assign_fragments(assign(split_params(params, shard_bytes), servers), fragments)
     return assign_backups(shards, servers) if replication == 2 else shards
 
 

@@ -44,7 +44,8 @@ staleness is unbounded and servers may apply the same pushes in different orders
 CONSISTENCIES: tuple[str, ...] = get_args(Consistency)
 MAX_STALENESS = 1000  # steps; each step ahead holds one more pending gradient per worker
 
-DEFAULT_BATCHES_PER_LEASE = 8  # without local steps; with them, H (one round a lease)
+DEFAULT_BATCHES_PER_LEASE = 8  # without local steps; with them H (one round a lease), F x H
+# with F fragments (its F - 1 flushes, 1/F of the model each, add (F - 1) / F^2 to its bytes)
 DEFAULT_KEEP_CHECKPOINTS = 3
 DEFAULT_WAIT_FOR_MEMBERS_S = 60.0
 MAX_WAIT_FOR_MEMBERS_S = 3600.0
@@ -72,6 +73,15 @@ class JobState(StrEnum):
         return JobState.COMPLETED if epochs_done >= epochs else JobState.READY
 
 
+def lease_versions(batches: int, window: int = 1, fragments: int = 1) -> int:
+    """Versions (pushes) a lease of `batches` batches makes under SYNC: one per window of
+    up to `window` batches (windows never cross a lease; the last may be short), then with
+    streaming fragments F > 1 the lease's F - 1 flushes (pushes of no new batches, one per
+    other fragment, so every batch of the lease is in every fragment):
+    ceil(batches / window) + F - 1. Without local steps a window is one batch."""
+    return -(-batches // max(1, window)) + max(1, fragments) - 1
+
+
 def default_total_steps(
     epochs: int,
     train_sequences: int,
@@ -80,29 +90,38 @@ def default_total_steps(
     batches_per_lease: int = 1,
     local_steps: int = 1,
     consistency: Consistency = "sync",
+    fragments: int = 1,
 ) -> int:
-    """Steps (versions) of a whole job when the spec leaves it open, at least one.
+    """Steps of the (outer) optimizer of a whole job when the spec leaves it open, at least
+    one.
 
-    ASYNC: every push is a version, so a job lasts as many as it has batches.
+    ASYNC: every push is a version and a step, so a job lasts as many as it has batches.
 
-    SYNC: one step takes one push from every worker still holding data, and data shard j
+    SYNC: one version takes one push from every worker still holding data, and data shard j
     (of `batches_per_lease` batches; the last may be short) belongs to worker j mod W, so an
-    epoch lasts as many steps as the busiest worker has pushes. (Dividing the batches evenly
-    over the workers undercounts whenever the shards do not split evenly, and the last steps
-    would run past the end of the learning-rate schedule.)
+    epoch lasts as many versions as the busiest worker has pushes. (Dividing the batches
+    evenly over the workers undercounts whenever the shards do not split evenly, and the
+    last steps would run past the end of the learning-rate schedule.)
 
-    A push is one batch, or with `local_steps` H one round: up to H batches of one lease
-    (rounds never cross a lease), so a lease of b batches makes ceil(b / H) steps.
+    A push is one batch, or with `local_steps` H one window of K = H / `fragments` batches
+    (H without fragments): a lease of b batches makes `lease_versions(b, K, F)` versions,
+    ceil(b / K) + F - 1. A step is a version, except with fragments F > 1: the outer
+    schedule counts rounds (the lr of version v is the schedule at v / F), so a job of V
+    versions takes ceil(V / F) steps. F = 1 is plain local steps: ceil(b / H) a lease.
     """
     batches = train_sequences // max(1, batch_size)
     if consistency == "async":
         return max(1, epochs) * max(1, batches)
     per = max(1, batches_per_lease)
-    h = max(1, local_steps)
+    f = max(1, fragments)
+    window = max(1, local_steps) // f
     w = max(1, workers)
-    shard_rounds = [-(-min(per, batches - start) // h) for start in range(0, batches, per)]
-    per_worker = [sum(shard_rounds[i::w]) for i in range(w)]
-    return max(1, epochs) * max(1, max(per_worker))
+    shard_pushes = [
+        lease_versions(min(per, batches - start), window, f) for start in range(0, batches, per)
+    ]
+    per_worker = [sum(shard_pushes[i::w]) for i in range(w)]
+    versions = max(1, epochs) * max(1, max(per_worker))
+    return -(-versions // f)
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,14 @@ class LocalSteps:
     global parameters of version v, then pushes the pseudo-gradient (global - local); the
     servers average the members' pseudo-gradients as any SYNC step and apply the job's
     `optimizer`, the outer one. A version is one round: up to H batches of one lease.
+
+    Streaming fragments (Douillard et al., 2025, "Streaming DiLoCo with overlapping
+    communication"), F = `fragments` > 1: each server's shards are dealt into F fragments
+    (`lmps.core.partition.assign_fragments`) that synchronise in turn. A version is then one
+    window of K = H / F inner steps, after which a worker pushes the pseudo-gradient of
+    fragment (version mod F) only: each shard is still synced every H inner steps, but a
+    push carries 1/F of the model. A lease ends with F - 1 flushes (pushes of no new inner
+    steps, one per other fragment), so every batch of a completed lease is in every fragment.
     """
 
     steps: int
@@ -122,16 +149,30 @@ class LocalSteps:
     """The inner optimizer each worker runs, resolved: its schedule counts inner steps (the
     lr of inner step k of the round made at version v is the schedule at v * H + k), and its
     `total_steps` (> 0) is (outer total_steps) x H unless the spec set it."""
+    fragments: int = 1
+    """F: streaming fragments, in [1, H] and dividing H; 1 = off (every version syncs every
+    shard, one per round of H inner steps)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_LOCAL_STEPS:
             raise ValueError(
                 f"local_steps.steps must be in [1, {MAX_LOCAL_STEPS}], got {self.steps}"
             )
+        if not 1 <= self.fragments <= self.steps or self.steps % self.fragments:
+            # A window is H / F whole inner steps, so each shard is synced every H of them.
+            raise ValueError(
+                f"local_steps.fragments {self.fragments} must be in [1, local_steps.steps "
+                f"{self.steps}] and divide it (1 = off)"
+            )
         if not isinstance(self.inner, OptimizerSettings):
             raise ValueError("local_steps.inner must be resolved OptimizerSettings")
         if self.inner.total_steps <= 0:
             raise ValueError("local_steps.inner.total_steps must be resolved (> 0)")
+
+    @property
+    def window(self) -> int:
+        """K = H / F: inner steps (batches) per push; H without fragments."""
+        return self.steps // self.fragments
 
 
 @dataclass(frozen=True)
@@ -177,7 +218,9 @@ class JobSettings:
     local_steps: LocalSteps | None = None
     """DiLoCo local steps: each push is a round of H inner steps' pseudo-gradient, and a
     version (a step of `optimizer`, the outer one) is one round. None: plain SYNC, one
-    gradient per batch. `batches_per_lease` must then be a multiple of H."""
+    gradient per batch. `batches_per_lease` must then be a multiple of H. With streaming
+    fragments (`LocalSteps.fragments` F > 1) a version is one window of H / F inner steps
+    and syncs 1/F of the shards; SYNC only (max_staleness 0)."""
     push_compression: Compression = NONE
     """How workers compress their pushes, with error feedback (`lmps.core.compress`)."""
     task: TaskName = "lm"
@@ -223,6 +266,13 @@ class JobSettings:
             raise ValueError(
                 "local_steps run under SYNC or bounded staleness; ASYNC applies each push "
                 "alone and has no rounds: drop local_steps or pick another consistency"
+            )
+        if self.local_steps is not None and self.local_steps.fragments > 1 and self.max_staleness:
+            # Version v syncs fragment v mod F with every member's window v: a worker up to s
+            # versions ahead would push fragments out of turn (not built; ASYNC has no turns).
+            raise ValueError(
+                f"local_steps.fragments {self.local_steps.fragments} needs SYNC: "
+                f"max_staleness must be 0, got {self.max_staleness}; drop one of them"
             )
         if not 0 <= self.max_staleness <= MAX_STALENESS:
             raise ValueError(f"max_staleness must be in [0, {MAX_STALENESS}]")

@@ -495,6 +495,7 @@ def shard_to_proto(s: Shard) -> parameter_pb2.ShardSpec:
         server_id=s.server_id,
         weight_decay=s.weight_decay,
         backup_server_id=s.backup_server_id,
+        fragment=s.fragment,
     )
 
 
@@ -508,6 +509,7 @@ def shard_from_proto(m: parameter_pb2.ShardSpec) -> Shard:
         server_id=m.server_id,
         weight_decay=m.weight_decay,
         backup_server_id=m.backup_server_id,
+        fragment=int(m.fragment),
     )
 
 
@@ -637,7 +639,9 @@ def _resolved_optimizer(m: job_pb2.OptimizerConfig, total_steps: int) -> Optimiz
 
 def local_steps_from_proto(spec: job_pb2.JobSpec, outer_total_steps: int) -> LocalSteps | None:
     """The spec's local steps, None when unset; the inner optimizer's open total_steps
-    becomes `outer_total_steps` x H. Raises ValueError naming the field."""
+    becomes `outer_total_steps` x H (with fragments too: an outer step is a round of F
+    windows of H / F inner steps), and fragments 0 is 1 (off). Raises ValueError naming the
+    field."""
     if not spec.HasField("local_steps"):
         return None
     m = spec.local_steps
@@ -648,11 +652,13 @@ def local_steps_from_proto(spec: job_pb2.JobSpec, outer_total_steps: int) -> Loc
         inner = _resolved_optimizer(m.inner_optimizer, outer_total_steps * max(1, steps))
     except ValueError as err:
         raise ValueError(f"local_steps.inner_optimizer: {err}") from None
-    return LocalSteps(steps=steps, inner=inner)
+    return LocalSteps(steps=steps, inner=inner, fragments=int(m.fragments) or 1)
 
 
 def local_steps_to_proto(s: LocalSteps) -> job_pb2.LocalSteps:
-    return job_pb2.LocalSteps(steps=s.steps, inner_optimizer=optimizer_to_proto(s.inner))
+    return job_pb2.LocalSteps(
+        steps=s.steps, inner_optimizer=optimizer_to_proto(s.inner), fragments=s.fragments
+    )
 
 
 _COMPRESSION_KINDS = {
@@ -689,7 +695,8 @@ def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSe
     """The one place a `JobSpec` is read: every "0 means default" resolved here.
 
     `total_steps` is used when the spec's optimizer leaves it at 0 (with local steps, the
-    inner optimizer's open total_steps is the outer one x H, and batches_per_lease 0 is H).
+    inner optimizer's open total_steps is the outer one x H, and batches_per_lease 0 is H,
+    or F x H with F fragments).
     Raises ValueError (with the field named) on anything invalid.
     """
     model = model_from_proto(spec.model)
@@ -698,7 +705,11 @@ def job_settings_from_proto(spec: job_pb2.JobSpec, *, total_steps: int) -> JobSe
     except ValueError as err:
         raise ValueError(f"optimizer: {err}") from None
     local = local_steps_from_proto(spec, optim.total_steps)
-    default_per_lease = local.steps if local is not None else DEFAULT_BATCHES_PER_LEASE
+    # Local steps: one round a lease; with F fragments F rounds, so that the lease's F - 1
+    # flushes (1/F of the model each) add (F - 1) / F^2 to its bytes pushed, not (F - 1) / F.
+    default_per_lease = (
+        local.fragments * local.steps if local is not None else DEFAULT_BATCHES_PER_LEASE
+    )
     return JobSettings(
         name=spec.name,
         model=model,

@@ -161,6 +161,7 @@ class Driver:
             batches_per_lease=settings.batches_per_lease,
             local_steps=settings.local_steps.steps if settings.local_steps else 1,
             consistency=settings.consistency,
+            fragments=settings.local_steps.fragments if settings.local_steps else 1,
         )
         settings = job_settings(spec, total_steps=total)
         model = init_model(settings.model, settings.seed)

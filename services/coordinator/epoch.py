@@ -169,8 +169,10 @@ class EpochRun:
             done=done,
             servers=job.servers,
             barrier=self.fleet,
-            # Local steps: a worker pushes once a round of H batches (DiLoCo).
-            per_push=s.local_steps.steps if s.local_steps else 1,
+            # Local steps: a worker pushes once a round of H batches (DiLoCo); with F
+            # fragments once a window of H / F, and ends each lease with F - 1 flushes.
+            per_push=s.local_steps.window if s.local_steps else 1,
+            flushes=s.local_steps.fragments - 1 if s.local_steps else 0,
         )
         with job.lock:
             job.epoch = desk
@@ -247,7 +249,8 @@ class EpochRun:
             self._maybe_checkpoint_async(a, a.desk)
             return
         # SYNC: version v is whole once every active worker has pushed its step v - 1 (with
-        # local steps a round's events come once its push is in: any of them says so).
+        # local steps a round's events come once its push is in: any of them says so; with
+        # fragments a flush has no events, so a later push's event says it).
         active = set(a.desk.active)
         every, target = a.checkpoint_every, a.next_checkpoint
         if not (every and active and all(a.last_step.get(w, -1) >= target - 1 for w in active)):

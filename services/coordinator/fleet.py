@@ -115,6 +115,8 @@ class Fleet:
                 history=history,
                 # SYNC: the servers clip each step (ASYNC and local steps: the workers do).
                 max_grad_norm=settings.max_grad_norm if settings.clip_on_servers else 0.0,
+                # Streaming fragments: version v updates the shards of fragment v mod F only.
+                fragments=settings.local_steps.fragments if settings.local_steps else 1,
             )
 
             def messages() -> Iterator[parameter_pb2.LoadRequest]:

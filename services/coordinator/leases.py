@@ -17,6 +17,16 @@ shorter), and every batch of a round is reported at the round's step. A round is
 whole or not at all, so where a shard stands (`progress`, `lose`) is always a round's start.
 Without local steps H is 1: a round is a batch.
 
+Streaming fragments (F > 1): a push is a window of K = H / F batches (`per_push`) that syncs
+one fragment of the model, and a lease ends with F - 1 flushes (`flushes`: pushes of no
+batches and no events, one per other fragment), so a lease of b batches is ceil(b / K) +
+F - 1 pushes in order. A window's events come at its own step v, yet its batches are in
+every fragment only once the lease's last flush (F - 1 steps after its last window) is
+applied, from version (last window's step) + F on. So a lease counts as in the parameters
+whole or not at all: its shard stands at the lease's first batch until then, at its end
+after; a lease lost or stopped halfway is trained again from its first batch (partly in the
+parameters already: at least once, counted in `redone_batches` and `unapplied`).
+
 A new consistency mode is a sibling of `LeaseDesk` with its own membership rule (a row of
 `DESKS`), plus the branches marked `# SYNC:` in epoch.py and streams.py. Bounded staleness
 keeps SYNC's. `AsyncLeaseDesk` is ASYNC's: every push is applied at once, so no barrier
@@ -56,13 +66,19 @@ class EpochLeases:
         done: Mapping[int, int] | None = None,
         *,
         per_push: int = 1,
+        flushes: int = 0,
     ) -> None:
         """`shard_batches[j]`: batches in data shard j; `done[j]`: batches already trained;
-        `per_push`: batches a worker trains per push (H of local steps; 1 without)."""
+        `per_push`: batches a worker trains per push (H of local steps, H / F with F
+        fragments; 1 without); `flushes`: pushes of no batches that end every lease (F - 1
+        with fragments; 0 without)."""
         if per_push < 1:
             raise ValueError(f"per_push must be >= 1, got {per_push}")
+        if flushes < 0:
+            raise ValueError(f"flushes must be >= 0, got {flushes}")
         self.epoch = epoch
         self.per_push = per_push
+        self.flushes = flushes
         self.shard_batches = list(shard_batches)
         self.done: dict[int, int] = {j: n for j, n in (done or {}).items() if n > 0}
         self.own: dict[str, deque[int]] = {w: deque() for w in sorted(workers)}
@@ -124,12 +140,28 @@ class EpochLeases:
             return lease
 
     def _rounds(self, lease: Lease) -> list[range]:
-        """The lease's rounds in training order: `per_push` batches each from its first
-        batch, the last cut at the lease's end (rounds never cross a lease)."""
+        """The lease's pushes in training order: rounds of `per_push` batches each from its
+        first batch, the last cut at the lease's end (rounds never cross a lease), then
+        `flushes` empty ones (pushes of no batches)."""
         h = self.per_push
-        return [
+        windows = [
             range(b, min(b + h, lease.batches)) for b in range(lease.first_batch, lease.batches, h)
         ]
+        return windows + [range(0)] * self.flushes
+
+    def _whole_below(self, lease: Lease, below_step: int | None) -> bool:
+        """Fragments: the lease's last push (its last flush) is at a step below `below_step`,
+        so every batch of it is in every fragment. A window i (0-based) of n reported at step
+        s puts that push at s + (n - 1 - i) + flushes (a worker pushes once a step, in
+        order); the latest any event says, to be safe. False without events or a step."""
+        if below_step is None or not lease.seen:
+            return False
+        n = -(-(lease.batches - lease.first_batch) // self.per_push)
+        last = max(
+            s + n - 1 - (b - lease.first_batch) // self.per_push + self.flushes
+            for b, s in lease.seen
+        )
+        return last < below_step
 
     def _round_start(self, lease: Lease, batch: int) -> int:
         """The first batch of the round `batch` belongs to."""
@@ -165,7 +197,11 @@ class EpochLeases:
 
         A round is applied whole: one batch of it reported below `applied_below` keeps the
         round (its batches whose events never came are counted in `unreported`), and the
-        re-leased shard starts at the next round."""
+        re-leased shard starts at the next round. With fragments (`flushes`) a lease is kept
+        only whole (its last flush below `applied_below`; then it is completed, and None keeps
+        none: ASYNC has no fragments); any other is trained again from its first batch, its
+        reported batches counted in `redone_batches` (partly in the parameters: at least
+        once)."""
         with self._lock:
             self.lost.add(worker_id)
             self.taken.pop(worker_id, None)
@@ -174,6 +210,9 @@ class EpochLeases:
                 lid for lid, lease in self.outstanding.items() if lease.worker_id == worker_id
             ]:
                 lease = self.outstanding.pop(lid)
+                if self.flushes:
+                    orphaned += self._lose_fragmented(lease, applied_below)
+                    continue
                 kept = [b for b, s in lease.seen if applied_below is None or s < applied_below]
                 first = max([lease.first_batch, *(self._round_end(lease, b) for b in kept)])
                 self.redone_batches += len(lease.seen) - len(kept)
@@ -184,6 +223,22 @@ class EpochLeases:
             orphaned += list(self.own.pop(worker_id, deque()))
             self.orphans.extend(orphaned)
             return orphaned
+
+    def _lose_fragmented(self, lease: Lease, applied_below: int | None) -> list[int]:
+        """`lose` of one lease with fragments: the shards to orphan (none when it is whole)."""
+        if self._whole_below(lease, applied_below):
+            # Its last flush is applied: every batch is in, reported or not (its worker was
+            # lost between that push and completing the lease).
+            seen = {b for b, _ in lease.seen}
+            self.unreported += len(set(range(lease.first_batch, lease.batches)) - seen)
+            self.closed[lease.lease_id] = lease
+            self.done[lease.data_shard] = lease.batches
+            self.completed.append(lease.data_shard)
+            return []
+        self.redone_batches += len(lease.seen)
+        self.done[lease.data_shard] = lease.first_batch
+        self.releases += 1
+        return [lease.data_shard]
 
     def readmit(self, worker_id: str) -> None:
         """A dropped worker is back (it re-registered): it may take leases again."""
@@ -207,10 +262,18 @@ class EpochLeases:
 
         A lease is completed once its last batch is pushed, before that step is applied:
         a batch pushed at a step >= `below_step` is not in the parameters, done or not. A
-        round is in the parameters whole or not at all: a shard stands at a round's start."""
+        round is in the parameters whole or not at all: a shard stands at a round's start.
+        With fragments (`flushes`) a lease is in whole (once its last flush is below
+        `below_step`) or not at all: until then its shard stands at the lease's first batch."""
         with self._lock:
             out = dict(self.done)
             for lease in [*self.closed.values(), *self.outstanding.values()]:
+                if self.flushes:
+                    if self._whole_below(lease, below_step):
+                        out[lease.data_shard] = max(out.get(lease.data_shard, 0), lease.batches)
+                    elif lease.first_batch or lease.data_shard in out:
+                        out[lease.data_shard] = lease.first_batch
+                    continue
                 late = [b for b, s in lease.seen if s >= below_step]
                 kept = [b for b, s in lease.seen if s < below_step]
                 if late:  # rounds go in order: the first unapplied one is where to resume
@@ -223,10 +286,32 @@ class EpochLeases:
             return out
 
     def unapplied(self, below_step: int) -> int:
-        """Batches pushed at steps >= `below_step`: not in the parameters at that version."""
+        """Batches pushed at steps >= `below_step`: not in the parameters at that version.
+        With fragments, every batch reported of a lease not whole below it (`progress`:
+        trained again from the lease's first batch)."""
         with self._lock:
             leases = [*self.closed.values(), *self.outstanding.values()]
+            if self.flushes:
+                return sum(
+                    len(lease.seen) for lease in leases if not self._whole_below(lease, below_step)
+                )
             return sum(1 for lease in leases for _, s in lease.seen if s >= below_step)
+
+    def reported_step(self, worker_id: str, since: int, step: int) -> int:
+        """The latest step <= `step` at which `worker_id` pushed batches, so events report
+        it: `step` itself but with fragments, where a flush has none (then the step of the
+        window before it, by its lease order as `account` reads it: `since` is the step of
+        its first push). `step` when unknown; -1 when only flushes came since `since`."""
+        with self._lock:
+            if not self.flushes:
+                return step
+            order = [r for lease in self.taken.get(worker_id, []) for r in self._rounds(lease)]
+            i = step - since
+            if not 0 <= i < len(order):
+                return step
+            while i >= 0 and not order[i]:
+                i -= 1
+            return since + i if i >= 0 else -1
 
     def account(self, members: Mapping[str, int], below_step: int) -> int | None:
         """Record the pushes of the barrier's `members` that no step event reported, so that
@@ -235,8 +320,9 @@ class EpochLeases:
         None, recording nothing, when the events or leases do not fit (see below).
 
         SYNC: every step a server made needed one push of every member, and a worker trains
-        the rounds of its leases (`per_push` batches of one lease; one batch without local
-        steps) in the order it took them, one round per step. So w pushed the first
+        the rounds of its leases (`per_push` batches of one lease, one batch without local
+        steps; with fragments each lease ends with `flushes` rounds of no batches) in the
+        order it took them, one round per step. So w pushed the first
         `below_step - members[w]` rounds at the steps `members[w]`, ... `below_step - 1`,
         reported or not (a push that reached the servers that made the step but failed on a
         lost one is never reported, yet it is in the parameters), and the rest of a lease it
@@ -336,14 +422,17 @@ class LeaseDesk:
         servers: Mapping[str, str],
         barrier: Barrier,
         per_push: int = 1,
+        flushes: int = 0,
     ) -> None:
         """`plan[j]`: sequence ids of data shard j (rows of `train`); `done[j]`: batches of
         shard j already trained (resuming); `per_push`: batches per push, H of local steps
-        (1 without: `EpochLeases`)."""
+        (H / F with F fragments; 1 without); `flushes`: F - 1 with fragments (`EpochLeases`)."""
         self.job_id, self.epoch = job_id, epoch
         self.plan, self.train, self.batch_size = list(plan), train, batch_size
         self.shard_batches = [len(ids) // batch_size for ids in plan]
-        self.book = EpochLeases(epoch, self.shard_batches, sorted(workers), done, per_push=per_push)
+        self.book = EpochLeases(
+            epoch, self.shard_batches, sorted(workers), done, per_push=per_push, flushes=flushes
+        )
         self.servers = dict(servers)
         self.barrier = barrier
         self.active: set[str] = set()  # SYNC: the workers the barrier waits for
@@ -463,6 +552,14 @@ class LeaseDesk:
     def unreported(self) -> int:
         """Batches pushed whose event never came, recorded by `account`."""
         return self.book.unreported
+
+    def reported_step(self, worker_id: str, step: int) -> int:
+        """The latest step <= `step` whose push of `worker_id` an event reports: `step`,
+        but with fragments, where a flush has none, the window before it
+        (`EpochLeases.reported_step`). A stop waiting for its events waits for that one."""
+        with self._lock:
+            since = self.since.get(worker_id)
+            return step if since is None else self.book.reported_step(worker_id, since, step)
 
     def freeze(self, stopper: str) -> int | None:
         """Stop the epoch at a step boundary: `stopper`, a member that never pushes, joins

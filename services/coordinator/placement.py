@@ -62,7 +62,13 @@ class Placement:
         decays = tasks.decay_rule(s.freeze_backbone)
         infos = [ParamInfo(n, tuple(t.shape), decays(n, t)) for n, t in params.items()]
         try:
-            shards = plan_shards(infos, sorted(servers), s.shard_bytes, s.replication)
+            shards = plan_shards(
+                infos,
+                sorted(servers),
+                s.shard_bytes,
+                s.replication,
+                fragments=s.local_steps.fragments if s.local_steps else 1,
+            )
         except ValueError as err:
             raise InvalidArgument(f"job spec: {err}") from None
         values, states = checkpoint.scatter_state(shards, params, state)

@@ -8,6 +8,8 @@ continues mid-epoch with the same step composition (deterministic leases) and a 
 coordinator does too. When the servers disagree (a half-applied step), the epoch rolls back
 to the latest checkpoint instead. With local steps a step is a round of H batches: the stop
 is at a round boundary, and the rounds pushed at v are trained again from their first batch.
+With streaming fragments a step is a window of H / F batches or a flush, and a lease not
+whole below v (its last flush applied) is trained again from its first batch.
 
 ASYNC has no barrier to freeze, and needs none: each push is applied as it comes. The streams
 are cancelled at once and the events on their way taken in (`drain`); the servers' version
@@ -79,7 +81,13 @@ class EpochStop:
         last = at - 1 if self.job.settings.clip_on_servers else at
         deadline = time.monotonic() + STOP_WAIT_S
         while a.calls and time.monotonic() < deadline:
-            waiting = [w for w in a.desk.active if w in a.calls and a.last_step.get(w, -1) < last]
+            # Fragments: a flush has no batches, so no event reports it: wait for the window
+            # before it.
+            waiting = [
+                w
+                for w in a.desk.active
+                if w in a.calls and a.last_step.get(w, -1) < a.desk.reported_step(w, last)
+            ]
             if not waiting:
                 return
             try:

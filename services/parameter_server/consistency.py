@@ -269,6 +269,9 @@ class SyncBarrier:
         contrib = self._contrib.pop(step)
         del self._weight[step]
         mean = {}
+        # The shards the step's pushes carry: all of them, or with streaming fragments the
+        # step's fragment (the store checked every push carries exactly those).
+        shards = {sid: n for sid, n in self._numel.items() if sid in contrib[workers[0]]}
         if len(workers) == 1 and _exact_scale(weights[workers[0]]):
             # One contribution: the fp64 mean (w * g) / w is g itself, bit for bit (the
             # product of an fp32 g and a w of <= 29 significant bits is exact in fp64, and
@@ -276,11 +279,11 @@ class SyncBarrier:
             # a fresh tensor (the optimizer owns what it is handed; a push is a view of the
             # bytes received) that also maps -0.0 to +0.0 as the zeroed fp64 sum does.
             only = contrib.pop(workers[0])
-            for sid in self._numel:
+            for sid in shards:
                 mean[sid] = torch.add(only.pop(sid).to(torch.float32), 0.0)
             self._version += 1
             return Update(mean, ((workers[0], weights[workers[0]]),))
-        for sid, numel in self._numel.items():
+        for sid, numel in shards.items():
             # fp64: weight * grad sums cannot overflow, and the mean is back in fp32 range.
             acc = self._scratch[:numel].zero_()
             for w in workers:

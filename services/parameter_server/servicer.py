@@ -97,6 +97,7 @@ class ParameterServicer(parameter_pb2_grpc.ParameterServiceServicer):
             consistency=consistency,
             max_staleness=h.max_staleness,
             max_grad_norm=h.max_grad_norm,
+            fragments=h.fragments,
         )
         self.metrics.version.set(h.version)
         self.metrics.held_bytes.set(held)

@@ -109,6 +109,15 @@ class _Job:
     max_grad_norm: float = 0.0  # > 0: every SYNC step waits for its global norm (`parked`)
     parked: _Parked | None = None  # the step at `version`, complete, awaiting its norm
     clipped: dict[int, _Clipped] = field(default_factory=dict)  # the last KEEP_NORMS steps
+    # Streaming fragments (F > 1): step s updates the shards of fragment s mod F only, at
+    # the lr of outer step s // F (Streaming DiLoCo); 1 = every step updates every shard.
+    fragments: int = 1
+
+    def expected(self, step: int) -> dict[str, Shard]:
+        """The shards a push for `step` carries (all of them without fragments)."""
+        if self.fragments == 1:
+            return self.specs
+        return {sid: s for sid, s in self.specs.items() if s.fragment == step % self.fragments}
 
     def take_snapshot(self) -> Snapshot:
         values = {sid: t.clone() for sid, t in self.optimizer.values.items()}
@@ -245,6 +254,7 @@ class ParameterStore:
         consistency: Consistency = "sync",
         max_staleness: int = 0,
         max_grad_norm: float = 0.0,
+        fragments: int = 1,
     ) -> int:
         """Install a job. Returns fp32 bytes held. Validates fully before replacing anything.
 
@@ -252,6 +262,8 @@ class ParameterStore:
         `consistency` picks the job's barrier (`consistency.BARRIERS`); `max_staleness` is
         its bound under bounded staleness. `max_grad_norm` > 0 (SYNC only) clips every step
         by its global norm: a complete step waits for it (`grad_norm`, `apply_step`).
+        `fragments` F > 1 (streaming fragments, SYNC only): a push for step s carries the
+        shards of fragment s mod F (`Shard.fragment`) and the step updates only those.
         """
         if not job_id:
             raise InvalidArgument("load: empty job id")
@@ -262,8 +274,20 @@ class ParameterStore:
                 "load: max_grad_norm is clipped on the servers under SYNC only, not under "
                 f"{consistency} with max_staleness {max_staleness} (workers clip there)"
             )
+        fragments = fragments or 1
+        if fragments > 1 and (consistency != "sync" or max_staleness or max_grad_norm):
+            raise InvalidArgument(
+                f"load: fragments {fragments} sync one fragment per SYNC step: not under "
+                f"{consistency} with max_staleness {max_staleness}, max_grad_norm "
+                f"{max_grad_norm:g} (local steps clip on the workers)"
+            )
         specs: dict[str, Shard] = {}
         for s in shards:
+            if not 0 <= s.fragment < fragments:
+                raise InvalidArgument(
+                    f"load: shard {s.shard_id!r} is in fragment {s.fragment}, not below "
+                    f"fragments {fragments}"
+                )
             if s.shard_id in specs:
                 raise InvalidArgument(f"load: duplicate shard {s.shard_id!r}")
             if s.numel <= 0:
@@ -295,6 +319,7 @@ class ParameterStore:
             raise InvalidArgument(f"load: {err}") from None
         job = _Job(job_id, specs, optimizer, version, barrier, checkpoint_every)
         job.max_grad_norm = max_grad_norm
+        job.fragments = fragments
         job.history = history or hashlib.sha256(f"{job_id}|{version}".encode()).hexdigest()
         with self._cond:
             self._job = job
@@ -511,7 +536,16 @@ class ParameterStore:
             # SYNC and SSP take pushes for steps >= the version (applied as that step); ASYNC
             # takes them for steps <= it and applies them now, at the version.
             stale = max(step, job.version) - (step if computed_at is None else computed_at)
-            checked = _check_values(job.specs, dense, "push", max_abs=MAX_GRAD_ABS)
+            expected = job.expected(step)
+            if len(expected) < len(job.specs):
+                for sid, _ in dense:
+                    spec = job.specs.get(sid)
+                    if spec is not None and sid not in expected:
+                        raise InvalidArgument(
+                            f"push: shard {sid!r} is in fragment {spec.fragment}; step {step} "
+                            f"syncs fragment {step % job.fragments} of {job.fragments}"
+                        )
+            checked = _check_values(expected, dense, "push", max_abs=MAX_GRAD_ABS)
             # All checks passed: from here on nothing can fail half-way.
             if step == job.version:
                 job.encoded.clear()  # the pusher has pulled this version (see `pull_encoded`)
@@ -674,7 +708,8 @@ class ParameterStore:
         # An update is the step at `version`: its lr, then exactly one version up (SYNC: a
         # step of every member's pushes; ASYNC: one push).
         job.encoded.clear()  # encodings of the version about to be replaced
-        job.optimizer.step(update.grads, job.version)
+        # Streaming fragments: one fragment's outer step, at the lr of round version // F.
+        job.optimizer.step(update.grads, job.version // job.fragments, partial=job.fragments > 1)
         # The update's gradients are spent: let them go now, before a snapshot is taken
         # (the caller's frame still holds `update` until this returns).
         update.grads.clear()

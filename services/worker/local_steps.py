@@ -75,6 +75,41 @@ class InnerLoop:
         self.decay = dict(decay)
         self.optimizer: ShardOptimizer | None = None
 
+    def begin(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Start from the global `values` (every shard): the inner optimizer's values become
+        them, its state kept (built at the first call). Returns the fp32 start values."""
+        start = {sid: v.to(torch.float32) for sid, v in values.items()}
+        if self.optimizer is None:
+            self.optimizer = ShardOptimizer(start, decay=self.decay, settings=self.settings)
+        else:
+            self.optimizer.assign(start)
+        return start
+
+    def run_steps(
+        self,
+        first_step: int,
+        batches: Sequence[torch.Tensor],
+        active: Callable[[], bool] = lambda: True,
+    ) -> tuple[list[float], list[float], list[float]] | None:
+        """Inner steps on `batches` from the current local values, the k-th at the inner lr
+        of step `first_step` + k: (losses, seconds, norms before clipping) per step. None
+        when `active()` turns false between steps."""
+        assert self.optimizer is not None, "begin() first"
+        losses: list[float] = []
+        seconds: list[float] = []
+        norms: list[float] = []
+        for k, batch in enumerate(batches):
+            if not active():
+                return None
+            t0 = time.perf_counter()
+            self.model.load(self.optimizer.values)
+            loss, grads = self.model.train_step(batch)
+            norms.append(clip.clip_(grads, self.max_grad_norm) if self.max_grad_norm else 0.0)
+            self.optimizer.step(grads, first_step + k)
+            losses.append(loss)
+            seconds.append(time.perf_counter() - t0)
+        return losses, seconds, norms
+
     def run_round(
         self,
         version: int,
@@ -87,25 +122,12 @@ class InnerLoop:
         between steps (the epoch was cancelled)."""
         if not 0 < len(batches) <= self.steps:
             raise ValueError(f"a round has 1..{self.steps} batches, got {len(batches)}")
-        start = {sid: v.to(torch.float32) for sid, v in values.items()}
-        if self.optimizer is None:
-            self.optimizer = ShardOptimizer(start, decay=self.decay, settings=self.settings)
-        else:
-            self.optimizer.assign(start)
-        losses: list[float] = []
-        seconds: list[float] = []
-        norms: list[float] = []
-        for k, batch in enumerate(batches):
-            if not active():
-                return None
-            t0 = time.perf_counter()
-            self.model.load(self.optimizer.values)
-            loss, grads = self.model.train_step(batch)
-            norms.append(clip.clip_(grads, self.max_grad_norm) if self.max_grad_norm else 0.0)
-            self.optimizer.step(grads, version * self.steps + k)
-            losses.append(loss)
-            seconds.append(time.perf_counter() - t0)
+        start = self.begin(values)
+        done = self.run_steps(version * self.steps, batches, active)
+        if done is None:
+            return None
+        assert self.optimizer is not None
         # Δ = θ(v) - θ_local: the outer optimizer's "gradient" (DiLoCo, Algorithm 1, line 12).
         local = self.optimizer.values
         delta = {sid: start[sid].sub(local[sid]) for sid in start}
-        return Round(delta, losses, seconds, norms)
+        return Round(delta, *done)

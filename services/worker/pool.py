@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -163,24 +163,33 @@ class ServerPool:
         for ch in self.channels.values():
             ch.close()
 
-    def open_pull(self, min_version: int, sink: Sink, timeout_s: float | None = None) -> PullStream:
-        """Start a pull of every shard at a version >= min_version; each shard goes to
-        `sink` as it arrives (`PullStream`). With clipping, step min_version - 1 is
-        committed first unless this pool did (a no-op where it is applied: one GradNorm
-        round trip)."""
+    def open_pull(
+        self,
+        min_version: int,
+        sink: Sink,
+        timeout_s: float | None = None,
+        shard_ids: Collection[str] | None = None,
+    ) -> PullStream:
+        """Start a pull of every shard (or of `shard_ids`) at a version >= min_version;
+        each shard goes to `sink` as it arrives (`PullStream`). With clipping, step
+        min_version - 1 is committed first unless this pool did (a no-op where it is
+        applied: one GradNorm round trip)."""
         if self.committer is not None:
             self.committer.before_pull(min_version)
-        return PullStream(self, min_version, sink, timeout_s)
+        return PullStream(self, min_version, sink, timeout_s, shard_ids)
 
     def pull(
-        self, min_version: int, timeout_s: float | None = None
+        self,
+        min_version: int,
+        timeout_s: float | None = None,
+        shard_ids: Collection[str] | None = None,
     ) -> tuple[int, dict[str, torch.Tensor]]:
-        """All shards from all servers at a version >= min_version: (version, values as
-        read-only views of the received bytes). SYNC: one version everywhere; bounded
-        staleness and ASYNC: each server answers at a version >= min_version, and the
-        lowest is the one the gradient counts as computed at."""
+        """All shards (or `shard_ids`) from their servers at a version >= min_version:
+        (version, values as read-only views of the received bytes). SYNC: one version
+        everywhere; bounded staleness and ASYNC: each server answers at a version >=
+        min_version, and the lowest is the one the gradient counts as computed at."""
         values: dict[str, torch.Tensor] = {}
-        version = self.open_pull(min_version, values.__setitem__, timeout_s).result()
+        version = self.open_pull(min_version, values.__setitem__, timeout_s, shard_ids).result()
         return version, values
 
     def open_push(self, step: int, weight: float, computed_at: int | None = None) -> PushStream:
@@ -198,7 +207,7 @@ class ServerPool:
     ) -> int:
         """Push to every server in parallel; raises the first server error. Returns the
         highest version among the servers' answers (`PushStream.close`)."""
-        stream = self.open_push(step, weight, computed_at)
+        stream = PushStream(self, step, weight, computed_at, shard_ids=list(grads))
         try:
             for sid, grad in grads.items():
                 stream.add(sid, grad)
@@ -214,9 +223,20 @@ class PushStream:
     The server sees an ordinary Push; it is keyed by shard id, so order does not matter."""
 
     def __init__(
-        self, pool: ServerPool, step: int, weight: float, computed_at: int | None = None
+        self,
+        pool: ServerPool,
+        step: int,
+        weight: float,
+        computed_at: int | None = None,
+        shard_ids: Collection[str] | None = None,
     ) -> None:
+        """`shard_ids`: the shards this push carries (streaming fragments: one fragment's;
+        a server holding none of them gets the header alone); None: every shard."""
         self._pool, self._step = pool, step
+        self._sends = {
+            server: sum(1 for sid in sids if shard_ids is None or sid in shard_ids)
+            for server, sids in pool.by_server.items()
+        }
         self.grad_norm = 0.0
         """The global norm of the step's gradient (before clipping), once `close` returned,
         when the servers clip; 0.0 otherwise."""
@@ -253,7 +273,7 @@ class PushStream:
 
     def _messages(self, server: str) -> Iterator[bytes]:
         yield self._header
-        for _ in self._pool.by_server[server]:
+        for _ in range(self._sends[server]):
             item = self._queues[server].get()
             if item is None:  # aborted: the call is being cancelled, the server refuses it
                 return

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -45,16 +45,38 @@ class PullStream:
     One thread waits on it at a time (the trainer's); any thread may `cancel`."""
 
     def __init__(
-        self, pool: ServerPool, min_version: int, sink: Sink, timeout_s: float | None = None
+        self,
+        pool: ServerPool,
+        min_version: int,
+        sink: Sink,
+        timeout_s: float | None = None,
+        shard_ids: Collection[str] | None = None,
     ) -> None:
+        """`shard_ids`: pull only these (streaming fragments: one fragment's), from the
+        servers that own one of them; None: every shard."""
         self._pool = pool
         self._sink = sink
         self._cond = threading.Condition()
         self._arrived: set[str] = set()
-        self._expected = {sid for sids in pool.owned.values() for sid in sids}
+        owned = {
+            server: [sid for sid in sids if shard_ids is None or sid in shard_ids]
+            for server, sids in pool.owned.items()
+        }
+        self._expected = {sid for sids in owned.values() for sid in sids}
+        if shard_ids is not None and self._expected != set(shard_ids):
+            unknown = sorted(set(shard_ids) - self._expected)[:3]
+            raise ValueError(f"pull: no server owns shards {unknown}")
+        # A server none of `shard_ids` is on is still asked for one shard of its own (not
+        # handed to the sink): the pull then also waits for its version, so this worker's
+        # next push cannot reach it before it made the step (SYNC would refuse it).
+        self._probes = {sids[0] for server, sids in pool.owned.items() if not owned[server]}
+        for server, sids in pool.owned.items():
+            owned[server] = owned[server] or sids[:1]
+        self._expected |= self._probes
+        self._servers = len(owned)
         self._versions: dict[str, int] = {}  # server -> the version it answers at
         self._error: BaseException | None = None
-        self._running = len(pool.owned)
+        self._running = len(owned)
         # The shards a caller is blocked on: an arrival wakes it only when it is one of them
         # (or the last), not once per message (each wake-up is a thread switch and a GIL
         # hand-over on the pull's critical path).
@@ -68,11 +90,11 @@ class PullStream:
                 min_version=min_version,
                 wire_dtype=codec.to_proto_dtype(pool.wire_dtype),
                 # Only the shards this server owns (it may also hold backups of others).
-                shard_ids=[] if owned == pool.by_server[server] else owned,
+                shard_ids=[] if mine == pool.by_server[server] else mine,
             )
-            for server, owned in pool.owned.items()
+            for server, mine in owned.items()
         }
-        for server in pool.owned:
+        for server in owned:
             # No wait_for_ready: a dead server must fail the step now, not in ten minutes.
             call = pool._pull_raw[server](request[server], timeout=timeout_s or pool.timeout_s)
             pool._track(call)
@@ -92,7 +114,8 @@ class PullStream:
                     raise RuntimeError(f"server {server} sent mixed versions {seen}, {version}")
                 if sid not in self._expected or sid in self._arrived:
                     raise RuntimeError(f"server {server} sent shard {sid!r} unasked or twice")
-                self._sink(sid, value)  # outside the lock: a copy of up to a shard's bytes
+                if sid not in self._probes:
+                    self._sink(sid, value)  # outside the lock: a copy of up to a shard's bytes
                 with self._cond:
                     self._arrived.add(sid)
                     if sid in self._want or len(self._arrived) == len(self._expected):
@@ -137,7 +160,7 @@ class PullStream:
         """The version the pull answers at, once every server said (their first message).
         SYNC: one version everywhere (RuntimeError otherwise); bounded staleness and ASYNC
         (`mixed_versions`): the lowest, which the gradient counts as computed at."""
-        n = len(self._pool.owned)
+        n = self._servers
         self._block(lambda: len(self._versions) == n)
         versions = set(self._versions.values())
         if len(versions) != 1 and not self._pool.mixed_versions:

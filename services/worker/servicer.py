@@ -19,6 +19,7 @@ from lmps.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.rpc.codec import CodecError
+from lmps.services.worker.fragments import StreamingLoop
 from lmps.services.worker.leases import CoordinatorLeases
 from lmps.services.worker.local_steps import InnerLoop
 from lmps.services.worker.metrics import WorkerMetrics
@@ -107,11 +108,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     freeze_backbone=settings.freeze_backbone,
                 )
             inner = None
+            streaming = None
             if local is not None:
                 decay = {s.shard_id: s.weight_decay for s in shards}
                 inner = InnerLoop(
                     replica, local.steps, local.inner, decay, max_grad_norm=settings.max_grad_norm
                 )
+                if local.fragments > 1:
+                    fragment_of = {s.shard_id: s.fragment for s in shards}
+                    streaming = StreamingLoop(inner, fragment_of, local.fragments)
             pool = ServerPool(
                 request.job_id,
                 self.worker_id,
@@ -147,6 +152,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 weigh=replica.task.weight,
                 # ASYNC with max_grad_norm: the worker clips its own pushes.
                 max_grad_norm=settings.max_grad_norm if mode == "async" else 0.0,
+                streaming=streaming,
             )
             self._job = _Job(request.job_id, replica, pool, trainer)
         log.info(

@@ -19,7 +19,7 @@ push is applied at once, the worker never waits for the others).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,6 +29,7 @@ from lmps.core import clip
 from lmps.core.errors import InvalidArgument
 from lmps.core.model import GPTConfig
 from lmps.core.tasks import TASKS, Task
+from lmps.services.worker.fragments import StreamingLoop
 from lmps.services.worker.local_steps import InnerLoop
 
 # -- collaborators -------------------------------------------------------------------------
@@ -66,11 +67,14 @@ class ParameterClient(Protocol):
     """Every parameter server of the job, seen as one; `ServerPool` in the cluster."""
 
     def pull(
-        self, min_version: int, timeout_s: float | None = None
+        self,
+        min_version: int,
+        timeout_s: float | None = None,
+        shard_ids: Collection[str] | None = None,
     ) -> tuple[int, dict[str, torch.Tensor]]:
-        """Every shard's value at a version >= `min_version`: (version, {shard_id: value}).
-        SYNC: one version everywhere. Bounded staleness and ASYNC: servers may answer at
-        different versions; `version` is then the lowest."""
+        """Every shard's value (or those of `shard_ids`) at a version >= `min_version`:
+        (version, {shard_id: value}). SYNC: one version everywhere. Bounded staleness and
+        ASYNC: servers may answer at different versions; `version` is then the lowest."""
         ...
 
     def push(
@@ -237,6 +241,7 @@ class Trainer:
         asynchronous: bool = False,
         weigh: Callable[[torch.Tensor], float] | None = None,
         max_grad_norm: float = 0.0,
+        streaming: StreamingLoop | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.model = model
@@ -247,6 +252,11 @@ class Trainer:
         self.local = local
         """Local steps (DiLoCo): each push is a round of `local.steps` batches; None: each
         batch pushes its gradient."""
+        self.streaming = streaming
+        """Streaming fragments (over `local`'s inner loop): each push is one fragment's,
+        after a window of H / F batches, and a lease ends with F - 1 flushes."""
+        if streaming is not None and (local is None or streaming.inner is not local):
+            raise ValueError("streaming fragments run over the trainer's local steps")
         self.staleness = staleness
         """Bounded staleness: how many steps this worker may run ahead of the servers'
         version (0: SYNC)."""
@@ -279,6 +289,8 @@ class Trainer:
         a lease cut short by `active()` is not (the coordinator gives it to someone else).
         """
         self.step = start_step
+        if self.streaming is not None:
+            self.streaming.ready = False  # an epoch starts from a full pull
         while active():
             lease = self.leases.next_lease(epoch, self.step)
             if lease is None:
@@ -289,6 +301,11 @@ class Trainer:
             # SYNC: one push per version. A push is one batch's gradient, or under local
             # steps one round's pseudo-gradient: up to H batches of this lease (rounds never
             # cross leases, so the last round of a lease may be shorter).
+            if self.streaming is not None:
+                if not (yield from self._train_streaming(lease, active)):
+                    return  # cancelled: the lease is not complete
+                self.leases.complete(lease)
+                continue
             per = 1 if self.local is None else self.local.steps
             for first in range(0, lease.batches, per):
                 if not active():
@@ -384,6 +401,87 @@ class Trainer:
             )
             for k in range(n)
         ]
+
+    def _train_streaming(
+        self, lease: Lease, active: Callable[[], bool]
+    ) -> Generator[StepResult, None, bool]:
+        """Streaming fragments: the lease's windows of K batches, each followed by the push
+        of fragment (version mod F) and the pull of its new values at version + 1, then the
+        F - 1 flushes. One result per batch, at its window's version, as soon as its push
+        is in (a flush reports nothing: the coordinator knows where they fall, and counts a
+        lease in the parameters from its last flush on). A flush's time is in no result.
+        False when cancelled (nothing of the window in progress pushed; the epoch's next
+        lease starts from a full pull)."""
+        s = self.streaming
+        assert s is not None
+        if not s.ready:
+            _, values = self._pull()
+            s.reset(values)
+            del values
+        for first in range(0, lease.batches, s.window):
+            if not active():
+                s.ready = False
+                return False
+            t0 = time.perf_counter()
+            batches = [
+                self._batch(lease, first + k) for k in range(min(s.window, lease.batches - first))
+            ]
+            weight = sum(self.weigh(b) for b in batches)
+            done = s.train(self.step, batches, weight, active)
+            if done is None:
+                return False
+            t1 = time.perf_counter()
+            push_s, pull_s = self._sync_fragment()
+            tokens = [b.shape[0] * (b.shape[1] - 1) for b in batches]
+            n = len(batches)
+            yield from [
+                StepResult(
+                    worker_id=self.worker_id,
+                    step=self.step,
+                    loss=done.losses[k],
+                    tokens=tokens[k],
+                    tokens_per_s=sum(tokens) / max(t1 - t0 + push_s + pull_s, 1e-9),
+                    pull_s=pull_s if k == n - 1 else 0.0,
+                    compute_s=done.compute_s[k],
+                    push_s=push_s if k == n - 1 else 0.0,
+                    lease_id=lease.lease_id,
+                    data_shard=lease.data_shard,
+                    batch_index=lease.first_batch + first + k,
+                    computed_at=self.step,
+                    grad_norm=done.norms[k],
+                )
+                for k in range(n)
+            ]
+            self.step += 1
+        for _ in range(s.fragments - 1):
+            if not active():
+                s.ready = False
+                return False
+            self._sync_fragment()
+            self.step += 1
+        return True
+
+    def _sync_fragment(self) -> tuple[float, float]:
+        """Push fragment (step mod F)'s Δ for `step`, then pull its values at step + 1 into
+        the local model: (push seconds, pull seconds). SYNC: the pull waits for every
+        member's push of the step."""
+        s = self.streaming
+        assert s is not None
+        t0 = time.perf_counter()
+        delta, weight = s.delta(self.step)
+        try:
+            self.params.push(self.step, weight, delta, self._computed_at)
+        except BaseException:
+            s.ready = False
+            raise
+        t1 = time.perf_counter()
+        try:
+            _, values = self.params.pull(self.step + 1, shard_ids=list(delta))
+        except BaseException:
+            s.ready = False
+            raise
+        s.settle(self.step, values)
+        return t1 - t0, time.perf_counter() - t1
 
     def _train_batch(self, lease: Lease, b: int, batch: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()

@@ -24,9 +24,11 @@ from lmps.client import model_io
 from lmps.client.launcher import ClusterSpec, LocalCluster
 from lmps.core.data import plan_data_shards, to_sequences
 from lmps.core.model import init_model
+from lmps.core.partition import shard_view
 from lmps.rpc import codec
-from lmps.v1 import job_pb2
+from lmps.v1 import coordinator_pb2, job_pb2
 from tests.cluster.jobs import SMALL, Driver, make_spec, random_tokens
+from tests.unit.test_fragments import streaming_reference
 from tests.unit.test_local_steps import diloco_reference
 
 pytestmark = pytest.mark.cluster
@@ -153,6 +155,82 @@ def test_local_steps_match_single_process_diloco(cluster: LocalCluster) -> None:
     print(
         f"\nlocal steps H={h}: {len(rounds)} pushes for {len(steps)} batches, max diff {worst:.2e}"
     )
+
+
+def test_streaming_fragments_match_single_process_streaming_diloco(cluster: LocalCluster) -> None:
+    h, fragments = 6, 3  # leases of 6: three windows of 2, then two flushes
+    outer = job_pb2.OptimizerConfig(
+        kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, schedule=job_pb2.CONSTANT
+    )
+    inner = job_pb2.OptimizerConfig(
+        kind=job_pb2.ADAMW,
+        lr=2e-3,
+        weight_decay=0.1,
+        schedule=job_pb2.COSINE,
+        warmup_steps=2,
+        total_steps=80,  # explicit: the reference needs the schedule the workers ran
+    )
+    train, evals = _data()
+    spec = make_spec(SMALL, outer, batch_size=BATCH, batches_per_lease=LEASE, seed=SEED)
+    spec.local_steps.CopyFrom(
+        job_pb2.LocalSteps(steps=h, inner_optimizer=inner, fragments=fragments)
+    )
+    driver = Driver(cluster.coordinator)
+    pushes_before = _pushes(cluster)
+    try:
+        job_id = driver.submit(spec, train, evals)
+        steps = _steps(driver.run_epoch(job_id, 0))
+        trained = model_io.fetch_model(cluster.coordinator, job_id)
+        shard_map = driver.stub.GetShardMap(coordinator_pb2.GetShardMapRequest(job_id=job_id))
+    finally:
+        driver.close()
+    shards = [codec.shard_from_proto(m) for m in shard_map.shards]
+    assert {s.fragment for s in shards} == set(range(fragments))
+    assert len(steps) == LEASES * LEASE  # every batch once, each with its own event
+    assert len({(s.data_shard, s.batch_index) for s in steps}) == len(steps)
+    # w0 has 3 leases, w1 2: 3 x (3 windows + 2 flushes) versions; a push per window and
+    # flush of every worker, to each of the two servers.
+    assert trained.version == 3 * (3 + fragments - 1)
+    pushes = LEASES * (3 + fragments - 1)
+    assert _pushes(cluster) - pushes_before == 2 * pushes
+
+    sequences = to_sequences(train, SMALL.block_size)
+    plan = plan_data_shards(sequences.shape[0], BATCH, LEASE, SEED, 0)
+
+    def tokens_of(ev: job_pb2.StepEvent) -> torch.Tensor:
+        ids = plan[ev.data_shard][ev.batch_index * BATCH : (ev.batch_index + 1) * BATCH]
+        return sequences[ids]
+
+    outer_settings = codec.optimizer_from_proto(
+        job_pb2.OptimizerConfig(
+            kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, total_steps=1
+        )
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs (see the local-steps test)
+    try:
+        expected = streaming_reference(
+            SMALL,
+            shards,
+            h,
+            fragments,
+            codec.optimizer_from_proto(inner),
+            outer_settings,
+            steps,
+            tokens_of,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    got = dict(trained.model.named_parameters())
+    init = dict(init_model(SMALL, SEED).named_parameters())
+    moved = 0.0
+    for s in shards:
+        value = shard_view(got[s.param].detach(), s)
+        torch.testing.assert_close(value, expected[s.shard_id], msg=f"{s.shard_id} differs")
+        start = shard_view(init[s.param].detach(), s)
+        moved = max(moved, float((start - expected[s.shard_id]).abs().max()))
+    assert moved > 1e-2
+    print(f"\nstreaming H={h} F={fragments}: {pushes} pushes for {len(steps)} batches")
 
 
 def _ssp_spec(staleness: int) -> job_pb2.JobSpec:

@@ -391,6 +391,21 @@ def test_inner_flags_without_local_steps_are_refused(tmp_path: Path) -> None:
     one_line_error(mismatched, "--batches-per-lease 8", "--local-steps 3")
 
 
+def test_fragments_without_local_steps_or_dividing_h_are_refused(tmp_path: Path) -> None:
+    """Streaming fragments split local steps' rounds: never silently ignored, and each
+    window is whole inner steps."""
+    dead = f"127.0.0.1:{free_port()}"
+    alone, uneven = run_all(
+        [
+            ["train", "--coordinator", dead, "--fragments", "3"],
+            ["train", "--coordinator", dead, "--local-steps", "4", "--fragments", "3"],
+        ],
+        cwd=tmp_path,
+    )
+    one_line_error(alone, "--fragments only applies with local steps", "add --local-steps")
+    one_line_error(uneven, "--fragments 3 must divide --local-steps 4")
+
+
 def test_each_preset_trains_its_own_vocabulary(tmp_path: Path, coordinator: str) -> None:
     """tiny keeps 2048 (as before, so `lmps demo` is unchanged); mini gets its 4096, where
     every preset used to get 2048. The job then fails for want of servers: never started."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -93,3 +94,35 @@ def test_cancelling_the_pool_wakes_a_waiting_pull(
         assert errors[0].code() == grpc.StatusCode.CANCELLED
     finally:
         pool.close()
+
+
+def test_a_subset_pull_asks_every_server_but_hands_over_only_the_subset(
+    ps_cluster: LocalCluster, load_job: LoadJob
+) -> None:
+    """Streaming fragments pull one fragment's shards. A server holding none of them is
+    still asked for one shard of its own, so the pull waits for its version too (the
+    worker's next push must not reach it before it made the step); that shard is not handed
+    to the sink. Here two server ids name the one process, which holds every shard."""
+    job_id = f"pulls-{uuid.uuid4().hex[:8]}"
+    load_job(job_id, SHARDS, random_values(4), MEMBERS, SGD)
+    # The pool's view: wte on SERVER, the rest on "ps-other". The subset is one of SERVER's
+    # two shards (a pull of all of a server's shards asks for none by name, and this one
+    # process would then send every shard it holds).
+    shards = [replace(s, server_id=SERVER if i < 2 else "ps-other") for i, s in enumerate(SHARDS)]
+    address = ps_cluster.procs[1].address
+    pool = ServerPool(job_id, "w0", shards, {SERVER: address, "ps-other": address}, timeout_s=30)
+    wanted = [shards[0].shard_id]
+    handed: list[str] = []
+    try:
+        pull = pool.open_pull(0, lambda sid, v: handed.append(sid), shard_ids=wanted)
+        assert pull._servers == 2  # the other server is asked too (for its version)
+        assert pull.result() == 0
+        version, values = pool.pull(0, shard_ids=wanted)
+        with pytest.raises(ValueError, match="no server owns shards"):
+            pool.open_pull(0, lambda sid, v: None, shard_ids=["nope#0"])
+    finally:
+        pool.close()
+    assert sorted(handed) == sorted(wanted)
+    assert version == 0 and list(values) == wanted
+    want = random_values(4)
+    assert torch.equal(values[wanted[0]], want[wanted[0]].reshape(-1))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -173,9 +173,12 @@ class Recorder:
         self.order = order if worker_id == WORKERS[0] else order[::-1]
 
     def pull(
-        self, min_version: int, timeout_s: float | None = None
+        self,
+        min_version: int,
+        timeout_s: float | None = None,
+        shard_ids: Collection[str] | None = None,
     ) -> tuple[int, dict[str, torch.Tensor]]:
-        return self.client.pull(min_version, timeout_s)
+        return self.client.pull(min_version, timeout_s, shard_ids)
 
     def push(
         self,

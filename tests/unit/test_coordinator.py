@@ -129,6 +129,25 @@ def test_submit_sizes_a_local_steps_job_in_rounds(driver: Driver) -> None:
         driver.submit(spec(local_steps=local, batches_per_lease=3), tokens(41), tokens(0))
 
 
+def test_submit_sizes_a_fragments_job_in_outer_rounds(driver: Driver) -> None:
+    """Streaming fragments, H = 2, F = 2: windows of 1 batch, and the default lease is
+    F x H = 4 batches. 20 sequences of 4 + 1 tokens: 10 batches of 2 in leases of 4, 4, 2
+    over 3 workers: the busiest has 4 windows + 1 flush = 5 versions an epoch, 10 a job: 5
+    outer rounds. The inner optimizer still counts outer x H inner steps: 5 x 2."""
+    inner = job_pb2.OptimizerConfig(kind=job_pb2.ADAMW, lr=1e-3)
+    local = job_pb2.LocalSteps(steps=2, inner_optimizer=inner, fragments=2)
+    s = driver.submit(spec(local_steps=local), tokens(4 * 20 + 1), tokens(9)).settings
+    assert s.batches_per_lease == 4
+    assert s.optimizer.total_steps == default_total_steps(
+        2, 20, 2, 3, batches_per_lease=4, local_steps=2, fragments=2
+    )
+    assert s.optimizer.total_steps == 5
+    assert s.local_steps is not None and s.local_steps.inner.total_steps == 10
+    staleness = {"consistency": job_pb2.BOUNDED_STALENESS, "max_staleness": 1}
+    with pytest.raises(InvalidArgument, match=r"job spec: local_steps\.fragments 2 needs SYNC"):
+        driver.submit(spec(local_steps=local, **staleness), tokens(41), tokens(0))
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

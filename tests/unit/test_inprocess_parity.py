@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -120,17 +120,23 @@ class StoreClient:
         )
 
     def pull(
-        self, min_version: int, timeout_s: float | None = None
+        self,
+        min_version: int,
+        timeout_s: float | None = None,
+        shard_ids: Collection[str] | None = None,
     ) -> tuple[int, dict[str, torch.Tensor]]:
         if self.committer is not None:
             self.committer.before_pull(min_version)
         answered: dict[str, int] = {}
         values: dict[str, torch.Tensor] = {}
         for sid, store in self.stores.items():
+            wanted = [] if shard_ids is None else [s for s in self.owned[sid] if s in shard_ids]
+            if shard_ids is not None and not wanted:
+                continue
             v, part = store.pull(
                 JOB,
                 min_version,
-                [],
+                wanted,
                 timeout_s or WAIT_S,
                 active=lambda: not self.cancelled.is_set(),
             )
@@ -152,7 +158,7 @@ class StoreClient:
             # Copies, as gRPC would make: the store keeps a pending gradient as given, and
             # these are views of the replica's .grad, which a worker running ahead
             # (bounded staleness) overwrites in its next step.
-            part = [(s, grads[s].clone()) for s in self.owned[sid]]
+            part = [(s, grads[s].clone()) for s in self.owned[sid] if s in grads]
             store.push(JOB, self.worker_id, step, weight, part, computed_at)
 
     def open_push(self, step: int, weight: float, computed_at: int | None = None) -> CollectingPush:

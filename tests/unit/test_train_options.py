@@ -146,6 +146,47 @@ def test_local_steps_flags_are_checked(argv: list[str], match: str) -> None:
         parse("train", *argv)
 
 
+def test_fragments_flag_reaches_the_spec() -> None:
+    opts = parse("train", "--local-steps=4", "--fragments=2", "--consistency=ssp:0")
+    spec = build_spec(opts, vocab_size=64, tokenizer_json="")
+    assert (spec.local_steps.steps, spec.local_steps.fragments) == (4, 2)
+    settings = codec.job_settings_from_proto(spec, total_steps=30)
+    assert settings.local_steps is not None and settings.local_steps.window == 2
+    assert settings.batches_per_lease == 8  # F x H
+    off = build_spec(parse("train", "--local-steps=4"), vocab_size=64, tokenizer_json="")
+    assert off.local_steps.fragments == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--fragments=3"], "^--fragments only applies with local steps: add --local-steps H$"),
+        (
+            ["--fragments=2", "--inner-lr=0.01"],
+            "^--fragments, --inner-lr only apply with local steps",
+        ),
+        (
+            ["--local-steps=4", "--fragments=3"],
+            r"^--fragments 3 must divide --local-steps 4 \(a window is H / F whole inner steps\)$",
+        ),
+        (["--local-steps=2", "--fragments=4"], "^--fragments 4 must divide --local-steps 2"),
+        (["--local-steps=4", "--fragments=0"], r"^--fragments must be >= 1 \(1 = off\)$"),
+        (
+            ["--local-steps=4", "--fragments=2", "--consistency=ssp:2"],
+            "^--fragments 2 syncs one fragment per version in turn, which needs --consistency "
+            "sync, not ssp:2",
+        ),
+        (
+            ["--local-steps=4", "--fragments=2", "--batches-per-lease=6"],
+            r"--batches-per-lease 6 must be a multiple of --local-steps 4 \(or 0: 8, 2 rounds",
+        ),
+    ],
+)
+def test_fragments_flag_is_checked(argv: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse("train", *argv)
+
+
 def test_every_inner_flag_needs_local_steps() -> None:
     for name in INNER_FLAGS:
         default = getattr(TrainOptions(), name)

@@ -4,7 +4,7 @@ fake stub."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, cast
 
 import pytest
@@ -58,7 +58,10 @@ class FakeParams:
         self.cancelled = 0
 
     def pull(
-        self, min_version: int, timeout_s: float | None = None
+        self,
+        min_version: int,
+        timeout_s: float | None = None,
+        shard_ids: Collection[str] | None = None,
     ) -> tuple[int, dict[str, torch.Tensor]]:
         if len(self.pulls) == self.fail_at_pull:
             raise RuntimeError("server gone")
