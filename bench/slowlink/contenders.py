@@ -129,7 +129,9 @@ OUTER_SGD = job_pb2.OptimizerConfig(
 )
 
 
-def local_steps(h: int, job: SlowJob) -> Contender:
+def local_steps(h: int, job: SlowJob, fragments: int = 1) -> Contender:
+    """DiLoCo with H inner steps a round; `fragments` F > 1: streaming (each version syncs
+    1/F of every server's shards after H / F inner steps; a lease ends with F - 1 flushes)."""
     inner = job_pb2.OptimizerConfig(
         kind=job_pb2.ADAMW,
         lr=1e-3,
@@ -141,10 +143,17 @@ def local_steps(h: int, job: SlowJob) -> Contender:
     )
     overrides = {
         "optimizer": OUTER_SGD,
-        "local_steps": job_pb2.LocalSteps(steps=h, inner_optimizer=inner),
+        "local_steps": job_pb2.LocalSteps(steps=h, inner_optimizer=inner, fragments=fragments),
         "batches_per_lease": h,
     }
+    if fragments > 1:
+        key, label = f"lmps-local-{h}-f{fragments}", f"lmps local H={h}, {fragments} fragments"
+        return Contender(key, label, "lmps", overrides)
     return Contender(f"lmps-local-{h}", f"lmps local H={h}", "lmps", overrides)
+
+
+FRAGMENTS = 4
+"""Streaming fragments in the lineup: H = 32 in 4 fragments (a window of 8 inner steps)."""
 
 
 INT8 = job_pb2.PushCompression(kind=tensor_pb2.Compressed.INT8)
@@ -169,13 +178,15 @@ def lineup(job: SlowJob, workers: int, servers: int) -> list[Contender]:
     rows += [local_steps(h, job) for h in LOCAL_H if h <= job.steps_per_epoch]
     h = max(LOCAL_H)
     if h <= job.steps_per_epoch:
-        base = local_steps(h, job)
-        rows.append(
-            Contender(
-                f"{base.key}-int8",
-                f"{base.label}, int8 pushes (EF)",
-                "lmps",
-                {**base.overrides, "push_compression": INT8},
+        for base in (local_steps(h, job), local_steps(h, job, FRAGMENTS)):
+            if base.key != f"lmps-local-{h}":
+                rows.append(base)
+            rows.append(
+                Contender(
+                    f"{base.key}-int8",
+                    f"{base.label}, int8 pushes (EF)",
+                    "lmps",
+                    {**base.overrides, "push_compression": INT8},
+                )
             )
-        )
     return rows
