@@ -13,7 +13,8 @@ each with a `kind`:
   mean; `lr` the rate the servers applied (`lmps.core.optim.lr_at` of the job's resolved
   optimizer); `grad_norm` the global L2 norm of the step's gradient before clipping
   (`--max-grad-norm`; the workers' mean, which under SYNC is one value; null with clipping
-  off).
+  off). With `--fragments` a lease's flushes train no batch and have no row: their version
+  numbers are skipped.
 - `eval`: one per evaluation: the initial one (epoch 0, step 0) and one at every epoch end
   (`epoch` 1-based, with the epoch's mean `train_loss` and `tokens_per_s`). `eval_loss` is
   the task's: per token (lm), per example (classify), per response token (sft); a classify

@@ -1,7 +1,9 @@
 """The modes beyond SYNC survive failures, as SYNC does (docs/modes.md): real processes and
-SIGKILL. Local steps (DiLoCo) lose a worker, the coordinator and a parameter server; bounded
-staleness loses a worker and keeps its bound; compressed (int8) pushes lose a worker and a
-parameter server. Every batch is trained exactly once or counted by the epoch's summary.
+SIGKILL. Local steps (DiLoCo) lose a worker, the coordinator and a parameter server;
+streaming fragments lose a worker and a parameter server; bounded staleness loses a worker
+and keeps its bound; compressed (int8) pushes lose a worker and a parameter server. Every
+batch is trained exactly once or counted by the epoch's summary (streaming fragments: at
+least once, every repeat counted).
 
 Each test prints a line for the closing note's table: fault, mode, outcome.
 """
@@ -14,6 +16,7 @@ import signal
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import grpc
@@ -23,7 +26,8 @@ import torch
 from lmps.client.launcher import LocalCluster
 from lmps.core.data import plan_data_shards
 from lmps.core.model import GPTConfig
-from lmps.v1 import coordinator_pb2, job_pb2, tensor_pb2
+from lmps.rpc.channel import open_channel
+from lmps.v1 import coordinator_pb2, job_pb2, parameter_pb2, parameter_pb2_grpc, tensor_pb2
 from tests.chaos.test_failures import BATCH, SGD, by_step, kill_mid_push, start
 from tests.cluster.jobs import Driver, make_spec
 
@@ -34,6 +38,8 @@ MODEL = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=128,
 SEED = 7  # make_spec's: the data plan below depends on it
 H = 4  # local steps per round
 LEASE = 8  # batches per lease: two rounds of H
+FRAGMENTS = 2  # streaming fragments: a window of H / F = 2 batches, one flush per lease
+WINDOW = H // FRAGMENTS
 BATCHES = 64  # eight leases, four per worker
 OUTER = job_pb2.OptimizerConfig(
     kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, schedule=job_pb2.CONSTANT
@@ -58,6 +64,7 @@ def submit_mode(
     driver: Driver,
     *,
     local_steps: int = 0,
+    fragments: int = 0,
     staleness: int = -1,
     compression: job_pb2.PushCompression | None = None,
     lease: int = LEASE,
@@ -65,8 +72,8 @@ def submit_mode(
     checkpoint_every: int = 0,
     replication: int = 1,
 ) -> str:
-    """A job on every registered server and two workers: local steps H (0: none), bounded
-    staleness S (-1: SYNC), compressed pushes."""
+    """A job on every registered server and two workers: local steps H (0: none) in F
+    streaming fragments (0: none), bounded staleness S (-1: SYNC), compressed pushes."""
     spec = make_spec(
         MODEL,
         OUTER if local_steps else SGD,
@@ -80,7 +87,9 @@ def submit_mode(
     spec.checkpoint_every = checkpoint_every
     spec.replication = replication
     if local_steps:
-        spec.local_steps.CopyFrom(job_pb2.LocalSteps(steps=local_steps, inner_optimizer=INNER))
+        spec.local_steps.CopyFrom(
+            job_pb2.LocalSteps(steps=local_steps, inner_optimizer=INNER, fragments=fragments)
+        )
     if staleness >= 0:
         spec.consistency = job_pb2.BOUNDED_STALENESS
         spec.max_staleness = staleness
@@ -447,6 +456,232 @@ def test_local_steps_parameter_server_killed_with_replication_loses_no_round(
         nxt = driver.run_epoch(job_id, 1)[-1].summary
         assert nxt.failovers == 0 and nxt.start_step == summary.end_step
         assert nxt.end_step > nxt.start_step and math.isfinite(nxt.eval_loss)
+    finally:
+        driver.close()
+        cluster.stop()
+
+
+# -- streaming fragments -------------------------------------------------------------------
+
+
+def lease_runs(steps: list[job_pb2.StepEvent]) -> list[list[job_pb2.StepEvent]]:
+    """The leases as trained, in the order their first events came: one run of events per
+    lease trained by one worker (a new run where a worker's lease id changes or its batches
+    start again: a new attempt deals lease ids afresh)."""
+    runs: list[list[job_pb2.StepEvent]] = []
+    last: dict[str, list[job_pb2.StepEvent]] = {}
+    for s in steps:
+        run = last.get(s.worker_id)
+        if run is None or run[-1].lease_id != s.lease_id or s.batch_index <= run[-1].batch_index:
+            run = last[s.worker_id] = []
+            runs.append(run)
+        run.append(s)
+    return runs
+
+
+def assert_fragment_versions(
+    steps: list[job_pb2.StepEvent], summary: job_pb2.EpochSummary
+) -> list[tuple[list[job_pb2.StepEvent], list[job_pb2.StepEvent]]]:
+    """Streaming fragments, SYNC: a worker pushes once a version, in its leases' order, each
+    lease from its first batch (0 in an epoch not resumed) in windows of H / F batches at
+    consecutive versions, then F - 1 flushes (no events). So the version after a lease
+    counted whole is F past its last window, and the worker's next lease starts there; a
+    lease not whole is trained again, and the worker's next lease (if it lives on: a new
+    attempt's) starts later. The epoch ends at the last whole lease's last window + F.
+
+    Returns each run (`lease_runs`) trained again, with the later run of its data shard."""
+    runs = lease_runs(steps)
+    for run in runs:
+        got = [s.batch_index for s in run]
+        assert got == list(range(len(got))), (run[0].lease_id, got)
+        want = [run[0].step + b // WINDOW for b in got]
+        assert [s.step for s in run] == want, (run[0].lease_id, [s.step for s in run])
+    again: dict[int, list[job_pb2.StepEvent]] = {}
+    for i, run in enumerate(runs):
+        later = [r for r in runs[i + 1 :] if r[0].data_shard == run[0].data_shard]
+        if later:
+            again[i] = later[0]
+    by_worker: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        by_worker.setdefault(run[0].worker_id, []).append(i)
+    for worker, order in by_worker.items():
+        assert runs[order[0]][0].step == summary.start_step, (worker, runs[order[0]][0])
+        for i, j in pairwise(order):
+            end, nxt = runs[i][-1].step, runs[j][0].step
+            if i in again:
+                assert nxt > end, (worker, runs[i][0].lease_id, end, nxt)
+            else:
+                assert nxt == end + FRAGMENTS, (worker, runs[i][0].lease_id, end, nxt)
+    whole_ends = [r[-1].step + FRAGMENTS for i, r in enumerate(runs) if i not in again]
+    assert summary.end_step == max(whole_ends), (summary.end_step, max(whole_ends))
+    return [(runs[i], redo) for i, redo in sorted(again.items())]
+
+
+def server_shards(driver: Driver, job_id: str) -> dict[str, tuple[int, dict[str, int]]]:
+    """Each server of the coordinator's shard map, as the server itself says: its version
+    and the fragment of each shard it holds."""
+    shard_map = driver.stub.GetShardMap(
+        coordinator_pb2.GetShardMapRequest(job_id=job_id), timeout=10
+    )
+    out: dict[str, tuple[int, dict[str, int]]] = {}
+    for entry in shard_map.servers:
+        with open_channel(entry.address) as channel:
+            stub = parameter_pb2_grpc.ParameterServiceStub(channel)
+            resp = stub.ListShards(parameter_pb2.ListShardsRequest(job_id=job_id), timeout=10)
+        out[entry.server_id] = (
+            int(resp.version),
+            {info.spec.shard_id: int(info.spec.fragment) for info in resp.shards},
+        )
+    return out
+
+
+def repeats(steps: list[job_pb2.StepEvent]) -> Counter[tuple[int, int]]:
+    """(data shard, batch) -> how many more events than one it has."""
+    seen = Counter((s.data_shard, s.batch_index) for s in steps)
+    return Counter({k: c - 1 for k, c in seen.items() if c > 1})
+
+
+def test_streaming_fragments_worker_killed_mid_lease_trains_the_lease_again(
+    tmp_path: Path,
+) -> None:
+    """H = 4 in F = 2 fragments (windows of 2 batches; a lease of 8 is 4 windows and a
+    flush): worker-1 is killed halfway through a lease. The epoch completes on worker-0 and
+    no batch is lost: every batch has an event (or is counted without one).
+
+    Exactly once cannot hold: the windows worker-1 synced are in their fragments already,
+    but its progress on the fragment not synced yet is gone with it, so a lease counts in
+    the parameters only whole and the cut one is trained again from its first batch. The
+    relation asserted: the repeats are exactly the batches worker-1 reported of leases not
+    whole, each once more, by worker-0 in a whole lease from batch 0; summary.batches_redone
+    is their number; nothing else repeats; the versions (every server's, the job's) are
+    what the leases imply (`assert_fragment_versions`)."""
+    cluster = start(tmp_path)
+    driver = Driver(cluster.coordinator)
+    try:
+        job_id = submit_mode(driver, local_steps=H, fragments=FRAGMENTS)
+        steps, summary, at = run_until(
+            driver,
+            job_id,
+            0,
+            # Past its first lease, its second window of a lease in: two windows and the
+            # flush to go.
+            lambda steps: (
+                len(steps) > BATCHES // 4
+                and steps[-1].worker_id == "worker-1"
+                and steps[-1].batch_index % LEASE == 2 * WINDOW - 1
+            ),
+            lambda: cluster.kill("worker-1", signal.SIGKILL),
+        )
+        assert summary is not None and at > 0
+        assert list(summary.workers_lost) == ["worker-1"]
+        assert summary.leases_released >= 1
+        unreported = assert_trained_once(steps, summary, LEASE)
+        again = assert_fragment_versions(steps, summary)
+        redone = [run for run, _ in again]
+        assert all(r[0].worker_id == "worker-1" for r in redone), [r[0] for r in redone]
+        for _, redo in again:
+            assert redo[0].worker_id == "worker-0" and len(redo) == LEASE, redo[0]
+        assert repeats(steps) == Counter((s.data_shard, s.batch_index) for r in redone for s in r)
+        assert summary.batches_redone == sum(len(r) for r in redone)
+        # The lease the kill cut: trained again, or (the kill landed after its flush) whole,
+        # its next lease going back untouched.
+        cut = [r for r in lease_runs(steps) if r[0].worker_id == "worker-1"][-1]
+        assert cut in redone or len(cut) == LEASE, cut[0]
+        assert all(s.worker_id == "worker-0" for s in steps[at + 2 * LEASE :])
+        assert all(math.isfinite(s.loss) for s in steps)
+        versions = {server: v for server, (v, _) in server_shards(driver, job_id).items()}
+        assert set(versions.values()) == {summary.end_step}, versions
+        status = job_status(driver, job_id)
+        assert status.step == summary.end_step and status.epochs_done == 1
+        print(
+            f"\nFAULT streaming H={H} F={FRAGMENTS}, worker SIGKILL mid-lease: epoch completed "
+            f"on the survivor, {summary.leases_released} leases re-leased, {len(redone)} "
+            f"trained again, {summary.batches_redone} batches redone, {len(unreported)} "
+            f"unreported, {summary.end_step} versions"
+        )
+    finally:
+        driver.close()
+        cluster.stop()
+
+
+def test_streaming_fragments_parameter_server_killed_with_replication_loses_no_step(
+    tmp_path: Path,
+) -> None:
+    """H = 4 in F = 2 fragments, replication 2 on three servers: ps-1 is lost with pushes
+    to it in flight. The backups take over with no rollback and no step lost, every shard
+    keeps its fragment (on the coordinator's map and on the surviving servers, the copies
+    re-created there too), and the next epoch runs on the survivors.
+
+    Exactly once cannot hold: the epoch resumes at the survivors' version, where the leases
+    in progress are not whole (the workers' progress on the fragments not synced yet goes
+    with the failed attempt), so each is trained again from its first batch, the window
+    the survivors hold from the unreported push included. The relation asserted: every
+    batch has an event; repeats only within the leases in progress at the failover, at most
+    one per worker, each trained again from the new attempt's version; summary.batches
+    counts each training (the events, and the pushes in the survivors that no event
+    reported) and batches_redone every one beyond a batch's first; the versions are what
+    the leases imply (`assert_fragment_versions`), on every surviving server."""
+    cluster = start(tmp_path, servers=3)
+    driver = Driver(cluster.coordinator)
+    try:
+        job_id = submit_mode(driver, local_steps=H, fragments=FRAGMENTS, replication=2)
+        shard_map = driver.stub.GetShardMap(
+            coordinator_pb2.GetShardMapRequest(job_id=job_id), timeout=10
+        )
+        assert all(s.backup_server_id not in ("", s.server_id) for s in shard_map.shards)
+        fragment_of = {s.shard_id: s.fragment for s in shard_map.shards}
+        assert set(fragment_of.values()) == set(range(FRAGMENTS))
+        for server, (_, loaded) in server_shards(driver, job_id).items():
+            assert loaded.items() <= fragment_of.items(), server
+        ps0 = next(e.address for e in shard_map.servers if e.server_id == "ps-0")
+        steps, summary, at = run_until(
+            driver,
+            job_id,
+            0,
+            # Both workers a window into their second lease.
+            lambda steps: len(steps) >= 2 * LEASE + 2 * WINDOW,
+            lambda: kill_mid_push(cluster, "ps-1", ps0, job_id),
+        )
+        assert summary is not None and at > 0
+        assert summary.failovers == 1 and list(summary.servers_lost) == ["ps-1"]
+        assert summary.restores == 0 and summary.steps_lost == 0
+        sizes = shard_batches(BATCHES, LEASE, 0)
+        expected = {(j, b) for j, n in enumerate(sizes) for b in range(n)}
+        assert {(s.data_shard, s.batch_index) for s in steps} == expected
+        assert summary.data_shards_completed == len(sizes)
+        assert summary.batches - summary.batches_redone == len(expected)
+        again = assert_fragment_versions(steps, summary)
+        redone = [run for run, _ in again]
+        assert len({r[0].worker_id for r in redone}) == len(redone) <= 2, redone
+        assert len({redo[0].step for _, redo in again}) <= 1  # the new attempt's version
+        assert repeats(steps) == Counter((s.data_shard, s.batch_index) for r in redone for s in r)
+        unreported = summary.batches - len(steps)  # pushed to the survivors, no event
+        assert 0 <= unreported <= 2 * WINDOW and (unreported == 0 or redone)
+        assert summary.batches_redone == sum(len(r) for r in redone) + unreported
+        assert all(math.isfinite(s.loss) for s in steps)
+        after = driver.stub.GetShardMap(
+            coordinator_pb2.GetShardMapRequest(job_id=job_id), timeout=10
+        )
+        assert {s.server_id for s in after.shards} == {"ps-0", "ps-2"}
+        assert {s.shard_id: s.fragment for s in after.shards} == fragment_of
+        survivors = server_shards(driver, job_id)
+        assert set(survivors) == {"ps-0", "ps-2"}
+        for server, (version, on_server) in survivors.items():
+            assert version == summary.end_step, (server, version)
+            assert on_server.items() <= fragment_of.items(), server
+        assert set().union(*(f.keys() for _, f in survivors.values())) == fragment_of.keys()
+        nxt = driver.run_epoch(job_id, 1)[-1].summary
+        assert nxt.failovers == 0 and nxt.start_step == summary.end_step
+        per_lease = LEASE // WINDOW + FRAGMENTS - 1  # its windows and flushes
+        assert nxt.end_step - nxt.start_step == len(sizes) // 2 * per_lease
+        assert math.isfinite(nxt.eval_loss)
+        print(
+            f"\nFAULT streaming H={H} F={FRAGMENTS}, ps SIGKILL mid-push (replication 2): "
+            f"{summary.failovers} failover, {summary.steps_lost} steps lost, {len(redone)} "
+            f"leases trained again from the version {[r[0].step for _, r in again]}, "
+            f"{summary.batches_redone} batches redone ({unreported} in the survivors with no "
+            f"event), {summary.end_step} versions (uninterrupted {len(sizes) // 2 * per_lease})"
+        )
     finally:
         driver.close()
         cluster.stop()

@@ -1,9 +1,12 @@
 """Issue 8, "outputs people look at", on the real `lmps` CLI and a real local cluster: the
 default run folder runs/<job> with the model, metrics.jsonl and loss.png, all files with the
-umask's mode; the clean progress lines of piped output; `lmps report`."""
+umask's mode; the clean progress lines of piped output; `lmps report`; a streaming-fragments
+run (`--local-steps H --fragments F`) and its fragments in `lmps shards`."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import stat
@@ -20,6 +23,7 @@ from lmps.core.optim import lr_at
 from lmps.rpc import codec
 from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
+from tests.cluster import cli
 
 pytestmark = pytest.mark.cluster
 
@@ -109,6 +113,52 @@ def test_train_leaves_a_run_folder_and_piped_progress_lines(
     assert f"steps        {status.step} of {total}" in out
     assert f"eval loss    {evals[1]['eval_loss']:.4f}" in out
     assert f"plot         {Path('runs') / job_id / 'loss.png'}" in out
+
+
+def test_train_with_streaming_fragments_writes_its_run_and_shards_show_the_fragment(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    """`lmps train --local-steps 4 --fragments 2` on the real CLI and both workers: it trains
+    (finite losses, the run folder and its report), the job is Streaming DiLoCo with F = 2,
+    and `lmps shards` shows each shard's fragment column as the coordinator's map has it."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    argv = ["train", "--coordinator", cluster.coordinator, "--data", "corpus.txt", *SMALL]
+    argv += ["--cache-dir", "cache", "--local-steps", "4", "--fragments", "2", "--out", "run"]
+    cli.ok(cli.lmps(*argv, cwd=tmp_path))
+    run = tmp_path / "run"
+    assert {"model.safetensors", "report.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert json.loads((run / "report.json").read_text())
+    model_io.load(run)
+    rows = run_log.read_metrics(run / "metrics.jsonl")
+    (job_id,) = {r["job_id"] for r in rows if r["kind"] == "job"}
+    step_rows = [r for r in rows if r["kind"] == "step"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert step_rows and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in step_rows)
+    assert len(evals) == 2 and all(math.isfinite(r["eval_loss"]) for r in evals)
+
+    with open_channel(cluster.coordinator) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        status = stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), timeout=10)
+        shard_map = stub.GetShardMap(coordinator_pb2.GetShardMapRequest(job_id=job_id), timeout=10)
+    local = status.spec.local_steps
+    assert (local.steps, local.fragments) == (4, 2) and status.epochs_done == 1
+    # A row per version with batches: the defaults' leases of F x H = 8 batches are four
+    # windows, then a flush (a version no event reports, so no row), at the lr of v // F.
+    assert [r["step"] for r in step_rows] == [v for v in range(1, status.step + 1) if v % 5]
+    settings = codec.optimizer_from_proto(status.spec.optimizer)
+    for r in step_rows:
+        assert r["lr"] == pytest.approx(lr_at(settings, (r["step"] - 1) // 2))
+    assert evals[1]["step"] == status.step and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert {s.fragment for s in shard_map.shards} == {0, 1}
+
+    argv = ["shards", "--coordinator", cluster.coordinator, "--job", job_id, "--no-stats"]
+    shown = cli.ok(cli.lmps(*argv, cwd=tmp_path))
+    lines = shown.replace("┃", "│").splitlines()  # rich's header rule is heavy
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if "│" in line]
+    assert ["shard", "server", "fragment"] in [row[:3] for row in cells], shown
+    shown_as = {row[0]: row[1:3] for row in cells}
+    for s in shard_map.shards:
+        assert shown_as[s.shard_id] == [s.server_id, str(s.fragment)], shown
 
 
 def test_default_run_folder_that_cannot_be_made_is_refused_before_upload(
