@@ -53,6 +53,7 @@ def build_spec(
             steps=opts.local_steps,
             inner_optimizer=codec.optimizer_to_proto(inner),
             fragments=opts.fragments,
+            overlap=opts.overlap,
         )
     )
     mode, staleness = opts.consistency_mode()

@@ -29,7 +29,7 @@ INNER_FLAGS = (
     "inner_schedule",
 )
 """`TrainOptions` fields of the inner optimizer: they only apply with --local-steps."""
-LOCAL_STEPS_FLAGS = ("fragments", *INNER_FLAGS)
+LOCAL_STEPS_FLAGS = ("fragments", "overlap", *INNER_FLAGS)
 """`TrainOptions` fields that only apply with --local-steps."""
 
 
@@ -145,6 +145,10 @@ def _check_local_steps(opts: TrainOptions) -> None:
         raise ValueError(f"--inner-optimizer must be {' or '.join(KINDS)}")
     if opts.inner_schedule not in SCHEDULES:
         raise ValueError(f"--inner-schedule must be {' or '.join(SCHEDULE_NAMES)}")
+    if opts.overlap and opts.fragments == 1:
+        raise ValueError(
+            "--overlap overlaps a fragment's sync with the next window: add --fragments F"
+        )
     if opts.local_steps % opts.fragments:
         raise ValueError(
             f"--fragments {opts.fragments} must divide --local-steps {opts.local_steps} "

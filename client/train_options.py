@@ -214,6 +214,14 @@ class TrainOptions:
             metavar="F",
         ),
     )
+    overlap: bool = field(
+        default=False,
+        metadata=flag(
+            "local steps (DiLoCo)",
+            "with --fragments: sync each fragment while the next window trains, and rebase "
+            "onto its new values one window late (Streaming DiLoCo's overlap)",
+        ),
+    )
     inner_optimizer: OptimizerKind = field(
         default="adamw", metadata=flag("local steps (DiLoCo)", "run on each worker", choices=KINDS)
     )

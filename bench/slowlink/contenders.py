@@ -129,9 +129,10 @@ OUTER_SGD = job_pb2.OptimizerConfig(
 )
 
 
-def local_steps(h: int, job: SlowJob, fragments: int = 1) -> Contender:
+def local_steps(h: int, job: SlowJob, fragments: int = 1, overlap: bool = False) -> Contender:
     """DiLoCo with H inner steps a round; `fragments` F > 1: streaming (each version syncs
-    1/F of every server's shards after H / F inner steps; a lease ends with F - 1 flushes)."""
+    1/F of every server's shards after H / F inner steps; a lease ends with F - 1 flushes);
+    `overlap`: each fragment's sync runs while the next window trains."""
     inner = job_pb2.OptimizerConfig(
         kind=job_pb2.ADAMW,
         lr=1e-3,
@@ -143,11 +144,15 @@ def local_steps(h: int, job: SlowJob, fragments: int = 1) -> Contender:
     )
     overrides = {
         "optimizer": OUTER_SGD,
-        "local_steps": job_pb2.LocalSteps(steps=h, inner_optimizer=inner, fragments=fragments),
+        "local_steps": job_pb2.LocalSteps(
+            steps=h, inner_optimizer=inner, fragments=fragments, overlap=overlap
+        ),
         "batches_per_lease": h,
     }
     if fragments > 1:
         key, label = f"lmps-local-{h}-f{fragments}", f"lmps local H={h}, {fragments} fragments"
+        if overlap:
+            key, label = f"{key}-overlap", f"{label}, overlapped"
         return Contender(key, label, "lmps", overrides)
     return Contender(f"lmps-local-{h}", f"lmps local H={h}", "lmps", overrides)
 
@@ -189,4 +194,5 @@ def lineup(job: SlowJob, workers: int, servers: int) -> list[Contender]:
                     {**base.overrides, "push_compression": INT8},
                 )
             )
+        rows.append(local_steps(h, job, FRAGMENTS, overlap=True))
     return rows

@@ -247,13 +247,12 @@ def _outcome(
         train.append(Point(at, tokens, loss))
     evals = [Point(t0, 0, first.loss)]
     pauses = []
-    for epoch, (t, summary) in enumerate(summaries):
+    for t, summary in summaries:
         done_by_t = sum(ev.tokens for a, _, ev in steps if a <= t)
         evals.append(Point(t, done_by_t, summary.eval_loss))
-        # From the epoch's last StepEvent to its summary: eval (a pull per worker) and the
-        # epoch-end checkpoint.
-        ends = [a for a, e, _ in steps if e == epoch]
-        pauses.append((max(ends, default=t), t))
+        # The epoch-end evaluation (a pull per worker) and checkpoint, as the coordinator
+        # timed them (`closing_s`): after the epoch's last push, flushes included.
+        pauses.append((t - summary.closing_s, t))
     tokens = sum(ev.tokens for _, _, ev in steps)
     checks = {
         "all_epochs": len(summaries) == job.epochs,

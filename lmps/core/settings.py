@@ -152,6 +152,9 @@ class LocalSteps:
     fragments: int = 1
     """F: streaming fragments, in [1, H] and dividing H; 1 = off (every version syncs every
     shard, one per round of H inner steps)."""
+    overlap: bool = False
+    """Streaming fragments: a fragment's push and pull run while the next window trains,
+    and the worker rebases onto its new values one window late (`lmps.v1.LocalSteps`)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_LOCAL_STEPS:
@@ -163,6 +166,11 @@ class LocalSteps:
             raise ValueError(
                 f"local_steps.fragments {self.fragments} must be in [1, local_steps.steps "
                 f"{self.steps}] and divide it (1 = off)"
+            )
+        if self.overlap and self.fragments == 1:
+            raise ValueError(
+                "local_steps.overlap overlaps a fragment's sync with the next window: it needs "
+                "local_steps.fragments > 1"
             )
         if not isinstance(self.inner, OptimizerSettings):
             raise ValueError("local_steps.inner must be resolved OptimizerSettings")

@@ -652,12 +652,17 @@ def local_steps_from_proto(spec: job_pb2.JobSpec, outer_total_steps: int) -> Loc
         inner = _resolved_optimizer(m.inner_optimizer, outer_total_steps * max(1, steps))
     except ValueError as err:
         raise ValueError(f"local_steps.inner_optimizer: {err}") from None
-    return LocalSteps(steps=steps, inner=inner, fragments=int(m.fragments) or 1)
+    return LocalSteps(
+        steps=steps, inner=inner, fragments=int(m.fragments) or 1, overlap=bool(m.overlap)
+    )
 
 
 def local_steps_to_proto(s: LocalSteps) -> job_pb2.LocalSteps:
     return job_pb2.LocalSteps(
-        steps=s.steps, inner_optimizer=optimizer_to_proto(s.inner), fragments=s.fragments
+        steps=s.steps,
+        inner_optimizer=optimizer_to_proto(s.inner),
+        fragments=s.fragments,
+        overlap=s.overlap,
     )
 
 

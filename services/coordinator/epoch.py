@@ -295,6 +295,7 @@ class EpochRun:
             job.step = self.fleet.version(job.job_id, job.servers)
             job.epochs_done = self.epoch_no + 1
             job.resume = None
+        trained = time.perf_counter()
         evaluation = self.placement.evaluate(job)
         loss = evaluation.loss
         job.last_eval_loss = loss
@@ -318,6 +319,7 @@ class EpochRun:
                 eval_perplexity=perplexity(loss),
                 tokens=t.tokens,
                 wall_s=wall,
+                closing_s=time.perf_counter() - trained,
                 tokens_per_s=t.tokens / wall if wall > 0 else 0.0,
                 data_shards_completed=len(book.completed),
                 batches=self.batches_before + len(t.losses) + t.unreported + book.unreported,

@@ -18,8 +18,16 @@ window, with no inner steps in between, so every batch of a completed lease is i
 fragment (and the next lease starts with local = global everywhere, no pull needed).
 
 The weight of a fragment's push is the samples this worker trained since that fragment's
-last sync (the union batch's share, as a round's weight is under DiLoCo). With F = 1 this
+last push (the union batch's share, as a round's weight is under DiLoCo). With F = 1 this
 is DiLoCo exactly: one fragment, synced after every H inner steps, no flush.
+
+With `overlap` (Streaming DiLoCo's overlap, tau = one window) a fragment's push and pull
+run while the next window trains, so its new global values arrive one window late; the
+worker rebases
+onto them, local_f <- new global_f + (local_f now - local_f at the push): the progress the
+window made on f is kept and goes into f's next push. (This merge rule is ours: it drops
+none of the local progress; the paper's overlapped variant mixes local and global values
+instead.) Without overlap nothing trains in between and this is local_f <- new global_f.
 
 Pure torch: no gRPC.
 """
@@ -48,13 +56,23 @@ class StreamingLoop:
     """Local values, the last global value of every shard, and the weight trained since each
     fragment's last sync, for one worker (built with the job; `reset` at each epoch)."""
 
-    def __init__(self, inner: InnerLoop, fragment_of: Mapping[str, int], fragments: int) -> None:
+    def __init__(
+        self,
+        inner: InnerLoop,
+        fragment_of: Mapping[str, int],
+        fragments: int,
+        *,
+        overlap: bool = False,
+    ) -> None:
         if fragments < 2 or inner.steps % fragments:
             raise ValueError(f"fragments {fragments} must be >= 2 and divide H {inner.steps}")
         if any(not 0 <= f < fragments for f in fragment_of.values()):
             raise ValueError(f"a shard's fragment is outside [0, {fragments})")
         self.inner = inner
         self.fragments = fragments
+        self.overlap = overlap
+        """Sync each fragment while the next window trains (`settle` then rebases)."""
+        self._at_push: dict[str, torch.Tensor] = {}  # overlap: local values when pushed
         self.window = inner.steps // fragments
         """K: inner steps between two syncs."""
         self.members = {
@@ -71,6 +89,7 @@ class StreamingLoop:
         start = self.inner.begin(values)
         self._global = {sid: v.clone() for sid, v in start.items()}
         self._since = [0.0] * self.fragments
+        self._at_push = {}
         self.ready = True
 
     def train(
@@ -100,24 +119,33 @@ class StreamingLoop:
 
     def delta(self, version: int) -> tuple[dict[str, torch.Tensor], float]:
         """What the push for `version` carries: Δ of its fragment's shards (fp32) and the
-        samples trained since that fragment's last sync (> 0: every sync follows a window
-        that trained something, or a flush of a fragment a window trained since)."""
+        samples trained since that fragment's last push (> 0: every push follows a window
+        that trained something, or is a flush of a fragment a window trained since). From
+        here the samples trained count towards the fragment's next push."""
         f = self.fragment(version)
         weight = self._since[f]
         if weight <= 0:
             raise RuntimeError(f"fragment {f} has nothing trained since its last sync")
         assert self.inner.optimizer is not None
         local = self.inner.optimizer.values
+        if self.overlap:
+            self._at_push.update((sid, local[sid].clone()) for sid in self.members[f])
+        self._since[f] = 0.0
         return {sid: self._global[sid].sub(local[sid]) for sid in self.members[f]}, weight
 
     def settle(self, version: int, values: Mapping[str, torch.Tensor]) -> None:
         """The servers made `version` + 1: its fragment's new global `values` become the
-        local ones too (the inner optimizer's state kept), and nothing is pending for it."""
+        local ones too (with `overlap` rebased: plus what trained since the push), the
+        inner optimizer's state kept."""
         f = self.fragment(version)
         if set(values) != set(self.members[f]):
             raise ValueError(f"settle: fragment {f} needs its shards, got {sorted(values)[:3]}")
         assert self.inner.optimizer is not None
-        self.inner.optimizer.assign(values, partial=True)
-        for sid, v in values.items():
-            self._global[sid] = v.to(torch.float32, copy=True)
-        self._since[f] = 0.0
+        new = {sid: v.to(torch.float32, copy=True) for sid, v in values.items()}
+        if self.overlap:
+            local = self.inner.optimizer.values
+            rebased = {sid: new[sid] + (local[sid] - self._at_push.pop(sid)) for sid in new}
+            self.inner.optimizer.assign(rebased, partial=True)
+        else:
+            self.inner.optimizer.assign(new, partial=True)
+        self._global.update(new)

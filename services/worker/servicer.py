@@ -116,7 +116,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
                 if local.fragments > 1:
                     fragment_of = {s.shard_id: s.fragment for s in shards}
-                    streaming = StreamingLoop(inner, fragment_of, local.fragments)
+                    streaming = StreamingLoop(
+                        inner, fragment_of, local.fragments, overlap=local.overlap
+                    )
             pool = ServerPool(
                 request.job_id,
                 self.worker_id,

@@ -18,8 +18,10 @@ push is applied at once, the worker never waits for the others).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -189,6 +191,19 @@ class StepModel(Protocol):
 # -- the loop ------------------------------------------------------------------------------
 
 
+@dataclass
+class _Sync:
+    """Streaming fragments: one fragment's push and pull, in flight on the sync thread, and
+    the results of the window it syncs (reported once it is settled)."""
+
+    step: int
+    future: Future[tuple[dict[str, torch.Tensor], float, float]]
+    results: list[StepResult]
+    t0: float
+    busy_s: float
+    """Seconds the worker spent on the window (training and settling the sync before)."""
+
+
 @dataclass(frozen=True)
 class StepResult:
     """One batch trained: what the worker reports for it."""
@@ -257,6 +272,8 @@ class Trainer:
         after a window of H / F batches, and a lease ends with F - 1 flushes."""
         if streaming is not None and (local is None or streaming.inner is not local):
             raise ValueError("streaming fragments run over the trainer's local steps")
+        self._sync_thread: ThreadPoolExecutor | None = None
+        """Streaming fragments: where a fragment's push and pull run (one at a time)."""
         self.staleness = staleness
         """Bounded staleness: how many steps this worker may run ahead of the servers'
         version (0: SYNC)."""
@@ -407,81 +424,127 @@ class Trainer:
     ) -> Generator[StepResult, None, bool]:
         """Streaming fragments: the lease's windows of K batches, each followed by the push
         of fragment (version mod F) and the pull of its new values at version + 1, then the
-        F - 1 flushes. One result per batch, at its window's version, as soon as its push
-        is in (a flush reports nothing: the coordinator knows where they fall, and counts a
-        lease in the parameters from its last flush on). A flush's time is in no result.
-        False when cancelled (nothing of the window in progress pushed; the epoch's next
-        lease starts from a full pull)."""
+        F - 1 flushes. With overlap a window's sync runs while the next window trains, and
+        is settled (rebased) after it. One result per batch, at its window's version, as
+        soon as its sync is settled (a flush reports nothing: the coordinator knows where
+        they fall, and counts a lease in the parameters from its last flush on); push_s
+        and pull_s are the sync's time not hidden behind training, and a flush's time is in
+        no result. False when cancelled (nothing of the window in progress pushed; the
+        epoch's next lease starts from a full pull)."""
         s = self.streaming
         assert s is not None
         if not s.ready:
             _, values = self._pull()
             s.reset(values)
             del values
-        for first in range(0, lease.batches, s.window):
-            if not active():
+        pending: _Sync | None = None  # overlap: the last window's sync, in flight
+        try:
+            for first in range(0, lease.batches, s.window):
+                if not active():
+                    s.ready = False
+                    return False
+                t0 = time.perf_counter()
+                n = min(s.window, lease.batches - first)
+                batches = [self._batch(lease, first + k) for k in range(n)]
+                weight = sum(self.weigh(b) for b in batches)
+                done = s.train(self.step, batches, weight, active)
+                if done is None:
+                    return False
+                t1 = time.perf_counter()
+                if pending is not None:  # the window before: settle its sync, report it
+                    yield from self._settle(pending)
+                    pending = None
+                t2 = time.perf_counter()
+                tokens = [b.shape[0] * (b.shape[1] - 1) for b in batches]
+                results = [
+                    StepResult(
+                        worker_id=self.worker_id,
+                        step=self.step,
+                        loss=done.losses[k],
+                        tokens=tokens[k],
+                        tokens_per_s=0.0,  # set once its sync is settled
+                        pull_s=0.0,
+                        compute_s=done.compute_s[k],
+                        push_s=0.0,
+                        lease_id=lease.lease_id,
+                        data_shard=lease.data_shard,
+                        batch_index=lease.first_batch + first + k,
+                        computed_at=self.step,
+                        grad_norm=done.norms[k],
+                    )
+                    for k in range(n)
+                ]
+                pending = self._start_sync(results, t0, (t1 - t0) + (time.perf_counter() - t2))
+                if not s.overlap:
+                    yield from self._settle(pending)
+                    pending = None
+                self.step += 1
+            if pending is not None:
+                yield from self._settle(pending)
+                pending = None
+            for _ in range(s.fragments - 1):
+                if not active():
+                    s.ready = False
+                    return False
+                self._settle_now(self._start_sync([], time.perf_counter(), 0.0))
+                self.step += 1
+            return True
+        finally:
+            if pending is not None:  # cancelled or failed: let the sync end, drop the rest
                 s.ready = False
-                return False
-            t0 = time.perf_counter()
-            batches = [
-                self._batch(lease, first + k) for k in range(min(s.window, lease.batches - first))
-            ]
-            weight = sum(self.weigh(b) for b in batches)
-            done = s.train(self.step, batches, weight, active)
-            if done is None:
-                return False
-            t1 = time.perf_counter()
-            push_s, pull_s = self._sync_fragment()
-            tokens = [b.shape[0] * (b.shape[1] - 1) for b in batches]
-            n = len(batches)
-            yield from [
-                StepResult(
-                    worker_id=self.worker_id,
-                    step=self.step,
-                    loss=done.losses[k],
-                    tokens=tokens[k],
-                    tokens_per_s=sum(tokens) / max(t1 - t0 + push_s + pull_s, 1e-9),
-                    pull_s=pull_s if k == n - 1 else 0.0,
-                    compute_s=done.compute_s[k],
-                    push_s=push_s if k == n - 1 else 0.0,
-                    lease_id=lease.lease_id,
-                    data_shard=lease.data_shard,
-                    batch_index=lease.first_batch + first + k,
-                    computed_at=self.step,
-                    grad_norm=done.norms[k],
-                )
-                for k in range(n)
-            ]
-            self.step += 1
-        for _ in range(s.fragments - 1):
-            if not active():
-                s.ready = False
-                return False
-            self._sync_fragment()
-            self.step += 1
-        return True
+                pending.future.cancel() or pending.future.exception()
 
-    def _sync_fragment(self) -> tuple[float, float]:
-        """Push fragment (step mod F)'s Δ for `step`, then pull its values at step + 1 into
-        the local model: (push seconds, pull seconds). SYNC: the pull waits for every
-        member's push of the step."""
+    def _start_sync(self, results: list[StepResult], t0: float, busy_s: float) -> _Sync:
+        """Push fragment (step mod F)'s Δ for `step` and pull its values at step + 1, on the
+        sync thread (SYNC: the pull waits for every member's push of the step)."""
+        s = self.streaming
+        assert s is not None
+        step = self.step
+        delta, weight = s.delta(step)
+        if self._sync_thread is None:
+            self._sync_thread = ThreadPoolExecutor(1, thread_name_prefix="fragment-sync")
+
+        def run() -> tuple[dict[str, torch.Tensor], float, float]:
+            t_push = time.perf_counter()
+            self.params.push(step, weight, delta, self._computed_at)
+            t_pull = time.perf_counter()
+            _, values = self.params.pull(step + 1, shard_ids=list(delta))
+            return values, t_pull - t_push, time.perf_counter() - t_pull
+
+        return _Sync(step, self._sync_thread.submit(run), results, t0, busy_s)
+
+    def _settle_now(self, sync: _Sync) -> tuple[float, float]:
+        """Wait for `sync`, then take its fragment's new values (`StreamingLoop.settle`):
+        (push seconds, pull seconds) not hidden behind training."""
         s = self.streaming
         assert s is not None
         t0 = time.perf_counter()
-        delta, weight = s.delta(self.step)
         try:
-            self.params.push(self.step, weight, delta, self._computed_at)
+            values, push_s, pull_s = sync.future.result()
         except BaseException:
             s.ready = False
             raise
-        t1 = time.perf_counter()
-        try:
-            _, values = self.params.pull(self.step + 1, shard_ids=list(delta))
-        except BaseException:
-            s.ready = False
-            raise
-        s.settle(self.step, values)
-        return t1 - t0, time.perf_counter() - t1
+        s.settle(sync.step, values)
+        # Only the part waited for counts (with overlap the rest ran behind training),
+        # shared between push and pull as their durations are.
+        waited = time.perf_counter() - t0
+        share = min(1.0, waited / (push_s + pull_s)) if push_s + pull_s > 0 else 0.0
+        return push_s * share, pull_s * share
+
+    def _settle(self, sync: _Sync) -> Iterator[StepResult]:
+        """`_settle_now`, then `sync`'s window's results with its timings."""
+        push_s, pull_s = self._settle_now(sync)
+        n = len(sync.results)
+        total = sum(r.tokens for r in sync.results)
+        wall = max(sync.busy_s + push_s + pull_s, 1e-9)
+        for k, r in enumerate(sync.results):
+            last = k == n - 1
+            yield dataclasses.replace(
+                r,
+                tokens_per_s=total / wall,
+                push_s=push_s if last else 0.0,
+                pull_s=pull_s if last else 0.0,
+            )
 
     def _train_batch(self, lease: Lease, b: int, batch: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()

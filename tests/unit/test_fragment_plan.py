@@ -200,6 +200,9 @@ def test_fragments_validate_themselves_and_take_ssp_zero() -> None:
     assert s.local_steps is not None and s.local_steps.window == 1
     with pytest.raises(ValueError, match=re.escape("local_steps.fragments 0 must be in")):
         LocalSteps(steps=4, inner=s.local_steps.inner, fragments=0)
+    with pytest.raises(ValueError, match=r"local_steps.overlap .* needs local_steps.fragments > 1"):
+        LocalSteps(steps=4, inner=s.local_steps.inner, overlap=True)
+    assert LocalSteps(steps=4, inner=s.local_steps.inner, fragments=2, overlap=True).overlap
     # A lease of H batches is allowed (a multiple of H), and bounded staleness 0 is SYNC.
     assert dataclasses.replace(s, batches_per_lease=4).batches_per_lease == 4
     ssp0 = _spec(steps=4, fragments=2, consistency=job_pb2.BOUNDED_STALENESS)

@@ -60,7 +60,7 @@ def fragmented(fragments: int) -> tuple[list[Shard], dict[str, torch.Tensor]]:
 
 
 def train(
-    h: int, fragments: int, sequences: torch.Tensor
+    h: int, fragments: int, sequences: torch.Tensor, overlap: bool = False
 ) -> tuple[list[StepResult], dict[str, torch.Tensor], Book, list[Shard], dict[str, ParameterStore]]:
     shards, values = fragmented(fragments)
     stores = loaded_stores(OUTER, shards, values, WORKERS, fragments=fragments)
@@ -78,7 +78,9 @@ def train(
                 leases=book.source(w),
                 batch_size=BATCH,
                 local=inner,
-                streaming=StreamingLoop(inner, {s.shard_id: s.fragment for s in shards}, fragments),
+                streaming=StreamingLoop(
+                    inner, {s.shard_id: s.fragment for s in shards}, fragments, overlap=overlap
+                ),
             )
         )
     results: list[StepResult] = []
@@ -134,9 +136,11 @@ def streaming_reference(
     outer: OptimizerSettings,
     results: Sequence[Any],
     tokens_of: Callable[[Any], torch.Tensor],
+    overlap: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Streaming DiLoCo in one process on the windows a run made (`results`: `Event`s, one
-    per batch): the final global value of every shard."""
+    per batch): the final global value of every shard. `overlap`: a window's sync is taken
+    after the next window trained, rebased (new global + what trained since the push)."""
     window = h // fragments
     init = dict(init_model(config, SEED).named_parameters())
     global_ = {s.shard_id: shard_view(init[s.param].detach(), s).clone() for s in shards}
@@ -160,6 +164,16 @@ def streaming_reference(
     taken: dict[str, dict[str, torch.Tensor]] = {}  # worker -> the global values it holds
     since: dict[str, list[float]] = {}
     epoch_of: dict[str, int] = {}
+    at_push: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # overlap
+    unsettled: dict[str, dict[str, torch.Tensor]] = {}  # overlap: worker -> a sync's values
+
+    def settle(w: str, new: Mapping[str, torch.Tensor]) -> None:
+        if overlap:
+            drift = {sid: local_slice(w, sid) - at_push[w].pop(sid) for sid in new}
+            set_local(w, {sid: v + drift[sid] for sid, v in new.items()})
+        else:
+            set_local(w, new)
+        taken[w].update({sid: t.clone() for sid, t in new.items()})
 
     def local_slice(w: str, sid: str) -> torch.Tensor:
         s = of[sid]
@@ -173,10 +187,17 @@ def streaming_reference(
                 params[s.param].view(-1)[s.start : s.start + s.numel].copy_(v)
 
     versions = sorted({v for sched in plan.values() for v in sched})
+
+    def last_window(w: str, v: int) -> bool:
+        """Whether w's window at v is its lease's last (a flush follows, or nothing)."""
+        nxt = plan[w].get(v + 1)
+        return nxt is None or not nxt[1]
+
     for v in versions:
         f = v % fragments
         pushers = sorted(w for w in plan if v in plan[w])
         deltas: dict[str, dict[str, torch.Tensor]] = {}
+        weights: dict[str, float] = {}
         for w in pushers:
             epoch, batches = plan[w][v]
             if w not in models:
@@ -200,29 +221,40 @@ def streaming_reference(
                 opt.step()
             trained = sum(tokens_of(r).shape[0] for r in batches)
             since[w] = [x + trained for x in since[w]]
+            if w in unsettled:  # overlap: the last window's sync, after this window trained
+                settle(w, unsettled.pop(w))
             deltas[w] = {sid: taken[w][sid] - local_slice(w, sid) for sid in members[f]}
-        total = sum(since[w][f] for w in pushers)
+            if overlap:
+                at_push[w].update({sid: local_slice(w, sid).clone() for sid in members[f]})
+            weights[w] = since[w][f]
+            since[w][f] = 0.0
+        total = sum(weights[w] for w in pushers)
         outer_opt.zero_grad(set_to_none=True)
         for sid in members[f]:
             acc = torch.zeros(of[sid].numel, dtype=torch.float64)
             for w in pushers:
-                acc.add_(deltas[w][sid], alpha=since[w][f])
+                acc.add_(deltas[w][sid], alpha=weights[w])
             outer_params[sid].grad = acc.div_(total).to(torch.float32)
         for group in outer_opt.param_groups:
             group["lr"] = lr_at(outer, v // fragments)
         outer_opt.step()
         new = {sid: outer_params[sid].detach().clone() for sid in members[f]}
         for w in pushers:
-            set_local(w, new)
-            taken[w].update({sid: t.clone() for sid, t in new.items()})
-            since[w][f] = 0.0
+            if overlap and plan[w][v][1] and not last_window(w, v):
+                unsettled[w] = new  # settled after the next window trained
+            else:
+                settle(w, new)
     return {sid: p.detach() for sid, p in outer_params.items()}
 
 
-@pytest.mark.parametrize(("h", "fragments"), [(4, 2), (6, 3)])
-def test_streaming_fragments_match_single_process_streaming_diloco(h: int, fragments: int) -> None:
+@pytest.mark.parametrize(
+    ("h", "fragments", "overlap"), [(4, 2, False), (6, 3, False), (6, 3, True)]
+)
+def test_streaming_fragments_match_single_process_streaming_diloco(
+    h: int, fragments: int, overlap: bool
+) -> None:
     sequences = _sequences()
-    results, trained, book, shards, stores = train(h, fragments, sequences)
+    results, trained, book, shards, stores = train(h, fragments, sequences, overlap)
     window = h // fragments
 
     # Every batch trained once; each lease is its windows of K batches, then F - 1 flushes.
@@ -242,7 +274,9 @@ def test_streaming_fragments_match_single_process_streaming_diloco(h: int, fragm
     def tokens_of(r: StepResult) -> torch.Tensor:
         return book.rows[r.lease_id][r.batch_index * BATCH : (r.batch_index + 1) * BATCH]
 
-    expected = streaming_reference(CONFIG, shards, h, fragments, INNER, OUTER, results, tokens_of)
+    expected = streaming_reference(
+        CONFIG, shards, h, fragments, INNER, OUTER, results, tokens_of, overlap
+    )
     init = dict(init_model(CONFIG, SEED).named_parameters())
     moved = 0.0
     for s in shards:

@@ -155,12 +155,27 @@ def test_fragments_flag_reaches_the_spec() -> None:
     assert settings.batches_per_lease == 8  # F x H
     off = build_spec(parse("train", "--local-steps=4"), vocab_size=64, tokenizer_json="")
     assert off.local_steps.fragments == 1
+    assert not off.local_steps.overlap and not settings.local_steps.overlap
+    on = build_spec(
+        parse("train", "--local-steps=4", "--fragments=2", "--overlap"),
+        vocab_size=64,
+        tokenizer_json="",
+    )
+    assert on.local_steps.overlap
+    resolved = codec.job_settings_from_proto(on, total_steps=30).local_steps
+    assert resolved is not None and resolved.overlap
+    assert codec.local_steps_to_proto(resolved).overlap
 
 
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
         (["--fragments=3"], "^--fragments only applies with local steps: add --local-steps H$"),
+        (["--overlap"], "^--overlap only applies with local steps: add --local-steps H$"),
+        (
+            ["--local-steps=4", "--overlap"],
+            "^--overlap overlaps a fragment's sync with the next window: add --fragments F$",
+        ),
         (
             ["--fragments=2", "--inner-lr=0.01"],
             "^--fragments, --inner-lr only apply with local steps",
