@@ -157,7 +157,10 @@ def test_local_steps_match_single_process_diloco(cluster: LocalCluster) -> None:
     )
 
 
-def test_streaming_fragments_match_single_process_streaming_diloco(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streaming_fragments_match_single_process_streaming_diloco(
+    cluster: LocalCluster, overlap: bool
+) -> None:
     h, fragments = 6, 3  # leases of 6: three windows of 2, then two flushes
     outer = job_pb2.OptimizerConfig(
         kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, schedule=job_pb2.CONSTANT
@@ -173,7 +176,7 @@ def test_streaming_fragments_match_single_process_streaming_diloco(cluster: Loca
     train, evals = _data()
     spec = make_spec(SMALL, outer, batch_size=BATCH, batches_per_lease=LEASE, seed=SEED)
     spec.local_steps.CopyFrom(
-        job_pb2.LocalSteps(steps=h, inner_optimizer=inner, fragments=fragments)
+        job_pb2.LocalSteps(steps=h, inner_optimizer=inner, fragments=fragments, overlap=overlap)
     )
     driver = Driver(cluster.coordinator)
     pushes_before = _pushes(cluster)
@@ -218,6 +221,7 @@ def test_streaming_fragments_match_single_process_streaming_diloco(cluster: Loca
             outer_settings,
             steps,
             tokens_of,
+            overlap,
         )
     finally:
         torch.set_num_threads(threads)
