@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -87,19 +87,43 @@ def _staleness_counts(cluster: LocalCluster) -> dict[str, int]:
     return out
 
 
-def test_local_steps_match_single_process_diloco(cluster: LocalCluster) -> None:
-    h = 3  # leases of 6: two rounds each
-    outer = job_pb2.OptimizerConfig(
-        kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, schedule=job_pb2.CONSTANT
-    )
-    inner = job_pb2.OptimizerConfig(
+# DiLoCo's outer optimizer (SGD, lr 0.7, Nesterov momentum 0.9, constant lr) and the
+# reference's view of it (a constant lr needs no total_steps).
+OUTER = job_pb2.OptimizerConfig(
+    kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, schedule=job_pb2.CONSTANT
+)
+OUTER_SETTINGS = codec.optimizer_from_proto(
+    job_pb2.OptimizerConfig(kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, total_steps=1)
+)
+
+
+def inner_adamw(total_steps: int) -> job_pb2.OptimizerConfig:
+    """The workers' inner AdamW, its schedule explicit: the reference needs the one they ran."""
+    return job_pb2.OptimizerConfig(
         kind=job_pb2.ADAMW,
         lr=2e-3,
         weight_decay=0.1,
         schedule=job_pb2.COSINE,
         warmup_steps=2,
-        total_steps=40,  # explicit: the reference needs the schedule the workers ran
+        total_steps=total_steps,
     )
+
+
+def epoch_tokens(train: torch.Tensor) -> Callable[[job_pb2.StepEvent], torch.Tensor]:
+    """A step event's (B, T+1) tokens in epoch 0's data order."""
+    sequences = to_sequences(train, SMALL.block_size)
+    plan = plan_data_shards(sequences.shape[0], BATCH, LEASE, SEED, 0)
+
+    def tokens_of(ev: job_pb2.StepEvent) -> torch.Tensor:
+        ids = plan[ev.data_shard][ev.batch_index * BATCH : (ev.batch_index + 1) * BATCH]
+        return sequences[ids]
+
+    return tokens_of
+
+
+def test_local_steps_match_single_process_diloco(cluster: LocalCluster) -> None:
+    h = 3  # leases of 6: two rounds each
+    outer, inner = OUTER, inner_adamw(total_steps=40)
     train, evals = _data()
     spec = make_spec(SMALL, outer, batch_size=BATCH, batches_per_lease=LEASE, seed=SEED)
     spec.local_steps.CopyFrom(job_pb2.LocalSteps(steps=h, inner_optimizer=inner))
@@ -119,19 +143,10 @@ def test_local_steps_match_single_process_diloco(cluster: LocalCluster) -> None:
     assert all(s.computed_at == s.step for s in steps)
     assert trained.version == len({s.step for s in steps})
 
-    sequences = to_sequences(train, SMALL.block_size)
-    plan = plan_data_shards(sequences.shape[0], BATCH, LEASE, SEED, 0)
-
-    def tokens_of(ev: job_pb2.StepEvent) -> torch.Tensor:
-        ids = plan[ev.data_shard][ev.batch_index * BATCH : (ev.batch_index + 1) * BATCH]
-        return sequences[ids]
+    tokens_of = epoch_tokens(train)
 
     # The outer schedule: the coordinator resolved total_steps; constant lr needs none.
-    outer_settings = codec.optimizer_from_proto(
-        job_pb2.OptimizerConfig(
-            kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, total_steps=1
-        )
-    )
+    outer_settings = OUTER_SETTINGS
     inner_settings = codec.optimizer_from_proto(inner)
     # One thread, as each worker runs: the key bias's gradient is rounding noise (softmax
     # ignores a per-query constant), which AdamW scales up to lr-sized steps, so the reference
@@ -162,17 +177,7 @@ def test_streaming_fragments_match_single_process_streaming_diloco(
     cluster: LocalCluster, overlap: bool
 ) -> None:
     h, fragments = 6, 3  # leases of 6: three windows of 2, then two flushes
-    outer = job_pb2.OptimizerConfig(
-        kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, schedule=job_pb2.CONSTANT
-    )
-    inner = job_pb2.OptimizerConfig(
-        kind=job_pb2.ADAMW,
-        lr=2e-3,
-        weight_decay=0.1,
-        schedule=job_pb2.COSINE,
-        warmup_steps=2,
-        total_steps=80,  # explicit: the reference needs the schedule the workers ran
-    )
+    outer, inner = OUTER, inner_adamw(total_steps=80)
     train, evals = _data()
     spec = make_spec(SMALL, outer, batch_size=BATCH, batches_per_lease=LEASE, seed=SEED)
     spec.local_steps.CopyFrom(
@@ -197,18 +202,9 @@ def test_streaming_fragments_match_single_process_streaming_diloco(
     pushes = LEASES * (3 + fragments - 1)
     assert _pushes(cluster) - pushes_before == 2 * pushes
 
-    sequences = to_sequences(train, SMALL.block_size)
-    plan = plan_data_shards(sequences.shape[0], BATCH, LEASE, SEED, 0)
+    tokens_of = epoch_tokens(train)
 
-    def tokens_of(ev: job_pb2.StepEvent) -> torch.Tensor:
-        ids = plan[ev.data_shard][ev.batch_index * BATCH : (ev.batch_index + 1) * BATCH]
-        return sequences[ids]
-
-    outer_settings = codec.optimizer_from_proto(
-        job_pb2.OptimizerConfig(
-            kind=job_pb2.SGD, lr=0.7, momentum=0.9, nesterov=True, total_steps=1
-        )
-    )
+    outer_settings = OUTER_SETTINGS
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker runs (see the local-steps test)
     try:

@@ -29,7 +29,7 @@ from lmps.services.parameter_server.store import ParameterStore
 from lmps.services.worker.fragments import StreamingLoop
 from lmps.services.worker.local_steps import InnerLoop
 from lmps.services.worker.replica import Replica
-from lmps.services.worker.trainer import StepResult, Trainer
+from lmps.services.worker.trainer import StepResult
 from tests.unit.test_inprocess_parity import (
     BATCH,
     CONFIG,
@@ -37,10 +37,8 @@ from tests.unit.test_inprocess_parity import (
     SEED,
     SERVERS,
     WORKERS,
-    StoreClient,
     initial_shards,
     loaded_stores,
-    run_epoch_in_threads,
 )
 from tests.unit.test_local_steps import (
     EPOCHS,
@@ -51,7 +49,10 @@ from tests.unit.test_local_steps import (
     Book,
     _sequences,
     _torch_optimizer,
+    inner_step,
+    train_epochs,
 )
+from tests.unit.test_local_steps import Event as RoundEvent
 
 
 def fragmented(fragments: int) -> tuple[list[Shard], dict[str, torch.Tensor]]:
@@ -66,43 +67,20 @@ def train(
     stores = loaded_stores(OUTER, shards, values, WORKERS, fragments=fragments)
     book = Book(stores, sequences)
     decay = {s.shard_id: s.weight_decay for s in shards}
-    trainers = []
-    for w in WORKERS:
-        replica = Replica(CONFIG, shards, torch.device("cpu"))
+    fragment_of = {s.shard_id: s.fragment for s in shards}
+
+    def loops(replica: Replica) -> dict[str, Any]:
         inner = InnerLoop(replica, h, INNER, decay)
-        trainers.append(
-            Trainer(
-                worker_id=w,
-                model=replica,
-                params=StoreClient(w, stores, shards),
-                leases=book.source(w),
-                batch_size=BATCH,
-                local=inner,
-                streaming=StreamingLoop(
-                    inner, {s.shard_id: s.fragment for s in shards}, fragments, overlap=overlap
-                ),
-            )
-        )
-    results: list[StepResult] = []
-    for epoch in range(EPOCHS):
-        book.start_epoch(epoch)
-        start = stores[SERVERS[0]].pull(JOB, 0, [], timeout_s=0)[0]
-        results += run_epoch_in_threads(trainers, epoch, start)
-    trained: dict[str, torch.Tensor] = {}
-    for store in stores.values():
-        trained.update(store.pull(JOB, 0, [], timeout_s=0)[1])
+        streaming = StreamingLoop(inner, fragment_of, fragments, overlap=overlap)
+        return {"local": inner, "streaming": streaming}
+
+    results, trained, _ = train_epochs(shards, stores, book, loops)
     return results, trained, book, shards, stores
 
 
-class Event(Protocol):
-    """What the reference reads of a batch (a `StepResult` or a `job_pb2.StepEvent`)."""
+class Event(RoundEvent, Protocol):
+    """What the reference reads of a batch: a round's event and its lease."""
 
-    @property
-    def step(self) -> int: ...
-    @property
-    def worker_id(self) -> str: ...
-    @property
-    def batch_index(self) -> int: ...
     @property
     def lease_id(self) -> str: ...
 
@@ -211,14 +189,7 @@ def streaming_reference(
             model, opt = models[w], opts[w]
             model.train()
             for k, r in enumerate(sorted(batches, key=lambda r: r.batch_index)):
-                tokens = tokens_of(r).long()
-                opt.zero_grad()
-                _, loss = model(tokens[:, :-1], tokens[:, 1:])
-                assert loss is not None
-                loss.backward()
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(inner, v * window + k)
-                opt.step()
+                inner_step(model, opt, tokens_of(r), lr_at(inner, v * window + k))
             trained = sum(tokens_of(r).shape[0] for r in batches)
             since[w] = [x + trained for x in since[w]]
             if w in unsettled:  # overlap: the last window's sync, after this window trained

@@ -22,7 +22,7 @@ import torch
 from lmps.core.data import plan_data_shards, to_sequences
 from lmps.core.model import GPT, GPTConfig, decay_mask, init_model
 from lmps.core.optim import OptimizerSettings, ShardOptimizer, lr_at
-from lmps.core.partition import assemble
+from lmps.core.partition import Shard, assemble
 from lmps.services.parameter_server.store import ParameterStore
 from lmps.services.worker.local_steps import InnerLoop
 from lmps.services.worker.replica import Replica
@@ -103,14 +103,15 @@ class _Source:
         pass
 
 
-def train(
-    h: int, inner: OptimizerSettings, outer: OptimizerSettings, sequences: torch.Tensor
-) -> tuple[list[StepResult], dict[str, torch.Tensor], Book, list[Trainer]]:
-    shards, values = initial_shards(init_model(CONFIG, SEED))
-    stores = loaded_stores(outer, shards, values, WORKERS)
-    book = Book(stores, sequences)
-    decay = {s.shard_id: s.weight_decay for s in shards}
-    # h = 0: plain SYNC (each batch pushes its gradient; `outer` is then the only optimizer).
+def train_epochs(
+    shards: Sequence[Shard],
+    stores: Mapping[str, ParameterStore],
+    book: Book,
+    loops: Callable[[Replica], dict[str, Any]],
+) -> tuple[list[StepResult], dict[str, torch.Tensor], list[Trainer]]:
+    """EPOCHS epochs of one `Trainer` per worker of WORKERS over `stores`, with the leases of
+    `book`; `loops(replica)`: the trainer's local-steps keywords (`local`, `streaming`).
+    Returns every step's result, the stores' final values by shard id, and the trainers."""
     trainers = []
     for w in WORKERS:
         replica = Replica(CONFIG, shards, torch.device("cpu"))
@@ -121,7 +122,7 @@ def train(
                 params=StoreClient(w, stores, shards),
                 leases=book.source(w),
                 batch_size=BATCH,
-                local=InnerLoop(replica, h, inner, decay) if h else None,
+                **loops(replica),
             )
         )
     results: list[StepResult] = []
@@ -132,6 +133,23 @@ def train(
     trained: dict[str, torch.Tensor] = {}
     for store in stores.values():
         trained.update(store.pull(JOB, 0, [], timeout_s=0)[1])
+    return results, trained, trainers
+
+
+def train(
+    h: int, inner: OptimizerSettings, outer: OptimizerSettings, sequences: torch.Tensor
+) -> tuple[list[StepResult], dict[str, torch.Tensor], Book, list[Trainer]]:
+    shards, values = initial_shards(init_model(CONFIG, SEED))
+    stores = loaded_stores(outer, shards, values, WORKERS)
+    book = Book(stores, sequences)
+    decay = {s.shard_id: s.weight_decay for s in shards}
+    # h = 0: plain SYNC (each batch pushes its gradient; `outer` is then the only optimizer).
+    results, trained, trainers = train_epochs(
+        shards,
+        stores,
+        book,
+        lambda replica: {"local": InnerLoop(replica, h, inner, decay) if h else None},
+    )
     return results, assemble(shards, trained), book, trainers
 
 
@@ -154,6 +172,18 @@ def _torch_optimizer(model: GPT, s: OptimizerSettings) -> torch.optim.Optimizer:
     # in its scalar tail: the whole tensors get exactly what the padded shards get.
     assert all(p.numel() % 16 == 0 for p in model.parameters())
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=s.eps, fused=True)
+
+
+def inner_step(model: GPT, opt: torch.optim.Optimizer, tokens: torch.Tensor, lr: float) -> None:
+    """One inner optimizer step of a reference worker on (B, T+1) `tokens` at `lr`."""
+    tokens = tokens.long()
+    opt.zero_grad()
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    assert loss is not None
+    loss.backward()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
 
 
 class Event(Protocol):
@@ -200,15 +230,9 @@ def diloco_reference(
             batches = sorted(rounds[version][w], key=lambda r: r.batch_index)
             sequences = 0
             for k, r in enumerate(batches):
-                tokens = tokens_of(r).long()
+                tokens = tokens_of(r)
                 sequences += tokens.shape[0]
-                opt.zero_grad()
-                _, loss = model(tokens[:, :-1], tokens[:, 1:])
-                assert loss is not None
-                loss.backward()
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(inner, version * h + k)
-                opt.step()
+                inner_step(model, opt, tokens, lr_at(inner, version * h + k))
             local = dict(model.named_parameters())
             deltas[w] = {
                 n: (p.detach() - local[n].detach()) for n, p in global_model.named_parameters()
