@@ -199,7 +199,6 @@ class _Sync:
     step: int
     future: Future[tuple[dict[str, torch.Tensor], float, float]]
     results: list[StepResult]
-    t0: float
     busy_s: float
     """Seconds the worker spent on the window (training and settling the sync before)."""
 
@@ -474,7 +473,7 @@ class Trainer:
                     )
                     for k in range(n)
                 ]
-                pending = self._start_sync(results, t0, (t1 - t0) + (time.perf_counter() - t2))
+                pending = self._start_sync(results, (t1 - t0) + (time.perf_counter() - t2))
                 if not s.overlap:
                     yield from self._settle(pending)
                     pending = None
@@ -486,15 +485,18 @@ class Trainer:
                 if not active():
                     s.ready = False
                     return False
-                self._settle_now(self._start_sync([], time.perf_counter(), 0.0))
+                self._settle_now(self._start_sync([], 0.0))
                 self.step += 1
             return True
         finally:
-            if pending is not None:  # cancelled or failed: let the sync end, drop the rest
+            if pending is not None and not pending.future.cancel():
+                # Cancelled or failed with a sync in flight: let it end (a push cut half-way
+                # would be on some servers only; a cancelled epoch cancels the pool's calls,
+                # so a pull waiting on a frozen barrier ends too), then drop the rest.
                 s.ready = False
-                pending.future.cancel() or pending.future.exception()
+                pending.future.exception()
 
-    def _start_sync(self, results: list[StepResult], t0: float, busy_s: float) -> _Sync:
+    def _start_sync(self, results: list[StepResult], busy_s: float) -> _Sync:
         """Push fragment (step mod F)'s Δ for `step` and pull its values at step + 1, on the
         sync thread (SYNC: the pull waits for every member's push of the step)."""
         s = self.streaming
@@ -511,7 +513,7 @@ class Trainer:
             _, values = self.params.pull(step + 1, shard_ids=list(delta))
             return values, t_pull - t_push, time.perf_counter() - t_pull
 
-        return _Sync(step, self._sync_thread.submit(run), results, t0, busy_s)
+        return _Sync(step, self._sync_thread.submit(run), results, busy_s)
 
     def _settle_now(self, sync: _Sync) -> tuple[float, float]:
         """Wait for `sync`, then take its fragment's new values (`StreamingLoop.settle`):
