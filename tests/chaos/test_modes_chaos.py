@@ -65,6 +65,7 @@ def submit_mode(
     *,
     local_steps: int = 0,
     fragments: int = 0,
+    overlap: bool = False,
     staleness: int = -1,
     compression: job_pb2.PushCompression | None = None,
     lease: int = LEASE,
@@ -88,7 +89,9 @@ def submit_mode(
     spec.replication = replication
     if local_steps:
         spec.local_steps.CopyFrom(
-            job_pb2.LocalSteps(steps=local_steps, inner_optimizer=INNER, fragments=fragments)
+            job_pb2.LocalSteps(
+                steps=local_steps, inner_optimizer=INNER, fragments=fragments, overlap=overlap
+            )
         )
     if staleness >= 0:
         spec.consistency = job_pb2.BOUNDED_STALENESS
@@ -541,8 +544,9 @@ def repeats(steps: list[job_pb2.StepEvent]) -> Counter[tuple[int, int]]:
     return Counter({k: c - 1 for k, c in seen.items() if c > 1})
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 def test_streaming_fragments_worker_killed_mid_lease_trains_the_lease_again(
-    tmp_path: Path,
+    tmp_path: Path, overlap: bool
 ) -> None:
     """H = 4 in F = 2 fragments (windows of 2 batches; a lease of 8 is 4 windows and a
     flush): worker-1 is killed halfway through a lease. The epoch completes on worker-0 and
@@ -554,11 +558,12 @@ def test_streaming_fragments_worker_killed_mid_lease_trains_the_lease_again(
     relation asserted: the repeats are exactly the batches worker-1 reported of leases not
     whole, each once more, by worker-0 in a whole lease from batch 0; summary.batches_redone
     is their number; nothing else repeats; the versions (every server's, the job's) are
-    what the leases imply (`assert_fragment_versions`)."""
+    what the leases imply (`assert_fragment_versions`). With `overlap` the kill may also
+    cut a sync on the worker's sync thread; the same holds."""
     cluster = start(tmp_path)
     driver = Driver(cluster.coordinator)
     try:
-        job_id = submit_mode(driver, local_steps=H, fragments=FRAGMENTS)
+        job_id = submit_mode(driver, local_steps=H, fragments=FRAGMENTS, overlap=overlap)
         steps, summary, at = run_until(
             driver,
             job_id,
