@@ -21,6 +21,10 @@ from lmps.rpc.bootstrap import PortInUse, port_taken
 from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
 
+METRICS_PORT_TRIES = 3
+"""Times a member is started again on another metrics port when the one picked for it was
+taken before it could bind it (`LocalCluster._wait`)."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -201,10 +205,19 @@ class LocalCluster:
 
     def _wait(self, proc: Proc, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        moves = METRICS_PORT_TRIES
         while True:
             popen = self._popen.get(proc.name)
             if popen is not None and popen.poll() is not None:
                 tail = Path(proc.log).read_text(errors="replace")[-3000:]
+                if moves and f"port {proc.metrics_port} is already in use" in tail:
+                    # The metrics port was free when picked, and taken before the member
+                    # bound it (another process's ephemeral port): it is the launcher's
+                    # pick, nobody else knows it yet, so pick another and start again.
+                    moves -= 1
+                    proc.metrics_port = free_port()
+                    self._launch(proc)
+                    continue
                 raise MemberExited(proc.name, popen.returncode, proc.log, tail)
             try:
                 wait_healthy(proc.address, timeout_s=1.0)

@@ -205,3 +205,31 @@ def test_sigterm_stops_every_process_cleanly(tmp_path: Path) -> None:
         # The port is really closed now.
         with pytest.raises(TimeoutError):
             wait_healthy(proc.address, timeout_s=0.5)
+
+
+def test_a_metrics_port_taken_before_the_member_binds_it_is_picked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher picks free ports, and another process may take one before the member it
+    was picked for binds it (CI saw a coordinator exit so). The metrics port is the
+    launcher's alone, so the member is started again on another one."""
+    import socket
+
+    from lmps.client import launcher
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        picks = iter([0, taken])  # the coordinator's port, then its metrics port: taken
+        real = launcher.free_port
+        monkeypatch.setattr(launcher, "free_port", lambda: next(picks, 0) or real())
+        spec = ClusterSpec(servers=1, workers=0, worker_threads=1, run_dir=str(tmp_path))
+        with LocalCluster(spec) as cluster:
+            coordinator = cluster.procs[0]
+            assert coordinator.metrics_port != taken
+            url = f"http://127.0.0.1:{coordinator.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                assert b"lmps_" in resp.read()
+        log = Path(coordinator.log).read_text()
+        assert f"port {taken} is already in use" in log
