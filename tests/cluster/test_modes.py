@@ -24,7 +24,7 @@ from lmps.client import model_io
 from lmps.client.launcher import ClusterSpec, LocalCluster
 from lmps.core.data import plan_data_shards, to_sequences
 from lmps.core.model import init_model
-from lmps.core.partition import shard_view
+from lmps.core.partition import Shard, shard_view
 from lmps.rpc import codec
 from lmps.v1 import coordinator_pb2, job_pb2
 from tests.cluster.jobs import SMALL, Driver, make_spec, random_tokens
@@ -121,25 +121,38 @@ def epoch_tokens(train: torch.Tensor) -> Callable[[job_pb2.StepEvent], torch.Ten
     return tokens_of
 
 
-def test_local_steps_match_single_process_diloco(cluster: LocalCluster) -> None:
-    h = 3  # leases of 6: two rounds each
-    outer, inner = OUTER, inner_adamw(total_steps=40)
-    train, evals = _data()
-    spec = make_spec(SMALL, outer, batch_size=BATCH, batches_per_lease=LEASE, seed=SEED)
-    spec.local_steps.CopyFrom(job_pb2.LocalSteps(steps=h, inner_optimizer=inner))
+def _train_local(
+    cluster: LocalCluster, local: job_pb2.LocalSteps, train: torch.Tensor, evals: torch.Tensor
+) -> tuple[list[job_pb2.StepEvent], model_io.TrainedModel, list[Shard], int]:
+    """One epoch of a job with DiLoCo's outer optimizer and `local`: its step events, the
+    trained model, its shards as planned, and the pushes the servers took for it."""
+    spec = make_spec(SMALL, OUTER, batch_size=BATCH, batches_per_lease=LEASE, seed=SEED)
+    spec.local_steps.CopyFrom(local)
     driver = Driver(cluster.coordinator)
     pushes_before = _pushes(cluster)
     try:
         job_id = driver.submit(spec, train, evals)
         steps = _steps(driver.run_epoch(job_id, 0))
         trained = model_io.fetch_model(cluster.coordinator, job_id)
+        shard_map = driver.stub.GetShardMap(coordinator_pb2.GetShardMapRequest(job_id=job_id))
     finally:
         driver.close()
+    shards = [codec.shard_from_proto(m) for m in shard_map.shards]
+    return steps, trained, shards, _pushes(cluster) - pushes_before
+
+
+def test_local_steps_match_single_process_diloco(cluster: LocalCluster) -> None:
+    h = 3  # leases of 6: two rounds each
+    inner = inner_adamw(total_steps=40)
+    train, evals = _data()
+    steps, trained, _, pushes = _train_local(
+        cluster, job_pb2.LocalSteps(steps=h, inner_optimizer=inner), train, evals
+    )
     assert len(steps) == LEASES * LEASE  # every batch once, each with its own event
     assert len({(s.data_shard, s.batch_index) for s in steps}) == len(steps)
     rounds = {(s.step, s.worker_id) for s in steps}
     assert len(rounds) == LEASES * 2  # two rounds a lease: one push per round, not per batch
-    assert _pushes(cluster) - pushes_before == 2 * len(rounds)  # to each of the two servers
+    assert pushes == 2 * len(rounds)  # to each of the two servers
     assert all(s.computed_at == s.step for s in steps)
     assert trained.version == len({s.step for s in steps})
 
@@ -177,22 +190,10 @@ def test_streaming_fragments_match_single_process_streaming_diloco(
     cluster: LocalCluster, overlap: bool
 ) -> None:
     h, fragments = 6, 3  # leases of 6: three windows of 2, then two flushes
-    outer, inner = OUTER, inner_adamw(total_steps=80)
+    inner = inner_adamw(total_steps=80)
     train, evals = _data()
-    spec = make_spec(SMALL, outer, batch_size=BATCH, batches_per_lease=LEASE, seed=SEED)
-    spec.local_steps.CopyFrom(
-        job_pb2.LocalSteps(steps=h, inner_optimizer=inner, fragments=fragments, overlap=overlap)
-    )
-    driver = Driver(cluster.coordinator)
-    pushes_before = _pushes(cluster)
-    try:
-        job_id = driver.submit(spec, train, evals)
-        steps = _steps(driver.run_epoch(job_id, 0))
-        trained = model_io.fetch_model(cluster.coordinator, job_id)
-        shard_map = driver.stub.GetShardMap(coordinator_pb2.GetShardMapRequest(job_id=job_id))
-    finally:
-        driver.close()
-    shards = [codec.shard_from_proto(m) for m in shard_map.shards]
+    local = job_pb2.LocalSteps(steps=h, inner_optimizer=inner, fragments=fragments, overlap=overlap)
+    steps, trained, shards, pushed = _train_local(cluster, local, train, evals)
     assert {s.fragment for s in shards} == set(range(fragments))
     assert len(steps) == LEASES * LEASE  # every batch once, each with its own event
     assert len({(s.data_shard, s.batch_index) for s in steps}) == len(steps)
@@ -200,7 +201,7 @@ def test_streaming_fragments_match_single_process_streaming_diloco(
     # flush of every worker, to each of the two servers.
     assert trained.version == 3 * (3 + fragments - 1)
     pushes = LEASES * (3 + fragments - 1)
-    assert _pushes(cluster) - pushes_before == 2 * pushes
+    assert pushed == 2 * pushes
 
     tokens_of = epoch_tokens(train)
 

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
@@ -33,9 +32,9 @@ from lmps.core.partition import (
 )
 from lmps.core.settings import LocalSteps, default_total_steps, lease_versions
 from lmps.rpc import codec
-from lmps.services.coordinator.leases import EpochLeases, Lease, LeaseDesk
+from lmps.services.coordinator.leases import EpochLeases, Lease
 from lmps.v1 import coordinator_pb2, job_pb2
-from tests.unit.test_lease_desk import FakeBarrier
+from tests.unit.test_lease_desk import FakeBarrier, rounds_desk
 
 FAST = settings(max_examples=80, deadline=None)
 
@@ -379,21 +378,7 @@ def test_flushes_must_not_be_negative() -> None:
 
 
 def test_the_desk_hands_its_book_the_flushes_and_knows_each_workers_flushes() -> None:
-    B, T, shards, batches = 2, 4, 2, 4
-    n = shards * batches * B
-    desk = LeaseDesk(
-        job_id="job-1",
-        epoch=0,
-        plan=list(torch.arange(n).reshape(shards, batches * B)),
-        train=torch.arange(n * T, dtype=torch.int32).reshape(n, T),
-        batch_size=B,
-        workers=["w0", "w1"],
-        done={},
-        servers={"ps-0": "127.0.0.1:1"},
-        barrier=FakeBarrier(),
-        per_push=2,
-        flushes=1,
-    )
+    desk = rounds_desk(FakeBarrier(), shards=2, batches=4, per_push=2, flushes=1)
     assert (desk.book.per_push, desk.book.flushes) == (2, 1)
     desk.open(["w0", "w1"], at=10)
     lease = desk.take("w0")

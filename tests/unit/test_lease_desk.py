@@ -288,13 +288,13 @@ def test_a_joiner_counts_from_its_join_and_a_stopper_holds_nothing() -> None:
     assert desk.account(13) == 1 and desk.progress(13)[j.data_shard] == 1
 
 
-def test_local_steps_account_and_lose_go_by_rounds() -> None:
-    """H = 2, data shards of four batches: a push is a round of two batches, every batch of
-    it reported at the round's step. The desk hands its book the H it was built with."""
-    barrier = FakeBarrier()
-    shards, batches = 4, 4
+def rounds_desk(
+    barrier: FakeBarrier, shards: int, batches: int, per_push: int, flushes: int = 0
+) -> LeaseDesk:
+    """A desk over `shards` data shards of `batches` batches each, for w0 and w1, pushing
+    `per_push` batches at a time (local steps), `flushes` at each lease's end (fragments)."""
     n = shards * batches * B
-    desk = LeaseDesk(
+    return LeaseDesk(
         job_id="job-1",
         epoch=0,
         plan=list(torch.arange(n).reshape(shards, batches * B)),
@@ -304,8 +304,16 @@ def test_local_steps_account_and_lose_go_by_rounds() -> None:
         done={},
         servers={"ps-0": "127.0.0.1:1"},
         barrier=barrier,
-        per_push=2,
+        per_push=per_push,
+        flushes=flushes,
     )
+
+
+def test_local_steps_account_and_lose_go_by_rounds() -> None:
+    """H = 2, data shards of four batches: a push is a round of two batches, every batch of
+    it reported at the round's step. The desk hands its book the H it was built with."""
+    barrier = FakeBarrier()
+    desk = rounds_desk(barrier, shards=4, batches=4, per_push=2)
     desk.open(["w0", "w1"], at=10)
     a, b = leased(desk, "w0"), leased(desk, "w1")  # shards 0 and 1, 4 batches each
     assert (a.batches, b.batches) == (4, 4)  # the lease is still the whole shard's rest
