@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     from lmps.services.worker.servicer import WorkerServicer
 
     setup_logging(args.log_level)
-    tune_malloc()  # before the first pull or activation is allocated (see lmps.rpc.malloc)
+    # Before the first pull or activation is allocated; activations above 32 MiB come from
+    # the heap too (see lmps.rpc.malloc).
+    tune_malloc(heap_only=True)
     metrics = process_registry()  # this role's series only (docs/metrics.md)
     servicer = WorkerServicer(
         worker_id=args.id,
