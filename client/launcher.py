@@ -21,9 +21,9 @@ from lmps.rpc.bootstrap import PortInUse, port_taken
 from lmps.rpc.channel import open_channel
 from lmps.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-METRICS_PORT_TRIES = 3
-"""Times a member is started again on another metrics port when the one picked for it was
-taken before it could bind it (`LocalCluster._wait`)."""
+PORT_TRIES = 3
+"""Times a starting member is started again on another port when one the launcher picked
+for it was taken before it could bind it (`LocalCluster._wait`)."""
 
 
 def free_port() -> int:
@@ -179,7 +179,7 @@ class LocalCluster:
     def add_worker(self, name: str, timeout_s: float = 60.0) -> Proc:
         """Start one more worker (a replacement or an extra) and wait until it serves."""
         proc = self._spawn("worker", name, self.spec.worker_threads or 1)
-        self._wait(proc, timeout_s)
+        self._wait(proc, timeout_s, fresh=True)
         return proc
 
     def start(self, timeout_s: float = 90.0) -> LocalCluster:
@@ -196,27 +196,40 @@ class LocalCluster:
             for i in range(self.spec.workers):
                 self._spawn("worker", f"worker-{i}", threads)
             for p in self.procs:
-                self._wait(p, timeout_s)
+                self._wait(p, timeout_s, fresh=True)
             self._wait_registered(timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait(self, proc: Proc, timeout_s: float) -> None:
+    def _wait(self, proc: Proc, timeout_s: float, fresh: bool = False) -> None:
+        """Until `proc` serves. A port the launcher picked may have been taken by another
+        process (an ephemeral port) before the member bound it (CI saw it): the member is
+        started again on another one, up to PORT_TRIES times, where nobody else knows it
+        yet. Its metrics port is the launcher's alone; its main port too while it is
+        `fresh` (starting for the first time: it has not registered), except the
+        coordinator's when the spec fixed it. The members started with a coordinator's
+        old address are started again with the new one."""
         deadline = time.monotonic() + timeout_s
-        moves = METRICS_PORT_TRIES
+        moves = PORT_TRIES
         while True:
             popen = self._popen.get(proc.name)
             if popen is not None and popen.poll() is not None:
                 tail = Path(proc.log).read_text(errors="replace")[-3000:]
+                port = int(proc.address.rsplit(":", 1)[1])
+                own = not (proc is self.procs[0] and self.spec.coordinator_port)
                 if moves and f"port {proc.metrics_port} is already in use" in tail:
-                    # The metrics port was free when picked, and taken before the member
-                    # bound it (another process's ephemeral port): it is the launcher's
-                    # pick, nobody else knows it yet, so pick another and start again.
                     moves -= 1
                     proc.metrics_port = free_port()
                     self._launch(proc)
+                    continue
+                if moves and fresh and own and f"port {port} is already in use" in tail:
+                    moves -= 1
+                    proc.address = f"{self.spec.host}:{free_port()}"
+                    self._launch(proc)
+                    if proc is self.procs[0]:
+                        self._relaunch_members()
                     continue
                 raise MemberExited(proc.name, popen.returncode, proc.log, tail)
             try:
@@ -225,6 +238,15 @@ class LocalCluster:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
+
+    def _relaunch_members(self) -> None:
+        """Stop every member but the coordinator and start it again, fresh: the coordinator
+        moved, and they were given its old address."""
+        for proc in self.procs[1:]:
+            popen = self._popen[proc.name]
+            popen.kill()
+            popen.wait(timeout=10)
+            self._launch(proc, fresh=True)
 
     def _wait_registered(self, timeout_s: float) -> None:
         want = self.spec.servers + self.spec.workers

@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -207,12 +208,10 @@ def test_sigterm_stops_every_process_cleanly(tmp_path: Path) -> None:
             wait_healthy(proc.address, timeout_s=0.5)
 
 
-def test_a_metrics_port_taken_before_the_member_binds_it_is_picked_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The launcher picks free ports, and another process may take one before the member it
-    was picked for binds it (CI saw a coordinator exit so). The metrics port is the
-    launcher's alone, so the member is started again on another one."""
+@contextmanager
+def _launcher_picks_taken(monkeypatch: pytest.MonkeyPatch, at: int) -> Iterator[int]:
+    """The launcher's `at`-th port pick (0-based: the coordinator's port, its metrics port,
+    then each member's two) is a port something already listens on; the rest are free."""
     import socket
 
     from lmps.client import launcher
@@ -221,9 +220,19 @@ def test_a_metrics_port_taken_before_the_member_binds_it_is_picked_again(
         held.bind(("127.0.0.1", 0))
         held.listen()
         taken = held.getsockname()[1]
-        picks = iter([0, taken])  # the coordinator's port, then its metrics port: taken
+        picks = iter([0] * at + [taken])
         real = launcher.free_port
         monkeypatch.setattr(launcher, "free_port", lambda: next(picks, 0) or real())
+        yield taken
+
+
+def test_a_metrics_port_taken_before_the_member_binds_it_is_picked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher picks free ports, and another process may take one before the member it
+    was picked for binds it (CI saw a coordinator exit so). The metrics port is the
+    launcher's alone, so the member is started again on another one."""
+    with _launcher_picks_taken(monkeypatch, at=1) as taken:  # the coordinator's metrics
         spec = ClusterSpec(servers=1, workers=0, worker_threads=1, run_dir=str(tmp_path))
         with LocalCluster(spec) as cluster:
             coordinator = cluster.procs[0]
@@ -233,3 +242,32 @@ def test_a_metrics_port_taken_before_the_member_binds_it_is_picked_again(
                 assert b"lmps_" in resp.read()
         log = Path(coordinator.log).read_text()
         assert f"port {taken} is already in use" in log
+
+
+@pytest.mark.parametrize(
+    ("at", "moved"),
+    [(0, "coordinator"), (2, "ps-0")],
+    ids=["coordinator", "parameter-server"],
+)
+def test_a_main_port_taken_before_a_starting_member_binds_it_is_picked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: int, moved: str
+) -> None:
+    """The same race on a member's gRPC port: while it starts, nobody but the launcher knows
+    that port (a server or worker registers only once it serves), so it moves. When it is
+    the coordinator's, the members already started with the old address start again with
+    the new one; the cluster comes up whole, every member registered."""
+    with _launcher_picks_taken(monkeypatch, at=at) as taken:
+        spec = ClusterSpec(servers=1, workers=1, worker_threads=1, run_dir=str(tmp_path))
+        with LocalCluster(spec) as cluster:  # start() waits until all are registered
+            proc = next(p for p in cluster.procs if p.name == moved)
+            assert not proc.address.endswith(f":{taken}")
+            wait_healthy(proc.address, timeout_s=5)
+            for p in cluster.procs[1:]:
+                assert f"--coordinator {cluster.coordinator}" in _cmdline(p.pid)
+        log = Path(proc.log).read_text()
+        assert f"port {taken} is already in use" in log
+
+
+def _cmdline(pid: int) -> str:
+    """A running process's command line (Linux /proc), its arguments joined by spaces."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
