@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "training": "tokens/s of a 2-server, 2-worker cluster vs one torch process",
     "wire_dtype": "pull+push rounds with bfloat16 vs float32 on the wire",
     "ps_memory": "parameter-server peak RSS growth vs state held (small, AdamW, 2 workers)",
+    "barrier": "a SYNC step's mean at the barrier (as built) vs accumulated on arrival, W = 2",
     "peers": "lmps vs torch (1 / N threads), DDP and a torch.distributed.rpc PS: same job",
     "wire": "GB/s of the small model's bytes: lmps Pull/Push vs bare grpcio vs raw TCP",
     "scaling": "lmps SYNC vs DDP at W = 1, 2, 4 workers: step time, CPU, bytes per step",
