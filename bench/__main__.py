@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="reduced sizes and repeats (< 2 minutes in all)"
     )
     parser.add_argument(
+        "--large",
+        action="store_true",
+        help="peers also runs the gpt2 preset (124M): for machines with cores and memory",
+    )
+    parser.add_argument(
         "--out", default="runs/bench", type=Path, help="results folder (default: runs/bench)"
     )
     return parser
@@ -42,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         build_parser().error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     names = args.names or list(BENCHMARKS)
+    if args.large and "peers" not in names:
+        build_parser().error("--large changes only peers: add peers to the benchmarks to run")
     # Tables are wide: outside a terminal (CI logs, pipes) rich would wrap them at 80.
     console = Console(width=None if sys.stdout.isatty() else 120)
     walls: dict[str, float] = {}
     # The stack stops whatever benchmarks share (the parameter-server rig) when all are done.
     with ExitStack() as stack:
-        ctx = Context(quick=args.quick, console=console, out_dir=args.out, stack=stack)
+        ctx = Context(
+            quick=args.quick, console=console, out_dir=args.out, stack=stack, large=args.large
+        )
         for name in names:
             console.rule(f"bench {name}{' (quick)' if args.quick else ''}")
             module = importlib.import_module(f"bench.{name}")

@@ -35,6 +35,8 @@ class Context:
     """Closed when the whole run ends: for resources benchmarks share (see `bench.ps`)."""
     shared: dict[str, object] = field(default_factory=dict)
     """Those shared resources, by name."""
+    large: bool = False
+    """`--large`: `peers` adds the gpt2 preset (for machines with cores and memory)."""
 
     def log_dir(self, name: str) -> Path:
         path = self.out_dir / "logs" / name

@@ -33,15 +33,12 @@ FULL = (
     Plan("small", global_batch=8, warmup_steps=2, timed_steps=3, repeats=2),
 )
 LARGE = Plan("gpt2", global_batch=8, warmup_steps=2, timed_steps=3, repeats=2)
-"""Added by LMPS_BENCH_LARGE=1: GPT-2 small (124M) is for machines with cores and memory
-to spare (each of up to 7 processes holds the model, its gradients and AdamW state)."""
+"""Added by `python -m bench --large`: GPT-2 small (124M) is for machines with cores and
+memory to spare (each of up to 7 processes holds the model, its gradients and AdamW state)."""
 
 
-def plans(quick: bool) -> list[Plan]:
-    out = list(QUICK if quick else FULL)
-    if os.environ.get("LMPS_BENCH_LARGE", "") not in ("", "0"):
-        out.append(LARGE)
-    return out
+def plans(quick: bool, large: bool = False) -> list[Plan]:
+    return [*(QUICK if quick else FULL), *((LARGE,) if large else ())]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -87,7 +84,7 @@ def run(ctx: Context) -> dict[str, Any]:
     servers = _env_int("LMPS_BENCH_SERVERS", 2)
     contenders = lineup(workers, servers)
     by_preset: dict[str, dict[str, Any]] = {}
-    for plan in plans(ctx.quick):
+    for plan in plans(ctx.quick, ctx.large):
         job = make_job(plan)
         samples = interleave(ctx, job, contenders, plan.repeats)
         by_preset[plan.preset] = summarize(
@@ -107,7 +104,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "cores": os.cpu_count(),
             "data": "builtin:pydoc, lmps's epoch-0 order; step s = rows [s*G, (s+1)*G)",
             "optimizer": "AdamW, constant lr (torch.optim.AdamW; lmps: on the servers)",
-            "plans": [p.__dict__ for p in plans(ctx.quick)],
+            "plans": [p.__dict__ for p in plans(ctx.quick, ctx.large)],
             "cpu": "user + system of every process of a contender over the timed window",
         },
         "presets": by_preset,

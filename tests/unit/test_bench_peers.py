@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from bench.__main__ import main as bench_main
 from bench.peers.checks import LOSS_TOL, check, max_loss_diff
 from bench.peers.job import PeerJob, step_rows
 from bench.peers.report import wire_bytes
+from bench.peers.suite import plans
 from lmps.core.data import plan_data_shards
 
 JOB = PeerJob("mini", vocab_size=4096, global_batch=8, warmup_steps=1, timed_steps=3, seed=3)
@@ -66,3 +68,18 @@ def test_wire_bytes_per_worker_step():
     assert wire_bytes("rpc-ps-2", 100, 2) == 200
     assert wire_bytes("ddp-4", 100, 4) == 150  # ring all-reduce: 2 (W-1)/W
     assert wire_bytes("torch-1", 100, 1) == 0
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_large_adds_gpt2_to_the_peers_plans(quick):
+    presets = [p.preset for p in plans(quick)]
+    assert "gpt2" not in presets
+    assert [p.preset for p in plans(quick, large=True)] == [*presets, "gpt2"]
+
+
+def test_large_without_peers_is_refused_naming_the_fix(capsys):
+    # A flag that would change nothing is an error, not silently ignored.
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["--large", "codec"])
+    assert exit_.value.code == 2
+    assert "--large changes only peers: add peers" in capsys.readouterr().err
